@@ -1,0 +1,1 @@
+"""Desktop environments: local X desktops, the env service, its clients, the pool, and tasks."""

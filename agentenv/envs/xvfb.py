@@ -1,0 +1,426 @@
+"""LocalDesktop: one Xvfb display, a window manager, apps, and a HOME of its own.
+
+Reset closes the session's apps, restores HOME from a template and runs the task's setup
+steps: a second or so, instead of a VM snapshot revert. Apps run as an unprivileged user
+(``agentenv-desk``, created by scripts/install.sh) when the service runs as root.
+
+Every process a desktop starts carries ``AGENTENV_DESKTOP=<id>`` in its environment and lives
+in a session of its own; closing apps ends exactly those processes (found through /proc), never
+processes picked by name.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from agentenv.envs.actions import ActionError, XInput
+
+DESKTOP_USER = "agentenv-desk"
+
+# App aliases usable in task setup steps (`launch`), expanded to real commands.
+APPS: dict[str, list[str]] = {
+    "editor": ["mousepad"],
+    "terminal": ["xfce4-terminal", "--disable-server"],
+    "calculator": ["galculator"],
+    "files": ["pcmanfm"],
+    "spreadsheet": ["libreoffice", "--calc", "--norestore", "--nologo"],
+    "browser": ["chromium", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-extensions", "--renderer-process-limit=1", "--disable-quic",
+                "--password-store=basic"],
+}
+# Files opened by the `open` setup step go to the app for their extension.
+OPENERS = {
+    ".txt": "editor", ".md": "editor", ".py": "editor", ".csv": "editor", ".json": "editor",
+    ".ods": "spreadsheet", ".xlsx": "spreadsheet", ".html": "browser", ".htm": "browser",
+}
+
+# Openbox: every window maximized and undecorated, so the layout is the same on every reset
+# and coordinates in a task's oracle stay valid.
+OPENBOX_RC = """<?xml version="1.0" encoding="UTF-8"?>
+<openbox_config xmlns="http://openbox.org/3.4/rc">
+  <focus><focusNew>yes</focusNew><followMouse>no</followMouse></focus>
+  <placement><policy>Smart</policy></placement>
+  <desktops><number>1</number></desktops>
+  <applications>
+    <application class="*" type="normal"><maximized>yes</maximized><focus>yes</focus></application>
+  </applications>
+</openbox_config>
+"""
+
+
+class DesktopError(RuntimeError):
+    """The desktop itself failed (X server gone, app would not start, setup step failed)."""
+
+
+def _desktop_user() -> pwd.struct_passwd | None:
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam(DESKTOP_USER)
+    except KeyError:
+        logger.warning("user {} not found; apps run as root (run scripts/install.sh)", DESKTOP_USER)
+        return None
+
+
+def _free_display(start: int = 20) -> int:
+    for n in range(start, start + 1000):
+        sock, lock = Path(f"/tmp/.X11-unix/X{n}"), Path(f"/tmp/.X{n}-lock")
+        if lock.exists():
+            try:
+                pid = int(lock.read_text().strip())
+                os.kill(pid, 0)
+                continue  # a live X server owns it
+            except (ValueError, ProcessLookupError, PermissionError):
+                pass
+            lock.unlink(missing_ok=True)  # stale: its server is gone
+            sock.unlink(missing_ok=True)
+        if not sock.exists():
+            return n
+    raise DesktopError("no free X display number")
+
+
+_display_lock = threading.Lock()
+
+
+@dataclass
+class DesktopSpec:
+    width: int = 1920
+    height: int = 1080
+    scratch: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "agentenv-desktops")
+    template: Path | None = None       # extra files copied into every fresh HOME
+
+
+class LocalDesktop:
+    """A real X desktop. Thread-safe: every public method takes the desktop's lock."""
+
+    def __init__(self, desktop_id: str, spec: DesktopSpec | None = None):
+        self.id = desktop_id
+        self.spec = spec or DesktopSpec()
+        self.width, self.height = self.spec.width, self.spec.height
+        self.root = self.spec.scratch / desktop_id
+        self.home = self.root / "home"
+        self.user = _desktop_user()
+        self.display_num = -1
+        self._xvfb: subprocess.Popen | None = None
+        self._wm: subprocess.Popen | None = None
+        self._input: XInput | None = None
+        self._lock = threading.RLock()
+        self.task_id: str | None = None
+        self.resets = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def display(self) -> str:
+        return f":{self.display_num}"
+
+    def start(self) -> "LocalDesktop":
+        with self._lock:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root.mkdir(parents=True)
+            os.chmod(self.spec.scratch, 0o755)
+            # One Xauthority file for all desktops of this process: libX11 reads $XAUTHORITY once
+            # per connection, and this process connects to every desktop.
+            self.xauth = self.spec.scratch / "Xauthority"
+            os.environ["XAUTHORITY"] = str(self.xauth)
+            cookie = secrets.token_hex(16)
+            with _display_lock:  # two desktops must not pick the same display number
+                self.display_num = _free_display()
+                subprocess.run(["xauth", "-q", "-f", str(self.xauth), "add", self.display, ".", cookie],
+                               check=True, capture_output=True)
+                self._chown(self.root)
+                self._chown(self.xauth)
+                self._xvfb = subprocess.Popen(
+                    ["Xvfb", self.display, "-screen", "0", f"{self.width}x{self.height}x24",
+                     "-nolisten", "tcp", "-auth", str(self.xauth), "-noreset"],
+                    stdout=subprocess.DEVNULL, stderr=open(self.root / "xvfb.log", "wb"),
+                    start_new_session=True,
+                )
+                deadline = time.monotonic() + 15
+                while not Path(f"/tmp/.X11-unix/X{self.display_num}").exists():
+                    if self._xvfb.poll() is not None or time.monotonic() > deadline:
+                        raise DesktopError(f"Xvfb {self.display} did not start: "
+                                           f"{(self.root / 'xvfb.log').read_text()[-500:]}")
+                    time.sleep(0.02)
+            self._input = XInput(self.display, str(self.xauth), self.width, self.height)
+            self._restore_home()
+            rc = self.root / "openbox-rc.xml"
+            rc.write_text(OPENBOX_RC)
+            self._wm = self._spawn(["openbox", "--config-file", str(rc)], log="openbox.log")
+            self._input.wait_for_wm(5.0)
+            logger.debug("desktop {} up on {}", self.id, self.display)
+            return self
+
+    def close(self) -> None:
+        with self._lock:
+            self.close_apps(include_wm=True)
+            if self._input is not None:
+                self._input.close()
+                self._input = None
+            if self._xvfb is not None:
+                _terminate(self._xvfb)
+                self._xvfb = None
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def alive(self) -> bool:
+        return self._xvfb is not None and self._xvfb.poll() is None and self._input is not None \
+            and self._input.ping()
+
+    @property
+    def xvfb_pid(self) -> int | None:
+        return self._xvfb.pid if self._xvfb else None
+
+    def pids(self) -> list[int]:
+        """Every process of this desktop: Xvfb plus everything it launched."""
+        out = [self._xvfb.pid] if self._xvfb and self._xvfb.poll() is None else []
+        return out + _marked_pids(self.id)
+
+    # ------------------------------------------------------------------ processes
+    def env(self) -> dict[str, str]:
+        user = self.user
+        return {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "SHELL": "/bin/bash",  # the desktop user's login shell is nologin
+            "HOME": str(self.home),
+            "USER": user.pw_name if user else os.environ.get("USER", "root"),
+            "LOGNAME": user.pw_name if user else os.environ.get("USER", "root"),
+            "DISPLAY": self.display,
+            "XAUTHORITY": str(self.xauth),
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            "NO_AT_BRIDGE": "1",
+            "XDG_RUNTIME_DIR": str(self.root / "xdg-runtime"),
+            "AGENTENV_DESKTOP": self.id,
+        }
+
+    def _chown(self, path: Path) -> None:
+        if self.user is not None:
+            os.chown(path, self.user.pw_uid, self.user.pw_gid)
+
+    def _spawn(self, argv: list[str], log: str | None = None, cwd: Path | None = None) -> subprocess.Popen:
+        kw: dict[str, Any] = {}
+        if self.user is not None:
+            kw = dict(user=self.user.pw_uid, group=self.user.pw_gid, extra_groups=[])
+        if argv and argv[0] == "chromium" and self.user is None and os.geteuid() == 0:
+            argv = argv + ["--no-sandbox"]  # Chromium refuses root with its sandbox on
+        out = open(self.root / log, "ab") if log else subprocess.DEVNULL
+        try:
+            return subprocess.Popen(argv, env=self.env(), cwd=str(cwd or self.home), stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=out, start_new_session=True, **kw)
+        except FileNotFoundError as e:
+            raise DesktopError(f"cannot start {argv[0]!r}: not installed (run scripts/install.sh)") from e
+
+    def run(self, argv: list[str] | str, timeout: float = 60.0, shell: bool = False) -> subprocess.CompletedProcess:
+        """Run a command in the desktop session (as its user, in its HOME) and wait for it."""
+        kw: dict[str, Any] = {}
+        if self.user is not None:
+            kw = dict(user=self.user.pw_uid, group=self.user.pw_gid, extra_groups=[])
+        return subprocess.run(argv, env=self.env(), cwd=str(self.home), shell=shell, capture_output=True,
+                              text=True, timeout=timeout, start_new_session=True, **kw)
+
+    def launch(self, argv: list[str]) -> subprocess.Popen:
+        if argv and argv[0] in APPS:
+            argv = APPS[argv[0]] + argv[1:]
+        if argv and argv[0] == "chromium" or (argv and argv[0] in ("chromium", "google-chrome")):
+            argv = ["chromium", f"--user-data-dir={self.home}/.config/chromium"] + \
+                [a for a in APPS["browser"][1:] if a not in argv] + argv[1:]
+        return self._spawn(argv, log="apps.log")
+
+    def close_apps(self, include_wm: bool = False) -> None:
+        wm = self._wm.pid if self._wm and not include_wm else None
+        victims = [p for p in _marked_pids(self.id) if p != wm]
+        _kill_all(victims)
+        if include_wm:
+            self._wm = None
+
+    # ------------------------------------------------------------------ reset
+    def _restore_home(self) -> None:
+        if self.home.exists():
+            # Rename first: a process that was still dying cannot write into the fresh HOME.
+            trash = self.root / f"trash-{self.resets}"
+            self.home.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        if self.spec.template and self.spec.template.exists():
+            shutil.copytree(self.spec.template, self.home, symlinks=True)
+        else:
+            self.home.mkdir(parents=True)
+        for sub in ("Documents", "Desktop", "Downloads", ".config"):
+            (self.home / sub).mkdir(exist_ok=True)
+        runtime = self.root / "xdg-runtime"
+        runtime.mkdir(mode=0o700, exist_ok=True)
+        if self.user is not None:
+            for p in [runtime, *self.home.rglob("*"), self.home]:
+                os.lchown(p, self.user.pw_uid, self.user.pw_gid)
+
+    def reset(self, task: Any = None) -> None:
+        """Close the apps, restore HOME, run the task's setup. Raises on a failed setup step."""
+        from agentenv.envs.tasks.setup import run_setup
+
+        with self._lock:
+            if not self.alive():
+                raise DesktopError(f"desktop {self.id}: X server {self.display} is not running")
+            self.close_apps()
+            self._restore_home()
+            self._input.clear_state()
+            self.resets += 1
+            self.task_id = getattr(task, "id", None)
+            if task is not None:
+                run_setup(self, task)
+
+    # ------------------------------------------------------------------ observation / action
+    def screenshot_png(self, compress_level: int = 1) -> bytes:
+        img = self.screenshot()
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", compress_level=compress_level)
+        return buf.getvalue()
+
+    def screenshot(self):
+        if self._input is None:
+            raise DesktopError(f"desktop {self.id} is closed")
+        return self._input.grab()
+
+    def execute(self, action) -> dict[str, Any]:
+        """Execute one structured Action. Returns info; bad actions are errors in it, not raises."""
+        with self._lock:
+            if self._input is None:
+                raise DesktopError(f"desktop {self.id} is closed")
+            try:
+                self._input.execute(action)
+                return {}
+            except ActionError as e:
+                return {"error": str(e)}
+            except Exception as e:  # the X connection broke: the desktop is dead
+                if not self.alive():
+                    raise DesktopError(f"desktop {self.id}: X server died during the action ({e})") from e
+                return {"error": f"{type(e).__name__}: {e}"}
+
+    # ------------------------------------------------------------------ queries for evaluators
+    def window_titles(self) -> list[str]:
+        return self._input.window_titles() if self._input else []
+
+    def active_window_title(self) -> str:
+        return self._input.active_window_title() if self._input else ""
+
+    def wait_for_window(self, title: str | None = None, timeout: float = 30.0, before: int | None = None) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            titles = self.window_titles()
+            if title is None and before is not None and len(titles) > before:
+                return True
+            if title is not None and any(title.lower() in t.lower() for t in titles):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def clipboard(self) -> str:
+        # Chromium offers only UTF8_STRING, galculator only STRING: ask for one, then the other.
+        for target in (["-t", "UTF8_STRING"], []):
+            try:
+                r = self.run(["xclip", "-o", "-selection", "clipboard", *target], timeout=5)
+            except subprocess.TimeoutExpired:
+                continue
+            if r.returncode == 0:
+                return r.stdout
+        return ""
+
+    def resolve_path(self, path: str) -> Path:
+        """A path inside this desktop's HOME ('~/x', relative, or absolute under HOME)."""
+        p = Path(path.replace("~", str(self.home), 1) if path.startswith("~") else path)
+        if not p.is_absolute():
+            p = self.home / p
+        p = Path(os.path.normpath(p))
+        home = Path(os.path.normpath(self.home))
+        if p != home and home not in p.parents:
+            raise PermissionError(f"path {path!r} is outside the desktop's HOME")
+        return p
+
+    def memory_pss_kb(self) -> int:
+        total = 0
+        for pid in self.pids():
+            try:
+                for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                pass
+        return total
+
+
+def _marked_pids(desktop_id: str) -> list[int]:
+    marker = f"AGENTENV_DESKTOP={desktop_id}".encode() + b"\0"
+    pids = []
+    me = os.getpid()
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == me:
+            continue
+        try:
+            with open(f"/proc/{d}/environ", "rb") as f:
+                env = f.read()
+        except OSError:
+            continue
+        if (b"\0" + env).find(b"\0" + marker) >= 0:
+            pids.append(int(d))
+    return pids
+
+
+def _kill_all(pids: list[int], grace: float = 1.0) -> None:
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if _alive(p)]
+        if alive:
+            time.sleep(0.02)
+    for p in alive:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for p in alive:  # reap so no zombie holds the pid
+        _wait_gone(p, 1.0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.01)
+
+
+def _terminate(proc: subprocess.Popen, grace: float = 2.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(2)

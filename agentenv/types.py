@@ -1,0 +1,187 @@
+"""Data that crosses a boundary: tasks, actions, steps, trajectories, groups.
+
+Plain dataclasses with ``to_dict``/``from_dict`` so they round-trip through JSON (the env
+service), and parquet (the buffer) without a schema of their own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+ACTION_TYPES = (
+    "click", "double_click", "right_click", "middle_click", "drag", "move", "type", "hotkey",
+    "key", "scroll", "wait", "finished", "call_user", "pyautogui",
+)
+SCROLL_DIRECTIONS = ("up", "down", "left", "right")
+
+
+@dataclass
+class Action:
+    """One structured action on the desktop, in screen pixels.
+
+    ``type`` is one of ACTION_TYPES. Pointer actions use ``x``/``y`` (``drag`` also ``x2``/``y2``);
+    ``type`` uses ``text``; ``hotkey``/``key`` use ``keys`` (xdotool/X keysym-ish names such as
+    ``ctrl``, ``Return``, ``a``); ``scroll`` uses ``direction`` and ``amount`` (wheel clicks);
+    ``finished`` may carry ``text`` (the answer); ``pyautogui`` carries ``code`` that runs only
+    after the allow-list in ``agentenv.envs.actions`` accepts it.
+    """
+
+    type: str
+    x: float | None = None
+    y: float | None = None
+    x2: float | None = None
+    y2: float | None = None
+    text: str | None = None
+    keys: list[str] | None = None
+    direction: str | None = None
+    amount: int = 5
+    seconds: float = 1.0
+    code: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Action":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown action fields {sorted(unknown)}")
+        if d.get("type") not in ACTION_TYPES:
+            raise ValueError(f"unknown action type {d.get('type')!r}; expected one of {ACTION_TYPES}")
+        return cls(**d)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.type in ("finished", "call_user")
+
+
+@dataclass
+class Task:
+    """An OSWorld-style task: instruction, setup steps, evaluator, and optionally an oracle."""
+
+    id: str
+    instruction: str
+    config: list[dict[str, Any]] = field(default_factory=list)
+    evaluator: dict[str, Any] = field(default_factory=dict)
+    oracle: list[dict[str, Any]] | None = None
+    related_apps: list[str] = field(default_factory=list)
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "") -> "Task":
+        if not isinstance(d, dict):
+            raise ValueError(f"task must be a JSON object, got {type(d).__name__}")
+        for key in ("id", "instruction"):
+            if not isinstance(d.get(key), str) or not d[key]:
+                raise ValueError(f"task {source or '?'}: missing or empty {key!r}")
+        known = {"id", "instruction", "config", "evaluator", "oracle", "related_apps", "source"}
+        return cls(
+            id=d["id"],
+            instruction=d["instruction"],
+            config=list(d.get("config") or []),
+            evaluator=dict(d.get("evaluator") or {}),
+            oracle=d.get("oracle"),
+            related_apps=list(d.get("related_apps") or []),
+            source=source or d.get("source", ""),
+            extra={k: v for k, v in d.items() if k not in known},
+        )
+
+
+class Status(str, enum.Enum):
+    """How a trajectory ended. Every trajectory ends with exactly one, plus a reason."""
+
+    FINISHED = "finished"            # the model said finished(...)
+    CALL_USER = "call_user"          # the model asked for the user
+    MAX_STEPS = "max_steps"
+    INVALID = "invalid"              # too many unparseable replies in a row
+    TIMEOUT = "timeout"              # per-trajectory time limit
+    ENV_ERROR = "env_error"          # the desktop died and retries ran out
+    LLM_ERROR = "llm_error"          # the model service failed after retries
+    TASK_ERROR = "task_error"        # the task itself is broken (bad file, failing setup)
+    CANCELLED = "cancelled"          # the scheduler stopped before it finished
+
+
+@dataclass
+class Step:
+    index: int
+    text: str = ""
+    thought: str = ""
+    action: dict[str, Any] | None = None
+    valid: bool = True
+    error: str = ""
+    prompt_token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] | None = None
+    finish_reason: str = ""
+    screenshot: str = ""             # file the screenshot this step saw was saved to
+    llm_latency_s: float = 0.0
+    env_latency_s: float = 0.0
+    policy_version: int = 0
+    env_info: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Step":
+        return cls(**d)
+
+
+@dataclass
+class Trajectory:
+    task_id: str
+    sample: int
+    status: Status = Status.CANCELLED
+    reason: str = ""
+    reward: float = 0.0
+    steps: list[Step] = field(default_factory=list)
+    attempts: int = 1
+    env_id: str = ""
+    started_at: float = 0.0
+    ended_at: float = 0.0
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.task_id, self.sample)
+
+    @property
+    def policy_versions(self) -> list[int]:
+        return [s.policy_version for s in self.steps]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["status"] = self.status.value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Trajectory":
+        d = dict(d)
+        d["status"] = Status(d["status"])
+        d["steps"] = [Step.from_dict(s) for s in d.get("steps") or []]
+        return cls(**d)
+
+
+@dataclass
+class Group:
+    """All ``rollout_n`` samples of one task: the unit a GRPO-style trainer consumes."""
+
+    task_id: str
+    trajectories: list[Trajectory]
+    stale: bool = False
+
+    @property
+    def rewards(self) -> list[float]:
+        return [t.reward for t in self.trajectories]
+
+    @property
+    def min_policy_version(self) -> int:
+        versions = [v for t in self.trajectories for v in t.policy_versions]
+        return min(versions) if versions else 0

