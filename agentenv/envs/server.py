@@ -37,6 +37,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
 from loguru import logger
 from pydantic import BaseModel, Field
 
@@ -136,8 +138,6 @@ class DesktopHost:
         logger.info("env service: {} desktops up", len(self.desktops))
 
     def get(self, did: str) -> LocalDesktop:
-        from fastapi import HTTPException
-
         d = self.desktops.get(did)
         if d is None:
             raise HTTPException(404, f"no desktop {did!r}")
@@ -156,9 +156,6 @@ class DesktopHost:
 
 
 def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None = None):
-    from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
-    from fastapi.responses import JSONResponse, Response
-
     host = DesktopHost(num, spec or DesktopSpec())
 
     @asynccontextmanager

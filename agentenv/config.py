@@ -1,0 +1,148 @@
+"""One config object for a run, loaded from YAML, then environment variables, then CLI overrides.
+
+    cfg = load_config("run.yaml", overrides=["scheduler.rollout_n=4", "agent.max_steps=10"])
+
+Environment variables: VLLM_SERVER_URL, VLLM_MODEL_NAME (llm.url, llm.model), ENV_SERVER_URL,
+ENV_TOKEN (env.services), AGENTENV_HOME (where the tiny model lives).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+AGENTENV_HOME = Path(os.environ.get("AGENTENV_HOME", Path.home() / ".cache" / "agentenv"))
+TINY_MODEL = AGENTENV_HOME / "models" / "tiny-uitars"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LLMConfig(_Strict):
+    url: str | list[str] | None = Field(None, description="vLLM endpoint(s); None: start the tiny model locally")
+    model: str | None = None
+    timeout_s: float = 120.0
+    max_retries: int = 4
+    max_in_flight: int = 64          # model calls in flight across all trajectories
+    max_rps: float | None = None     # requests per second cap (asyncio-throttle)
+    port: int = 8000                 # for the locally started service
+
+
+class AgentConfig(_Strict):
+    name: str = "uitars"
+    history_images: int = 5
+    language: str = "English"
+    min_pixels: int | None = None    # None: the tiny model's bounds when it is served, else UI-TARS-1.5's
+    max_pixels: int | None = None
+    max_steps: int = 15
+    max_invalid_in_row: int = 3
+    wait_s: float = 5.0
+    temperature: float = 0.0
+    top_p: float = 0.9
+    max_tokens: int = 1000
+    logprobs: bool = False
+    regex: str | None = None         # structured outputs; "uitars" = the built-in UI-TARS regex
+
+
+class ServiceConfig(_Strict):
+    url: str
+    token: str | None = None
+    desktops: int | None = None
+
+
+class EnvConfig(_Strict):
+    services: list[ServiceConfig] = Field(default_factory=list)
+    local_desktops: int = 4          # when no service is given, start one with this many desktops
+    local_port: int = 8100
+    width: int = 1920
+    height: int = 1080
+
+
+class TaskConfig(_Strict):
+    source: str = "builtin"          # builtin | a task JSON file | a folder | .jsonl | .parquet
+    ids: list[str] | None = None
+    limit: int | None = None
+    epochs: int = 1                  # 0: cycle forever
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    shuffle: bool = False
+
+
+class SchedulerConfig(_Strict):
+    rollout_n: int = 2
+    step_timeout_s: float = 120.0
+    trajectory_timeout_s: float = 1800.0
+    env_retries: int = 2             # reruns of a trajectory whose desktop died
+    max_staleness: int | None = None
+    stale_policy: Literal["drop", "flag"] = "flag"
+
+
+class OutputConfig(_Strict):
+    dir: str = "runs/latest"
+    screenshots: bool = True
+
+
+class RunConfig(_Strict):
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    agent: AgentConfig = Field(default_factory=AgentConfig)
+    env: EnvConfig = Field(default_factory=EnvConfig)
+    tasks: TaskConfig = Field(default_factory=TaskConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    metrics_port: int | None = None
+    progress: bool = True
+
+
+def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+    d[keys[-1]] = value
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                environ: dict[str, str] | None = None) -> RunConfig:
+    env = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"cannot read config {path}: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"config {path}: the top level must be a mapping")
+    if env.get("VLLM_SERVER_URL") and not data.get("llm", {}).get("url"):
+        _set(data, "llm.url", env["VLLM_SERVER_URL"])
+    if env.get("VLLM_MODEL_NAME") and not data.get("llm", {}).get("model"):
+        _set(data, "llm.model", env["VLLM_MODEL_NAME"])
+    if env.get("ENV_SERVER_URL") and not data.get("env", {}).get("services"):
+        _set(data, "env.services", [{"url": u, "token": env.get("ENV_TOKEN")}
+                                    for u in env["ENV_SERVER_URL"].split(",")])
+    for o in overrides or []:
+        if "=" not in o:
+            raise ValueError(f"override {o!r} must look like section.key=value")
+        k, v = o.split("=", 1)
+        _set(data, k.strip(), _parse_value(v))
+    return RunConfig.model_validate(data)
+
+
+def tiny_model_pixels() -> tuple[int, int] | None:
+    meta = TINY_MODEL / "agentenv_tiny.json"
+    if not meta.exists():
+        return None
+    d = json.loads(meta.read_text())
+    return d["min_pixels"], d["max_pixels"]

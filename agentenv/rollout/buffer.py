@@ -1,0 +1,210 @@
+"""TrajectoryBuffer: groups of finished trajectories, for trainers and for disk.
+
+- ``add(traj)`` writes the trajectory to disk at once (one parquet part file, written to a temp
+  name and renamed, so a crash leaves either the whole row or nothing) and files it under its
+  group; a group is released when all ``rollout_n`` samples are in.
+- ``await get_batch(n)`` hands ``n`` complete groups to a trainer; groups older than
+  ``max_staleness`` policy versions are dropped or flagged.
+- On restart, ``done_keys()`` tells the scheduler which (task, sample) pairs exist already; those
+  are never run, nor written, again. ``compact()`` merges part files into one.
+
+Screenshots are PNG files under ``<dir>/screenshots/<task>/<sample>/step-<i>.png``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from loguru import logger
+
+from agentenv.types import Group, Status, Step, Trajectory
+
+STEP_TYPE = pa.struct([
+    ("index", pa.int32()), ("text", pa.string()), ("thought", pa.string()), ("action", pa.string()),
+    ("valid", pa.bool_()), ("error", pa.string()), ("prompt_token_ids", pa.list_(pa.int32())),
+    ("token_ids", pa.list_(pa.int32())), ("logprobs", pa.list_(pa.float32())), ("finish_reason", pa.string()),
+    ("screenshot", pa.string()), ("llm_latency_s", pa.float64()), ("env_latency_s", pa.float64()),
+    ("policy_version", pa.int64()), ("env_info", pa.string()),
+])
+SCHEMA = pa.schema([
+    ("task_id", pa.string()), ("sample", pa.int32()), ("status", pa.string()), ("reason", pa.string()),
+    ("reward", pa.float64()), ("attempts", pa.int32()), ("env_id", pa.string()),
+    ("started_at", pa.float64()), ("ended_at", pa.float64()), ("num_steps", pa.int32()),
+    ("steps", pa.list_(STEP_TYPE)),
+])
+
+
+def _row(t: Trajectory) -> dict:
+    return {
+        "task_id": t.task_id, "sample": t.sample, "status": t.status.value, "reason": t.reason,
+        "reward": t.reward, "attempts": t.attempts, "env_id": t.env_id, "started_at": t.started_at,
+        "ended_at": t.ended_at, "num_steps": len(t.steps),
+        "steps": [{**s.to_dict(), "action": json.dumps(s.action) if s.action is not None else None,
+                   "env_info": json.dumps(s.env_info)} for s in t.steps],
+    }
+
+
+def _from_row(r: dict) -> Trajectory:
+    steps = []
+    for s in r["steps"] or []:
+        s = dict(s)
+        s["action"] = json.loads(s["action"]) if s["action"] else None
+        s["env_info"] = json.loads(s["env_info"]) if s["env_info"] else {}
+        steps.append(Step.from_dict(s))
+    return Trajectory(task_id=r["task_id"], sample=r["sample"], status=Status(r["status"]), reason=r["reason"],
+                      reward=r["reward"], steps=steps, attempts=r["attempts"], env_id=r["env_id"],
+                      started_at=r["started_at"], ended_at=r["ended_at"])
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:80]
+
+
+def read_trajectories(path: str | Path) -> list[Trajectory]:
+    """Every trajectory under a buffer directory (parts and compacted file), de-duplicated."""
+    path = Path(path)
+    files = sorted(path.glob("trajectories*.parquet")) + sorted((path / "parts").glob("*.parquet"))
+    seen: dict[tuple[str, int], Trajectory] = {}
+    for f in files:
+        for r in pq.read_table(f, schema=SCHEMA).to_pylist():
+            t = _from_row(r)
+            seen.setdefault(t.key, t)
+    return list(seen.values())
+
+
+class TrajectoryBuffer:
+    def __init__(self, directory: str | Path | None, rollout_n: int, *, max_staleness: int | None = None,
+                 stale_policy: Literal["drop", "flag"] = "flag", save_screenshots: bool = True):
+        self.dir = Path(directory) if directory else None
+        self.rollout_n = rollout_n
+        self.max_staleness, self.stale_policy = max_staleness, stale_policy
+        self.save_screenshots = save_screenshots and self.dir is not None
+        self._pending: dict[str, dict[int, Trajectory]] = {}
+        self._ready: asyncio.Queue[Group] | None = None
+        self._done: set[tuple[str, int]] = set()
+        self.groups_done = 0
+        self.trajectories_done = 0
+        self.dropped_stale = 0
+        self.policy_version = 0
+        self.rewards: list[float] = []
+        self.statuses: dict[str, int] = {}
+        if self.dir is not None:
+            (self.dir / "parts").mkdir(parents=True, exist_ok=True)
+            for t in read_trajectories(self.dir):
+                self._done.add(t.key)
+                self._pending.setdefault(t.task_id, {})[t.sample] = t
+            # Groups that were complete before the restart were handed out then; keep only partial ones.
+            for tid in [k for k, v in self._pending.items() if len(v) >= rollout_n]:
+                del self._pending[tid]
+            if self._done:
+                logger.info("buffer: {} trajectories already on disk in {}; they will be skipped",
+                            len(self._done), self.dir)
+
+    @property
+    def ready(self) -> asyncio.Queue[Group]:
+        if self._ready is None:  # created lazily, inside the caller's event loop
+            self._ready = asyncio.Queue()
+        return self._ready
+
+    def done_keys(self) -> set[tuple[str, int]]:
+        return set(self._done)
+
+    def screenshot_path(self, traj: Trajectory, step: int, png: bytes) -> str:
+        if not self.save_screenshots:
+            return ""
+        d = self.dir / "screenshots" / _safe(traj.task_id) / str(traj.sample)
+        d.mkdir(parents=True, exist_ok=True)
+        p = d / f"a{traj.attempts}-step-{step:03d}.png"
+        p.write_bytes(png)
+        return str(p.relative_to(self.dir))
+
+    def _write(self, traj: Trajectory) -> None:
+        table = pa.Table.from_pylist([_row(traj)], schema=SCHEMA)
+        name = f"{_safe(traj.task_id)}-{traj.sample}-{uuid.uuid4().hex[:8]}.parquet"
+        tmp = self.dir / "parts" / f".{name}.tmp"
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.dir / "parts" / name)
+
+    def add(self, traj: Trajectory) -> Group | None:
+        """File a finished trajectory. Returns its group when this completed it."""
+        if traj.key in self._done:
+            raise ValueError(f"trajectory {traj.key} was already added; refusing to write it twice")
+        if self.dir is not None:
+            self._write(traj)
+        self._done.add(traj.key)
+        self.trajectories_done += 1
+        self.rewards.append(traj.reward)
+        self.statuses[traj.status.value] = self.statuses.get(traj.status.value, 0) + 1
+        samples = self._pending.setdefault(traj.task_id, {})
+        samples[traj.sample] = traj
+        if len(samples) < self.rollout_n:
+            return None
+        del self._pending[traj.task_id]
+        group = Group(task_id=traj.task_id, trajectories=[samples[k] for k in sorted(samples)])
+        self.groups_done += 1
+        self.ready.put_nowait(group)
+        return group
+
+    def set_policy_version(self, version: int) -> None:
+        self.policy_version = version
+
+    def _fresh(self, g: Group) -> bool:
+        if self.max_staleness is None or self.policy_version - g.min_policy_version <= self.max_staleness:
+            return True
+        if self.stale_policy == "flag":
+            g.stale = True
+            return True
+        self.dropped_stale += 1
+        return False
+
+    async def get_batch(self, n_groups: int, timeout: float | None = None) -> list[Group]:
+        """Wait for ``n_groups`` complete groups (stale ones dropped or flagged)."""
+        out: list[Group] = []
+        while len(out) < n_groups:
+            g = await asyncio.wait_for(self.ready.get(), timeout)
+            if self._fresh(g):
+                out.append(g)
+        return out
+
+    def drain(self) -> list[Group]:
+        out = []
+        while not self.ready.empty():
+            g = self.ready.get_nowait()
+            if self._fresh(g):
+                out.append(g)
+        return out
+
+    def compact(self) -> Path | None:
+        """Merge part files into trajectories.parquet (atomically), then remove the parts."""
+        if self.dir is None:
+            return None
+        parts = sorted((self.dir / "parts").glob("*.parquet"))
+        target = self.dir / "trajectories.parquet"
+        if not parts:
+            return target if target.exists() else None
+        tables = [pq.read_table(target, schema=SCHEMA)] if target.exists() else []
+        tables += [pq.read_table(p, schema=SCHEMA) for p in parts]
+        table = pa.concat_tables(tables)
+        # A crash between the rename and the unlinks leaves parts that are in the target too.
+        seen: set[tuple[str, int]] = set()
+        keep = []
+        for i, (tid, sample) in enumerate(zip(table["task_id"].to_pylist(), table["sample"].to_pylist())):
+            if (tid, sample) not in seen:
+                seen.add((tid, sample))
+                keep.append(i)
+        tmp = self.dir / ".trajectories.parquet.tmp"
+        pq.write_table(table.take(keep), tmp)
+        os.replace(tmp, target)
+        for p in parts:
+            p.unlink()
+        return target
