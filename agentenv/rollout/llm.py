@@ -98,6 +98,7 @@ class _Endpoint:
     down_until: float = 0.0     # monotonic time before which the endpoint is not tried
     failures: int = 0
     served: int = 0
+    requests: int = 0           # requests sent, successful or not
 
     @property
     def root(self) -> str:
@@ -169,7 +170,7 @@ class ServiceLLM:
     def stats(self) -> dict[str, dict[str, Any]]:
         now = time.monotonic()
         return {e.url: {"in_flight": e.in_flight, "served": e.served, "failures": e.failures,
-                        "up": e.down_until <= now} for e in self._endpoints}
+                        "requests": e.requests, "up": e.down_until <= now} for e in self._endpoints}
 
     async def _healthy(self, ep: _Endpoint) -> bool:
         try:
@@ -241,6 +242,7 @@ class ServiceLLM:
                     last = LLMUnavailableError(",".join(self.endpoints), "no endpoint is up")
                     continue
             ep.in_flight += 1
+            ep.requests += 1
             t0 = time.perf_counter()
             try:
                 resp = await self._create(ep, messages, sampling)

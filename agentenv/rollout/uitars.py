@@ -153,6 +153,8 @@ def parse_reply(text: str, screen: tuple[int, int], min_pixels: int = UITARS_MIN
     """Parse a UI-TARS-1.5 reply with the ``ui-tars`` package; never raises."""
     from ui_tars.action_parser import parse_action_to_structure_output
 
+    # Box tokens are special tokens: servers usually drop them from the text, but not always.
+    text = text.replace("<|box_start|>", "").replace("<|box_end|>", "")
     thought_m = re.search(r"Thought:(.*?)(?=\n?Action:|$)", text, re.DOTALL)
     thought = thought_m.group(1).strip() if thought_m else ""
     if "Action:" not in text:

@@ -1,0 +1,62 @@
+"""Session fixtures: the real tiny model on vLLM and a real env service with 4 desktops.
+
+Both are started once per test session on loopback ports of their own, and stopped by PID.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+VLLM_PORT = int(os.environ.get("AGENTENV_TEST_VLLM_PORT", "18000"))
+ENV_PORT = int(os.environ.get("AGENTENV_TEST_ENV_PORT", "18100"))
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("services")
+
+
+@pytest.fixture(scope="session")
+def vllm_server(run_dir):
+    """The tiny UI-TARS-shaped model served by scripts/start_vllm_service.sh."""
+    from agentenv.services import VLLMService
+
+    svc = VLLMService(port=VLLM_PORT, run_dir=run_dir).start()
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="session")
+def env_service(run_dir):
+    from agentenv.services import EnvService
+
+    svc = EnvService(num=4, port=ENV_PORT, log=run_dir / "env-service.log").start()
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> Path:
+    from agentenv.config import TINY_MODEL
+
+    if not (TINY_MODEL / "agentenv_tiny.json").exists():
+        subprocess.run(["python", str(ROOT / "scripts" / "make_tiny_model.py")], check=True)
+    return TINY_MODEL
+
+
+@pytest.fixture(scope="session")
+def tiny_pixels():
+    from agentenv.config import tiny_model_pixels
+
+    return tiny_model_pixels()
+
+
+def pytest_collection_modifyitems(config, items):
+    if not shutil.which("Xvfb"):
+        raise pytest.UsageError("Xvfb is not installed: run scripts/install.sh first")

@@ -1,0 +1,180 @@
+"""The LLM layer against the real tiny model served by vLLM (and in-process vLLM)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+
+import pytest
+from PIL import Image, ImageDraw
+
+from agentenv.rollout.llm import (InProcessLLM, LLMRequestError, Sampling, ServiceLLM, WrapperLLM, as_llm)
+from agentenv.rollout.uitars import ACTION_REGEX
+
+pytestmark = pytest.mark.slow
+
+
+def screenshot_messages(text: str = "Open the editor and type hello.", seed: int = 0) -> list[dict]:
+    img = Image.new("RGB", (1920, 1080), (40 + seed * 10, 90, 160))
+    ImageDraw.Draw(img).rectangle([200 + seed, 200, 900, 600], fill=(250, 250, 250))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return [{"role": "user", "content": [{"type": "text", "text": text},
+                                         {"type": "image_url", "image_url": {"url": url}}]}]
+
+
+GREEDY = Sampling(temperature=0.0, max_tokens=40, regex=ACTION_REGEX)
+
+
+async def test_chat_with_screenshot_returns_text_and_token_ids(vllm_server, tiny_model_path):
+    from transformers import AutoTokenizer
+
+    llm = as_llm(vllm_server.url, model=vllm_server.model)
+    try:
+        c = await llm.chat(screenshot_messages(), GREEDY)
+    finally:
+        await llm.aclose()
+    assert c.text.startswith("Thought: ") and "\nAction: " in c.text
+    assert c.token_ids and c.prompt_token_ids
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    assert tok.decode(c.token_ids, skip_special_tokens=True) == c.text
+    # the image is in the prompt: many image-pad tokens
+    pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    assert c.prompt_token_ids.count(pad) > 50
+    assert c.endpoint == vllm_server.url
+
+
+async def test_32_concurrent_requests_all_succeed(vllm_server):
+    llm = ServiceLLM(vllm_server.url, vllm_server.model)
+    try:
+        outs = await asyncio.gather(*[llm.chat(screenshot_messages(seed=i % 4), GREEDY, session=f"s{i}")
+                                      for i in range(32)])
+    finally:
+        await llm.aclose()
+    assert len(outs) == 32 and all(o.token_ids and "Action:" in o.text for o in outs)
+    assert llm.stats()[llm.endpoints[0]]["served"] == 32
+
+
+async def test_logprobs_when_asked(vllm_server):
+    llm = ServiceLLM(vllm_server.url, vllm_server.model)
+    try:
+        c = await llm.chat(screenshot_messages(), Sampling(max_tokens=20, regex=ACTION_REGEX, logprobs=True))
+    finally:
+        await llm.aclose()
+    assert c.logprobs is not None and len(c.logprobs) == len(c.token_ids)
+    assert all(lp <= 0.0 for lp in c.logprobs)
+
+
+async def test_400_is_not_retried_and_names_endpoint(vllm_server):
+    llm = ServiceLLM(vllm_server.url, vllm_server.model, max_retries=4)
+    try:
+        with pytest.raises(LLMRequestError) as ei:
+            await llm.chat(screenshot_messages(), Sampling(max_tokens=10_000_000))
+    finally:
+        await llm.aclose()
+    e = ei.value
+    assert e.status == 400
+    assert vllm_server.url in str(e) and e.reason
+    st = llm.stats()[vllm_server.url]
+    assert st["requests"] == 1 and st["failures"] == 0 and st["up"]
+
+
+async def test_wrong_model_name_is_a_clear_404(vllm_server):
+    llm = ServiceLLM(vllm_server.url, "no-such-model")
+    try:
+        with pytest.raises(LLMRequestError) as ei:
+            await llm.chat(screenshot_messages(), GREEDY)
+    finally:
+        await llm.aclose()
+    assert ei.value.status == 404 and "no-such-model" in str(ei.value)
+
+
+def test_as_llm_duck_typing(vllm_server):
+    import openai
+
+    assert isinstance(as_llm(vllm_server.url), ServiceLLM)
+    assert isinstance(as_llm([vllm_server.url, vllm_server.url]), ServiceLLM)
+    assert isinstance(as_llm(openai.AsyncOpenAI(base_url=vllm_server.url, api_key="x")), ServiceLLM)
+    assert isinstance(as_llm(openai.OpenAI(base_url=vllm_server.url, api_key="x")), ServiceLLM)
+
+    class Seed:
+        def generate_with_messages(self, messages, **kw):
+            return "Thought: x\nAction: wait()"
+
+    assert isinstance(as_llm(Seed()), WrapperLLM)
+    with pytest.raises(TypeError, match="generate_with_messages"):
+        as_llm(object())
+    os.environ.pop("VLLM_SERVER_URL", None)
+    with pytest.raises(TypeError, match="VLLM_SERVER_URL"):
+        as_llm(None)
+
+
+async def test_sync_openai_client_and_wrapper_work(vllm_server):
+    import openai
+
+    llm = as_llm(openai.OpenAI(base_url=vllm_server.url, api_key="x", max_retries=0), model=vllm_server.model)
+    c = await llm.chat(screenshot_messages(), GREEDY)
+    assert c.token_ids and "Action:" in c.text
+
+
+async def test_two_servers_sticky_failover_and_recovery(vllm_server, run_dir):
+    """Turns of a trajectory stick to one endpoint; a killed server is routed around without
+    failures; a server that comes back is used again."""
+    from agentenv.services import VLLMService
+
+    b = VLLMService(port=vllm_server.port + 1, run_dir=run_dir).start()
+    a_url, b_url = vllm_server.url, b.url
+    llm = ServiceLLM([a_url, b_url], vllm_server.model, down_s=1.0, max_retries=3, backoff_s=0.2)
+    try:
+        # new sessions spread over both; every turn of a session hits the same endpoint
+        first = await asyncio.gather(*[llm.chat(screenshot_messages(), GREEDY, session=f"t{i}") for i in range(6)])
+        where = {f"t{i}": c.endpoint for i, c in enumerate(first)}
+        assert set(where.values()) == {a_url, b_url}
+        for turn in range(2):
+            again = await asyncio.gather(*[llm.chat(screenshot_messages(seed=turn + 1), GREEDY, session=s)
+                                           for s in where])
+            assert [c.endpoint for c in again] == list(where.values())
+
+        b.stop()  # kill B mid-run
+        after = await asyncio.gather(*[llm.chat(screenshot_messages(), GREEDY, session=s) for s in where])
+        assert all(c.endpoint == a_url and c.token_ids for c in after)  # nothing failed
+        assert not llm.stats()[b_url]["up"]
+
+        b.start()  # B comes back
+        await asyncio.sleep(1.2)
+        back = await asyncio.gather(*[llm.chat(screenshot_messages(), GREEDY, session=f"new{i}") for i in range(6)])
+        assert b_url in {c.endpoint for c in back}
+    finally:
+        await llm.aclose()
+        b.stop()
+
+
+async def test_greedy_same_tokens_service_and_in_process(vllm_server, tiny_model_path, tiny_pixels):
+    """The same prompt, greedy, gives the same token ids over HTTP and with vllm.LLM in-process."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+
+    service = ServiceLLM(vllm_server.url, vllm_server.model)
+    msgs = [screenshot_messages(seed=i) for i in range(3)]
+    plain = Sampling(temperature=0.0, max_tokens=24)  # unconstrained greedy decoding
+    try:
+        remote = [await service.chat(m, plain) for m in msgs]
+    finally:
+        await service.aclose()
+    engine = LLM(model=str(tiny_model_path), max_model_len=8192, limit_mm_per_prompt={"image": 5, "video": 0},
+                 mm_processor_kwargs={"min_pixels": tiny_pixels[0], "max_pixels": tiny_pixels[1]},
+                 enable_prefix_caching=True)
+    local = as_llm(engine)
+    assert isinstance(local, InProcessLLM)
+    try:
+        here = await asyncio.gather(*[local.chat(m, plain) for m in msgs])  # batched in one call
+    finally:
+        await local.aclose()
+        del engine
+    for r, h in zip(remote, here):
+        assert h.prompt_token_ids == r.prompt_token_ids
+        assert h.token_ids == r.token_ids
+        assert h.text == r.text
