@@ -174,7 +174,7 @@ class DesktopEnv(gymnasium.Env):
     (``finished``/``call_user``), whose step returns the task's evaluation.
     """
 
-    metadata = {"render_modes": ["rgb_array"]}
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 1}
 
     def __init__(self, url: str | None = None, token: str | None = None, env_id: str | None = None,
                  *, timeout_s: float = 120.0, render_mode: str | None = "rgb_array"):

@@ -291,6 +291,9 @@ class LocalDesktop:
     def screenshot(self):
         if self._input is None:
             raise DesktopError(f"desktop {self.id} is closed")
+        # libX11 (under mss) exits the whole process on an I/O error: never grab from a dead server.
+        if self._xvfb is None or self._xvfb.poll() is not None:
+            raise DesktopError(f"desktop {self.id}: X server {self.display} is not running")
         return self._input.grab()
 
     def execute(self, action) -> dict[str, Any]:
