@@ -51,13 +51,21 @@ if [ "$DO_APT" = 1 ]; then
   fi
 fi
 
+# Desktop apps run as this unprivileged user when the env service runs as root.
+if [ "$(id -u)" = 0 ] && ! id agentenv-desk >/dev/null 2>&1; then
+  log "creating the unprivileged desktop user agentenv-desk"
+  useradd --system --create-home --home-dir /var/lib/agentenv-desk --shell /usr/sbin/nologin agentenv-desk
+fi
+
 # The venv is keyed by what goes into it: our requirements and this script.
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   VLLM_FLAVOUR=cuda
 else
   VLLM_FLAVOUR=cpu
 fi
-STAMP=$( (cat "$ROOT/requirements/base.txt" "$ROOT/scripts/install.sh"; echo "$VLLM_FLAVOUR") | sha256sum | cut -c1-16)
+# Bump VENV_RECIPE when the venv steps below change; apt or model changes need no rebuild.
+VENV_RECIPE=1
+STAMP=$( (cat "$ROOT/requirements/base.txt"; echo "$VENV_RECIPE $VLLM_FLAVOUR") | sha256sum | cut -c1-16)
 
 if [ ! -f "$VENV/.stamp-$STAMP" ]; then
   log "python env: building $VENV (vllm flavour: $VLLM_FLAVOUR); a fresh build takes a few minutes"

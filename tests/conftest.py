@@ -60,3 +60,10 @@ def tiny_pixels():
 def pytest_collection_modifyitems(config, items):
     if not shutil.which("Xvfb"):
         raise pytest.UsageError("Xvfb is not installed: run scripts/install.sh first")
+
+
+def shutdown_engine(engine) -> None:
+    """End an in-process vllm.LLM's engine process now, not at interpreter exit (when logging is gone)."""
+    core = getattr(getattr(engine, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()

@@ -1,8 +1,8 @@
 """Executing structured actions on an X display, and the pyautogui allow-list.
 
-Pointer and key events go through XTest in-process (python-xlib): a subprocess per action costs
-~100 ms, XTest ~0.2 ms. Text goes through ``xdotool type``, which knows how to remap keycodes for
-any Unicode character. Screenshots are grabbed with ``mss`` (raw XGetImage).
+Pointer, key and text events all go through XTest in-process (python-xlib): a subprocess per
+action costs ~100 ms, XTest ~0.2 ms. Characters missing from the keymap get a spare keycode
+remapped to them. Screenshots are grabbed with ``mss`` (raw XGetImage).
 
 pyautogui code strings (OSWorld configs and OSWorld-style agents) are parsed, never executed:
 the AST must be a sequence of calls to allowed ``pyautogui`` functions or ``time.sleep`` with

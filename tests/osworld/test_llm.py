@@ -8,6 +8,8 @@ import io
 import os
 
 import pytest
+
+from tests.conftest import shutdown_engine
 from PIL import Image, ImageDraw
 
 from agentenv.rollout.llm import (InProcessLLM, LLMRequestError, Sampling, ServiceLLM, WrapperLLM, as_llm)
@@ -173,7 +175,7 @@ async def test_greedy_same_tokens_service_and_in_process(vllm_server, tiny_model
         here = await asyncio.gather(*[local.chat(m, plain) for m in msgs])  # batched in one call
     finally:
         await local.aclose()
-        del engine
+        shutdown_engine(engine)
     for r, h in zip(remote, here):
         assert h.prompt_token_ids == r.prompt_token_ids
         assert h.token_ids == r.token_ids
