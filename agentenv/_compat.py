@@ -1,4 +1,4 @@
-"""asyncio.TaskGroup on Python 3.10 (a minimal equivalent: await all, cancel the rest on error)."""
+"""asyncio.TaskGroup and asyncio.timeout on Python 3.10 (minimal equivalents)."""
 
 from __future__ import annotations
 
@@ -33,3 +33,20 @@ else:  # pragma: no cover - exercised only on 3.10
             errors = [r for r in results if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)]
             if errors and exc is None:
                 raise errors[0]
+
+
+if hasattr(asyncio, "timeout"):
+    timeout = asyncio.timeout
+else:  # pragma: no cover - exercised only on 3.10
+    import contextlib
+
+    @contextlib.asynccontextmanager
+    async def timeout(delay):
+        task = asyncio.current_task()
+        handle = asyncio.get_running_loop().call_later(delay, task.cancel)
+        try:
+            yield
+        except asyncio.CancelledError as e:
+            raise asyncio.TimeoutError() from e
+        finally:
+            handle.cancel()

@@ -42,7 +42,11 @@ class Action:
     code: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        # Per step on the hot path: avoid dataclasses.asdict's deep copies.
+        d = {k: getattr(self, k) for k in _ACTION_FIELDS}
+        if self.keys is not None:
+            d["keys"] = list(self.keys)
+        return {k: v for k, v in d.items() if v is not None}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Action":
@@ -57,6 +61,9 @@ class Action:
     @property
     def is_terminal(self) -> bool:
         return self.type in ("finished", "call_user")
+
+
+_ACTION_FIELDS = tuple(f.name for f in dataclasses.fields(Action))
 
 
 @dataclass

@@ -170,7 +170,8 @@ class ServiceLLM:
     def stats(self) -> dict[str, dict[str, Any]]:
         now = time.monotonic()
         return {e.url: {"in_flight": e.in_flight, "served": e.served, "failures": e.failures,
-                        "requests": e.requests, "up": e.down_until <= now} for e in self._endpoints}
+                        "requests": e.requests, "up": e.failures == 0 and e.down_until <= now}
+                for e in self._endpoints}
 
     async def _healthy(self, ep: _Endpoint) -> bool:
         try:

@@ -12,6 +12,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from agentenv._compat import timeout
 from agentenv.envs.client import AsyncDesktopEnv, EnvDeadError, EnvRequestError
 from agentenv.rollout.agent import Agent
 from agentenv.rollout.llm import LLM, LLMError, Sampling
@@ -64,8 +65,8 @@ async def run_trajectory(
         try:
             async with llm_slot():
                 step.policy_version = policy_version()
-                completion = await asyncio.wait_for(llm.chat(messages, sampling, session=session),
-                                                    settings.step_timeout_s)
+                async with timeout(settings.step_timeout_s):
+                    completion = await llm.chat(messages, sampling, session=session)
         except asyncio.TimeoutError:
             traj.status, traj.reason = Status.TIMEOUT, f"model call of step {i} exceeded {settings.step_timeout_s}s"
             break

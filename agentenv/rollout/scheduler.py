@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 from loguru import logger
 
@@ -53,7 +52,7 @@ class Event:
 
 @dataclass
 class Stats:
-    started: float = 0.0
+    started: float | None = None
     steps: int = 0
     llm_in_flight: int = 0
     admitted: int = 0
@@ -100,22 +99,19 @@ class StreamingScheduler:
         return self._stop is not None and self._stop.is_set()
 
     # ------------------------------------------------------------------ internals
-    @asynccontextmanager
-    async def _llm_slot(self) -> AsyncIterator[None]:
-        await self._unpaused.wait()
-        async with self._llm_sem:
-            if self._throttle is not None:
-                async with self._throttle:
-                    pass
-            self.stats.llm_in_flight += 1
-            try:
-                yield
-            finally:
-                self.stats.llm_in_flight -= 1
-                self.stats.steps += 1
+    def _llm_slot(self) -> "_LLMSlot":
+        return _LLMSlot(self)
+
+    @staticmethod
+    def _now() -> float:
+        # The event loop's clock: monotonic in production, virtual in the simulation benchmark.
+        try:
+            return asyncio.get_running_loop().time()
+        except RuntimeError:
+            return time.monotonic()
 
     def _event(self, kind: str, key: str, sample: int = -1, env: str = "") -> None:
-        self.stats.events.append(Event(time.monotonic(), kind, key, sample, env))
+        self.stats.events.append(Event(self._now(), kind, key, sample, env))
 
     async def _acquire(self) -> AsyncDesktopEnv | None:
         """A free desktop, or None once stop() was called."""
@@ -205,7 +201,7 @@ class StreamingScheduler:
 
             self._throttle = Throttler(rate_limit=self.s.max_rps, period=1.0)
         self.buffer.set_policy_version(self.policy_version)
-        self.stats.started = time.monotonic()
+        self.stats.started = self._now()
         done = self.buffer.done_keys()
         try:
             async with TaskGroup() as tg:
@@ -231,7 +227,7 @@ class StreamingScheduler:
         return self.summary()
 
     def summary(self) -> dict[str, Any]:
-        elapsed = time.monotonic() - self.stats.started if self.stats.started else 0.0
+        elapsed = self._now() - self.stats.started if self.stats.started is not None else 0.0
         b = self.buffer
         rewards = b.rewards
         return {
@@ -243,3 +239,29 @@ class StreamingScheduler:
             "env_pool": self.pool.stats(), "dropped_stale": b.dropped_stale,
             "policy_version": self.policy_version,
         }
+
+
+class _LLMSlot:
+    """Entry to a model call: not paused, under the in-flight cap and the rate cap.
+    A plain class, not @asynccontextmanager: it runs once per step."""
+
+    __slots__ = ("s",)
+
+    def __init__(self, sched: StreamingScheduler):
+        self.s = sched
+
+    async def __aenter__(self) -> None:
+        s = self.s
+        if not s._unpaused.is_set():
+            await s._unpaused.wait()
+        await s._llm_sem.acquire()
+        if s._throttle is not None:
+            async with s._throttle:
+                pass
+        s.stats.llm_in_flight += 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        s = self.s
+        s.stats.llm_in_flight -= 1
+        s.stats.steps += 1
+        s._llm_sem.release()

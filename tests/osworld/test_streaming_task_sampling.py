@@ -43,12 +43,17 @@ def tasks():
     return [by_id[i] for i in TASK_IDS]
 
 
-def make_scheduler(llm, pool, out: Path | None, items, tiny_pixels, max_steps=3) -> StreamingScheduler:
+# Never "finished": trajectories run to max_steps, so a desktop killed early is killed mid-trajectory.
+CLICK_ONLY = r"Thought: [a-z ]{1,12}\nAction: click\(start_box='\([12]?\d{1,2},[12]?\d{1,2}\)'\)"
+
+
+def make_scheduler(llm, pool, out: Path | None, items, tiny_pixels, max_steps=3,
+                   regex=ACTION_REGEX) -> StreamingScheduler:
     agent = UITarsAgent(min_pixels=tiny_pixels[0], max_pixels=tiny_pixels[1], wait_s=0.2)
     buffer = TrajectoryBuffer(out, ROLLOUT_N)
     return StreamingScheduler(
         as_llm(llm), pool, agent, buffer, TaskSource(items),
-        Sampling(temperature=1.0, max_tokens=48, regex=ACTION_REGEX),
+        Sampling(temperature=1.0, max_tokens=48, regex=regex),
         SchedulerSettings(rollout_n=ROLLOUT_N, max_steps=max_steps, step_timeout_s=120, env_retries=2))
 
 
@@ -159,12 +164,14 @@ async def test_broken_task_file_and_killed_desktop_are_recorded(vllm_server, poo
         (folder / f"{t.id}.json").write_text(json.dumps(t.to_dict()))
     (folder / "broken.json").write_text('{"id": "broken", "instruction": ')
     out = tmp_path / "out"
-    sched = make_scheduler(vllm_server.url, pool, out, load_items(str(folder)), tiny_pixels, max_steps=4)
+    sched = make_scheduler(vllm_server.url, pool, out, load_items(str(folder)), tiny_pixels, max_steps=6,
+                           regex=CLICK_ONLY)
     client = AsyncEnvClient(env_service.url, env_service.token)
     killed: dict = {}
 
     async def kill_one() -> None:
-        # once steps are flowing, kill the X server under a trajectory in flight
+        # once steps are flowing, kill the X server under the trajectory admitted last (the one
+        # furthest from its end)
         while sched.stats.steps < 3:
             await asyncio.sleep(0.05)
         busy = [e for e in sched.stats.events if e.kind == "admit"]
