@@ -43,8 +43,10 @@ class AgentConfig(_Strict):
     max_steps: int = 15
     max_invalid_in_row: int = 3
     wait_s: float = 5.0
-    temperature: float = 0.0
-    top_p: float = 0.9
+    # RL rollouts sample: greedy decoding would make every sample of a group the same.
+    # (OSWorld's evaluation harness uses temperature 0, top_p 0.9.)
+    temperature: float = 1.0
+    top_p: float = 1.0
     max_tokens: int = 1000
     logprobs: bool = False
     regex: str | None = None         # structured outputs; "uitars" = the built-in UI-TARS regex

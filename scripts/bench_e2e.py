@@ -9,7 +9,7 @@ service, in one run, same tasks, same sampling:
   the group's model calls one after another, every step waits for the group's slowest sample,
   completion polled every 5 s.
 
-    python scripts/bench_e2e.py [--desktops 4] [--tasks 8] [--rollout-n 2] [--max-steps 4]
+    python scripts/bench_e2e.py [--desktops 4] [--tasks 12] [--rollout-n 2] [--max-steps 6]
 
 Last line: JSON with ratio_vs_lockstep and each side's steps/s.
 """
@@ -101,8 +101,9 @@ async def bench(a, vllm_url, model, env_url, token) -> dict:
     by_id = {t.id: t for t in builtin_tasks()}
     tasks = [by_id[i] for i in LIGHT[:a.tasks]]
     min_px, max_px = tiny_model_pixels()
-    agent = UITarsAgent(min_pixels=min_px, max_pixels=max_px, wait_s=0.5)
-    sampling = Sampling(temperature=1.0, max_tokens=48, regex=ACTION_REGEX, seed=0)
+    agent = UITarsAgent(min_pixels=min_px, max_pixels=max_px, wait_s=0.5, history_images=a.history_images)
+    # Random replies (no seed) within the UI-TARS action grammar: trajectory lengths vary, as in real rollouts.
+    sampling = Sampling(temperature=1.0, max_tokens=48, regex=ACTION_REGEX)
     llm = ServiceLLM(vllm_url, model)
     pool = await EnvPool([ServiceSpec(env_url, token)]).start()
     client = AsyncEnvClient(env_url, token)
@@ -118,7 +119,7 @@ async def bench(a, vllm_url, model, env_url, token) -> dict:
     return {"ratio_vs_lockstep": round(o["steps_per_s"] / lk["steps_per_s"], 2),
             "ours_steps_per_s": o["steps_per_s"], "lockstep_steps_per_s": lk["steps_per_s"],
             "ours": o, "lockstep": lk, "desktops": a.desktops, "tasks": a.tasks, "rollout_n": a.rollout_n,
-            "max_steps": a.max_steps}
+            "max_steps": a.max_steps, "history_images": a.history_images}
 
 
 def main() -> int:
@@ -126,9 +127,10 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--desktops", type=int, default=4)
-    ap.add_argument("--tasks", type=int, default=8)
+    ap.add_argument("--tasks", type=int, default=12)
     ap.add_argument("--rollout-n", type=int, default=2)
-    ap.add_argument("--max-steps", type=int, default=4)
+    ap.add_argument("--max-steps", type=int, default=6)
+    ap.add_argument("--history-images", type=int, default=5, help="screenshots kept in the prompt (UI-TARS: 5)")
     a = ap.parse_args()
     with VLLMService(port=18600) as v, EnvService(num=a.desktops, port=18700) as e:
         result = asyncio.run(bench(a, v.url, v.model, e.url, e.token))

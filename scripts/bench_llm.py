@@ -6,7 +6,8 @@ screenshot each), side by side in one run, at concurrency 1, 8 and 32.
 
 Without --url (or $VLLM_SERVER_URL) it starts the tiny model itself and stops it afterwards.
 Both sides send identical requests (greedy, the UI-TARS action regex, return_token_ids), rounds
-alternate ours/plain to cancel drift, and the figure per side is the median over rounds.
+alternate ours/plain to cancel drift (after one warm-up pass over the same prompts, so the
+server's prefix cache treats both alike), and the figure per side is the median over rounds.
 Last line: JSON with ``overhead_ratio`` (ours / plain throughput, the worst concurrency) and
 the per-concurrency figures.
 """
@@ -28,6 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentenv.rollout.llm import Sampling, ServiceLLM  # noqa: E402
 from agentenv.rollout.uitars import ACTION_REGEX  # noqa: E402
+
+
+CPU = {"ours": 0.0, "plain": 0.0}  # client-side CPU seconds, per side
 
 
 def messages(i: int) -> list[dict]:
@@ -52,8 +56,9 @@ async def run_ours(llm: ServiceLLM, prompts, conc: int, sampling: Sampling) -> t
             c = await llm.chat(m, sampling, session=f"s{i}")
             tokens += len(c.token_ids)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     await asyncio.gather(*[one(i, m) for i, m in enumerate(prompts)])
+    CPU["ours"] += time.process_time() - c0
     return time.perf_counter() - t0, tokens
 
 
@@ -70,8 +75,9 @@ async def run_plain(client, model: str, prompts, conc: int, sampling: Sampling) 
                 extra_body={"return_token_ids": True, "structured_outputs": {"regex": sampling.regex}})
             tokens += len(r.model_dump()["choices"][0]["token_ids"])
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     await asyncio.gather(*[one(m) for m in prompts])
+    CPU["plain"] += time.process_time() - c0
     return time.perf_counter() - t0, tokens
 
 
@@ -88,8 +94,10 @@ async def bench(url: str, model: str, rounds: int) -> dict:
         await run_ours(ours, [messages(0)] * 4, 4, sampling)  # warm up both paths
         await run_plain(plain, model, [messages(0)] * 4, 4, sampling)
         for conc in (1, 8, 32):
-            n = 16 if conc == 1 else 4 * conc
+            n = 16 if conc == 1 else 6 * conc
             prompts = [messages(i) for i in range(n)]
+            await run_plain(plain, model, prompts, conc, sampling)  # warm the prefix cache for both
+            CPU.update(ours=0.0, plain=0.0)
             o_rps, p_rps, o_tps, p_tps = [], [], [], []
             for r in range(rounds):
                 order = [("ours", run_ours(ours, prompts, conc, sampling)),
@@ -103,9 +111,13 @@ async def bench(url: str, model: str, rounds: int) -> dict:
             res = {"ours_rps": statistics.median(o_rps), "plain_rps": statistics.median(p_rps),
                    "ours_tok_s": statistics.median(o_tps), "plain_tok_s": statistics.median(p_tps)}
             res["ratio"] = res["ours_rps"] / res["plain_rps"]
+            res["ours_client_cpu_ms_per_req"] = CPU["ours"] / (rounds * n) * 1000
+            res["plain_client_cpu_ms_per_req"] = CPU["plain"] / (rounds * n) * 1000
             results[conc] = {k: round(v, 3) for k, v in res.items()}
             print(f"concurrency {conc:2d}: ours {res['ours_rps']:.2f} req/s {res['ours_tok_s']:.0f} tok/s | "
-                  f"plain {res['plain_rps']:.2f} req/s {res['plain_tok_s']:.0f} tok/s | ratio {res['ratio']:.3f}",
+                  f"plain {res['plain_rps']:.2f} req/s {res['plain_tok_s']:.0f} tok/s | ratio {res['ratio']:.3f} | "
+                  f"client CPU/request ours {res['ours_client_cpu_ms_per_req']:.1f} ms, "
+                  f"plain {res['plain_client_cpu_ms_per_req']:.1f} ms",
                   flush=True)
     finally:
         await ours.aclose()
@@ -117,7 +129,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default=os.environ.get("VLLM_SERVER_URL"))
     ap.add_argument("--model", default=os.environ.get("VLLM_MODEL_NAME", "tiny-uitars"))
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     a = ap.parse_args()
     svc = None
     if not a.url:

@@ -526,8 +526,8 @@ async def _scale_ours(w: Workload, trajectories: int, snapshot: bool) -> tuple[i
 
 
 def scale(n: int) -> dict:
-    w = Workload("scale", desktops=n, rollout_n=1, slots=n, fail_per_step=0.0, length_median=3,
-                 length_sigma=0.3, max_steps=5)
+    # The local workload's trajectory lengths (median 6, long tail to 15), at n desktops and slots.
+    w = Workload("scale", desktops=n, rollout_n=1, slots=n, fail_per_step=0.0)
     trajectories = n
     t0 = time.process_time()
     sim_steps = run_virtual(_sim_only(w, trajectories))

@@ -164,3 +164,12 @@ def test_ods_reader_reads_builtin_sheet():
     cells = read_ods_cells(BUILTIN_DIR / "assets" / "budget.ods")
     sheet = next(iter(cells.values()))
     assert sheet["A2"] == "rent" and float(sheet["B2"]) == 1200
+
+
+def test_default_yaml_matches_the_config_defaults():
+    from pathlib import Path
+
+    from agentenv.config import RunConfig
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+    assert load_config(path, environ={}) == RunConfig()
