@@ -61,9 +61,10 @@ async def _progress(sched: StreamingScheduler, total: int | None, enabled: bool)
     from tqdm import tqdm
 
     bar = tqdm(total=total, unit="group", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+    interval = 0.5 if sys.stderr.isatty() else 10.0  # a log file gets a line every 10 s, not a flood
     try:
         while True:
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(interval)
             s = sched.summary()
             bar.n = s["groups"]
             bar.set_postfix(steps_s=s["steps_per_s"], busy=sched.pool.busy, llm=sched.stats.llm_in_flight,

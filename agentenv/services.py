@@ -23,6 +23,13 @@ ROOT = Path(__file__).resolve().parent.parent
 START_VLLM = ROOT / "scripts" / "start_vllm_service.sh"
 
 
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 class VLLMService:
     """The tiny UI-TARS model served by vLLM on loopback; a context manager."""
 
@@ -34,6 +41,13 @@ class VLLMService:
         self.model = "tiny-uitars"
 
     def start(self) -> "VLLMService":
+        pidfile = self.run_dir / f"vllm-{self.port}.pid"
+        if pidfile.exists() and _healthy(f"http://127.0.0.1:{self.port}/health"):
+            # Started earlier by start_vllm_service.sh (by the user): use it, and leave it running.
+            logger.info("using the vLLM server already running on port {}", self.port)
+            self.owned = False
+            return self
+        self.owned = True
         cmd = ["bash", str(START_VLLM), "--port", str(self.port), "--run-dir", str(self.run_dir), *self.extra]
         logger.info("starting the tiny model on vLLM (about a minute on a CPU)")
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -50,6 +64,8 @@ class VLLMService:
         return self
 
     def stop(self) -> None:
+        if not getattr(self, "owned", True):
+            return
         subprocess.run(["bash", str(START_VLLM), "--stop", "--port", str(self.port), "--run-dir", str(self.run_dir)],
                        capture_output=True)
 

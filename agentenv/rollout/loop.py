@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from agentenv._compat import timeout
-from agentenv.envs.client import AsyncDesktopEnv, EnvDeadError, EnvRequestError
+from agentenv.envs.client import AsyncDesktopEnv, EnvRequestError
 from agentenv.rollout.agent import Agent
 from agentenv.rollout.llm import LLM, LLMError, Sampling
 from agentenv.types import Action, Status, Step, Task, Trajectory
@@ -24,10 +24,6 @@ class LoopSettings:
     max_steps: int = 15
     max_invalid_in_row: int = 3
     step_timeout_s: float = 120.0
-
-
-class StepTimeout(Exception):
-    pass
 
 
 async def run_trajectory(
