@@ -504,6 +504,12 @@ async def _scale_ours(w: Workload, trajectories: int, snapshot: bool) -> tuple[i
                                                  max_llm_in_flight=10 ** 9))
     per_traj = 0.0
     peak = 0
+
+    async def trainer():  # a trainer consumes groups as they complete, as in production
+        while True:
+            await buffer.ready.get()
+
+    consumer = asyncio.ensure_future(trainer())
     if snapshot:
         async def probe():
             nonlocal per_traj, peak
@@ -522,6 +528,7 @@ async def _scale_ours(w: Workload, trajectories: int, snapshot: bool) -> tuple[i
         await probe_task
     else:
         await sched.run()
+    consumer.cancel()
     return sched.stats.steps, per_traj, peak
 
 

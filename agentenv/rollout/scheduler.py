@@ -18,7 +18,7 @@ from typing import Any
 
 from loguru import logger
 
-from agentenv._compat import TaskGroup
+from agentenv._compat import TaskGroup, timeout
 from agentenv.envs.client import AsyncDesktopEnv, EnvDeadError
 from agentenv.envs.pool import EnvPool
 from agentenv.rollout.agent import Agent
@@ -138,12 +138,11 @@ class StreamingScheduler:
         try:
             while True:
                 try:
-                    await asyncio.wait_for(
-                        run_trajectory(traj, task, env, self.llm, self.agent, self.sampling, settings,
-                                       llm_slot=self._llm_slot, policy_version=lambda: self.policy_version,
-                                       save_screenshot=self.buffer.screenshot_path if self.buffer.save_screenshots
-                                       else None),
-                        self.s.trajectory_timeout_s)
+                    async with timeout(self.s.trajectory_timeout_s):
+                        await run_trajectory(
+                            traj, task, env, self.llm, self.agent, self.sampling, settings,
+                            llm_slot=self._llm_slot, policy_version=lambda: self.policy_version,
+                            save_screenshot=self.buffer.screenshot_path if self.buffer.save_screenshots else None)
                     break
                 except asyncio.TimeoutError:
                     traj.status = Status.TIMEOUT

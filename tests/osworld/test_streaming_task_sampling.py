@@ -198,3 +198,36 @@ async def test_broken_task_file_and_killed_desktop_are_recorded(vllm_server, poo
     others = [t for k, t in trajs.items() if k[0] != "broken"]
     assert all(t.status in (Status.MAX_STEPS, Status.FINISHED, Status.CALL_USER) for t in others)
     assert pool.replaced >= 1 and pool.size == 4
+
+
+def test_agentenv_run_sigterm_flushes_and_a_rerun_finishes(vllm_server, env_service, tmp_path):
+    """`agentenv run` on SIGTERM stops admitting, finishes what is in flight, writes the summary
+    and exits 0; the next run does only the rest."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    ids = TASK_IDS[:5]
+    cmd = [sys.executable, "-m", "agentenv", "run", "--set", f"llm.url={vllm_server.url}",
+           "--set", f"llm.model={vllm_server.model}",
+           "--set", f"env.services=[{{url: '{env_service.url}', token: '{env_service.token}'}}]",
+           "--set", f"tasks.ids=[{', '.join(ids)}]", "--set", f"output.dir={out}",
+           "--set", "agent.max_steps=3", "--set", "progress=false"]
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    p = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list((out / "parts").glob("*.parquet")) and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr[-2000:]
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["stopped_early"] and 1 <= summary["trajectories"] < len(ids) * ROLLOUT_N
+    first = summary["trajectories"]
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    second = json.loads(r.stdout.strip().splitlines()[-1])
+    assert not second["stopped_early"] and second["trajectories"] == len(ids) * ROLLOUT_N - first
+    check_complete(out, ids)
