@@ -50,6 +50,21 @@ class Observation:
         return Image.open(io.BytesIO(self.png))
 
 
+def _checked(r: httpx.Response, where: str) -> httpx.Response:
+    """Map an error response to EnvDeadError (5xx: the desktop or service failed) or
+    EnvRequestError (4xx: the request was wrong), with the service's own message."""
+    if r.status_code < 400:
+        return r
+    try:
+        body = r.json()
+        detail = body.get("detail", body) if isinstance(body, dict) else body
+    except ValueError:
+        detail = r.text[:300]
+    if r.status_code >= 500:
+        raise EnvDeadError(where, str(detail), r.status_code)
+    raise EnvRequestError(where, str(detail), r.status_code)
+
+
 def _env_defaults(url: str | None, token: str | None) -> tuple[str, str | None]:
     url = url or os.environ.get("ENV_SERVER_URL")
     if not url:
@@ -77,16 +92,7 @@ class AsyncEnvClient:
             raise EnvTimeoutError(where, f"timed out ({type(e).__name__})") from e
         except httpx.TransportError as e:
             raise EnvDeadError(where, f"cannot reach the env service: {e}") from e
-        if r.status_code >= 400:
-            try:
-                body = r.json()
-                detail = body.get("detail", body)
-            except ValueError:
-                body, detail = {}, r.text[:300]
-            if r.status_code == 503 or (isinstance(body, dict) and body.get("dead")) or r.status_code >= 500:
-                raise EnvDeadError(where, str(detail), r.status_code)
-            raise EnvRequestError(where, str(detail), r.status_code)
-        return r
+        return _checked(r, where)
 
     async def health(self) -> dict[str, Any]:
         return (await self._req("GET", "/health", timeout=5.0)).json()
@@ -199,13 +205,11 @@ class DesktopEnv(gymnasium.Env):
         where = f"{self.url}{path}"
         try:
             r = self._http.request(method, path, **kw)
+        except httpx.TimeoutException as e:
+            raise EnvTimeoutError(where, f"timed out ({type(e).__name__})") from e
         except httpx.TransportError as e:
-            raise EnvDeadError(where, str(e)) from e
-        if r.status_code >= 500:
-            raise EnvDeadError(where, r.text[:300], r.status_code)
-        if r.status_code >= 400:
-            raise EnvRequestError(where, r.text[:300], r.status_code)
-        return r
+            raise EnvDeadError(where, f"cannot reach the env service: {e}") from e
+        return _checked(r, where)
 
     def _array(self, b64: str):
         import numpy as np

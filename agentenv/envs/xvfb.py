@@ -211,10 +211,14 @@ class LocalDesktop:
         if self.user is not None:
             os.chown(path, self.user.pw_uid, self.user.pw_gid)
 
+    def _as_user(self) -> dict[str, Any]:
+        """subprocess arguments that drop to the desktop user (when we run as root)."""
+        if self.user is None:
+            return {}
+        return dict(user=self.user.pw_uid, group=self.user.pw_gid, extra_groups=[])
+
     def _spawn(self, argv: list[str], log: str | None = None, cwd: Path | None = None) -> subprocess.Popen:
-        kw: dict[str, Any] = {}
-        if self.user is not None:
-            kw = dict(user=self.user.pw_uid, group=self.user.pw_gid, extra_groups=[])
+        kw = self._as_user()
         if argv and argv[0] == "chromium" and self.user is None and os.geteuid() == 0:
             argv = argv + ["--no-sandbox"]  # Chromium refuses root with its sandbox on
         out = open(self.root / log, "ab") if log else subprocess.DEVNULL
@@ -226,16 +230,13 @@ class LocalDesktop:
 
     def run(self, argv: list[str] | str, timeout: float = 60.0, shell: bool = False) -> subprocess.CompletedProcess:
         """Run a command in the desktop session (as its user, in its HOME) and wait for it."""
-        kw: dict[str, Any] = {}
-        if self.user is not None:
-            kw = dict(user=self.user.pw_uid, group=self.user.pw_gid, extra_groups=[])
         return subprocess.run(argv, env=self.env(), cwd=str(self.home), shell=shell, capture_output=True,
-                              text=True, timeout=timeout, start_new_session=True, **kw)
+                              text=True, timeout=timeout, start_new_session=True, **self._as_user())
 
     def launch(self, argv: list[str]) -> subprocess.Popen:
         if argv and argv[0] in APPS:
             argv = APPS[argv[0]] + argv[1:]
-        if argv and argv[0] == "chromium" or (argv and argv[0] in ("chromium", "google-chrome")):
+        if argv and argv[0] in ("chromium", "google-chrome"):  # OSWorld configs say google-chrome
             argv = ["chromium", f"--user-data-dir={self.home}/.config/chromium"] + \
                 [a for a in APPS["browser"][1:] if a not in argv] + argv[1:]
         return self._spawn(argv, log="apps.log")
