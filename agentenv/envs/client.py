@@ -8,10 +8,11 @@ Errors say where and what: ``EnvDeadError`` (the desktop or its service is gone:
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import gymnasium
 import httpx
@@ -44,10 +45,16 @@ class Observation:
     screen: tuple[int, int]         # the desktop's real screen size
     info: dict[str, Any] = field(default_factory=dict)
 
-    def image(self):
-        from PIL import Image
 
-        return Image.open(io.BytesIO(self.png))
+@contextlib.contextmanager
+def _transport_errors(where: str) -> Iterator[None]:
+    """Network failures talking to the service: a timeout or no connection means dead."""
+    try:
+        yield
+    except httpx.TimeoutException as e:
+        raise EnvTimeoutError(where, f"timed out ({type(e).__name__})") from e
+    except httpx.TransportError as e:
+        raise EnvDeadError(where, f"cannot reach the env service: {e}") from e
 
 
 def _checked(r: httpx.Response, where: str) -> httpx.Response:
@@ -83,15 +90,10 @@ class AsyncEnvClient:
                                        timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
                                        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
 
-    async def _req(self, method: str, path: str, *, env_id: str | None = None, timeout: float | None = None,
-                   **kw: Any) -> httpx.Response:
+    async def _req(self, method: str, path: str, *, timeout: float | None = None, **kw: Any) -> httpx.Response:
         where = f"{self.url}{path}"
-        try:
+        with _transport_errors(where):
             r = await self._http.request(method, path, timeout=timeout or httpx.USE_CLIENT_DEFAULT, **kw)
-        except httpx.TimeoutException as e:
-            raise EnvTimeoutError(where, f"timed out ({type(e).__name__})") from e
-        except httpx.TransportError as e:
-            raise EnvDeadError(where, f"cannot reach the env service: {e}") from e
         return _checked(r, where)
 
     async def health(self) -> dict[str, Any]:
@@ -115,7 +117,8 @@ class AsyncEnvClient:
             return False
 
     @staticmethod
-    def _obs(d: dict[str, Any], screen: tuple[int, int]) -> Observation:
+    def _obs(d: dict[str, Any], screen: tuple[int, int] = (0, 0)) -> Observation:
+        """The service's screenshot reply; ``screen`` fills in when the reply omits it (step)."""
         return Observation(png=base64.b64decode(d["screenshot"]), size=tuple(d["size"]),
                            screen=tuple(d.get("screen") or screen), info=d.get("info") or {})
 
@@ -123,8 +126,7 @@ class AsyncEnvClient:
                     image_size: tuple[int, int] | None = None) -> Observation:
         task_d = task.to_dict() if isinstance(task, Task) else task
         r = await self._req("POST", f"/envs/{env_id}/reset", json={"task": task_d, "image_size": image_size})
-        d = r.json()
-        return self._obs(d, tuple(d["screen"]))
+        return self._obs(r.json())
 
     async def step(self, env_id: str, action: Action | dict, image_size: tuple[int, int] | None = None,
                    screen: tuple[int, int] = (0, 0)) -> tuple[Observation | None, dict[str, Any], bool]:
@@ -203,12 +205,8 @@ class DesktopEnv(gymnasium.Env):
 
     def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
         where = f"{self.url}{path}"
-        try:
+        with _transport_errors(where):
             r = self._http.request(method, path, **kw)
-        except httpx.TimeoutException as e:
-            raise EnvTimeoutError(where, f"timed out ({type(e).__name__})") from e
-        except httpx.TransportError as e:
-            raise EnvDeadError(where, f"cannot reach the env service: {e}") from e
         return _checked(r, where)
 
     def _array(self, b64: str):

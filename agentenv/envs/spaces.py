@@ -57,6 +57,3 @@ class ActionSpace(gymnasium.Space):
 
     def __repr__(self) -> str:
         return f"ActionSpace({self.width}x{self.height})"
-
-
-

@@ -41,6 +41,17 @@ async def run_trajectory(
 ) -> Trajectory:
     """Fill ``traj`` (steps appended as they happen, so a timeout keeps them) and return it."""
     session = f"{task.id}#{traj.sample}#{traj.attempts}"
+    try:
+        return await _run(traj, task, env, llm, agent, sampling, settings, session, llm_slot, policy_version,
+                          save_screenshot)
+    finally:
+        release = getattr(llm, "release_session", None)
+        if release is not None:  # the trajectory's endpoint binding is no longer needed
+            release(session)
+
+
+async def _run(traj, task, env, llm, agent, sampling, settings, session, llm_slot, policy_version,
+               save_screenshot) -> Trajectory:
     traj.env_id = env.name
     traj.steps.clear()
     image_size = agent.image_size(env.screen)

@@ -19,7 +19,7 @@ from typing import Any
 from loguru import logger
 
 from agentenv._compat import TaskGroup, timeout
-from agentenv.envs.client import AsyncDesktopEnv, EnvDeadError
+from agentenv.envs.client import AsyncDesktopEnv, EnvDeadError, EnvError
 from agentenv.envs.pool import EnvPool
 from agentenv.rollout.agent import Agent
 from agentenv.rollout.buffer import TrajectoryBuffer
@@ -175,7 +175,7 @@ class StreamingScheduler:
     async def _acquire_for_rerun(self) -> AsyncDesktopEnv | None:
         try:
             return await self.pool.acquire()
-        except Exception as e:  # the pool lost every desktop
+        except EnvError as e:  # the pool lost every desktop
             logger.error("no desktop for a rerun: {}", e)
             return None
 

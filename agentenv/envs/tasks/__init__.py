@@ -31,16 +31,5 @@ def load_task_file(path: str | Path) -> list[Task]:
     return tasks
 
 
-def load_tasks(path: str | Path) -> list[Task]:
-    """A task file, or every *.json under a folder (OSWorld's examples/<app>/<id>.json layout)."""
-    path = Path(path)
-    if path.is_dir():
-        out: list[Task] = []
-        for f in sorted(path.rglob("*.json")):
-            out.extend(load_task_file(f))
-        return out
-    return load_task_file(path)
-
-
 def builtin_tasks() -> list[Task]:
     return load_task_file(BUILTIN_DIR / "suite.json")
