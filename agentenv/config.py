@@ -1,6 +1,10 @@
 """One config object for a run, loaded from YAML, then environment variables, then CLI overrides.
 
-    cfg = load_config("run.yaml", overrides=["scheduler.rollout_n=4", "agent.max_steps=10"])
+    cfg = load_config("run.yaml", overrides=["scheduler.rollout_n=4", "loop.max_steps=10"])
+
+Each section is the settings object of one concern, and the code of that concern takes it as
+is: ``Sampling`` goes to the LLM, ``LoopConfig`` to the trajectory loop, ``SchedulerConfig`` to
+the scheduler. Nothing is copied field by field from one to another.
 
 Environment variables: VLLM_SERVER_URL, VLLM_MODEL_NAME (llm.url, llm.model), ENV_SERVER_URL,
 ENV_TOKEN (env.services), AGENTENV_HOME (where the tiny model lives).
@@ -29,27 +33,42 @@ class LLMConfig(_Strict):
     model: str | None = None
     timeout_s: float = 120.0
     max_retries: int = 4
-    max_in_flight: int = 64          # model calls in flight across all trajectories
-    max_rps: float | None = None     # requests per second cap (asyncio-throttle)
     port: int = 8000                 # for the locally started service
 
 
+class Sampling(_Strict):
+    """Sampling settings of a model call. ``regex`` constrains the reply (vLLM structured outputs).
+
+    The defaults are an RL run's: greedy decoding would make every sample of a group the same.
+    (OSWorld's evaluation harness uses temperature 0, top_p 0.9.)
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 1000           # capped at 64 for the tiny model by `agentenv run`
+    seed: int | None = None
+    logprobs: bool = False
+    regex: str | None = None         # `agentenv run`: None = the UI-TARS regex for the tiny model, none otherwise
+    stop: list[str] | None = None
+
+
 class AgentConfig(_Strict):
+    """Which agent turns screenshots into prompts and replies into actions (``make_agent``)."""
+
     name: str = "uitars"
     history_images: int = 5
     language: str = "English"
     min_pixels: int | None = None    # None: the tiny model's bounds when it is served, else UI-TARS-1.5's
     max_pixels: int | None = None
+    wait_s: float = 5.0
+
+
+class LoopConfig(_Strict):
+    """Limits of one trajectory (``run_trajectory``)."""
+
     max_steps: int = 15
     max_invalid_in_row: int = 3
-    wait_s: float = 5.0
-    # RL rollouts sample: greedy decoding would make every sample of a group the same.
-    # (OSWorld's evaluation harness uses temperature 0, top_p 0.9.)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 1000
-    logprobs: bool = False
-    regex: str | None = None         # structured outputs; "uitars" = the built-in UI-TARS regex
+    step_timeout_s: float = 120.0    # one model call
 
 
 class ServiceConfig(_Strict):
@@ -78,12 +97,16 @@ class TaskConfig(_Strict):
 
 
 class SchedulerConfig(_Strict):
+    """How the scheduler admits and supervises trajectories (``StreamingScheduler``)."""
+
     rollout_n: int = 2
-    step_timeout_s: float = 120.0
     trajectory_timeout_s: float = 1800.0
     env_retries: int = 2             # reruns of a trajectory whose desktop died
+    max_llm_in_flight: int = 64      # model calls in flight across all trajectories
+    max_rps: float | None = None     # model requests per second (asyncio-throttle)
     max_staleness: int | None = None
     stale_policy: Literal["drop", "flag"] = "flag"
+    llm_wait_s: float = 2.0          # while the model service is down, probe it this often before admitting more
 
 
 class OutputConfig(_Strict):
@@ -93,7 +116,9 @@ class OutputConfig(_Strict):
 
 class RunConfig(_Strict):
     llm: LLMConfig = Field(default_factory=LLMConfig)
+    sampling: Sampling = Field(default_factory=Sampling)
     agent: AgentConfig = Field(default_factory=AgentConfig)
+    loop: LoopConfig = Field(default_factory=LoopConfig)
     env: EnvConfig = Field(default_factory=EnvConfig)
     tasks: TaskConfig = Field(default_factory=TaskConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)

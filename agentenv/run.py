@@ -21,39 +21,23 @@ from typing import Any
 
 from loguru import logger
 
-from agentenv.config import RunConfig, load_config, tiny_model_pixels
+from agentenv.config import RunConfig, load_config
 from agentenv.envs.pool import EnvPool, ServiceSpec
-from agentenv.rollout.agent import make_agent
 from agentenv.rollout.buffer import TrajectoryBuffer
-from agentenv.rollout.llm import Sampling, as_llm
-from agentenv.rollout.scheduler import SchedulerSettings, StreamingScheduler
+from agentenv.rollout.llm import as_llm
+from agentenv.rollout.loop import Rollout
+from agentenv.rollout.scheduler import StreamingScheduler
 from agentenv.rollout.sources import TaskSource, load_items
-from agentenv.rollout.uitars import ACTION_REGEX
 
 
 def build_scheduler(cfg: RunConfig, llm: Any, pool: EnvPool, *, tiny: bool = False) -> StreamingScheduler:
-    """Everything but the services: agent, sampling, buffer, source, scheduler."""
-    a = cfg.agent
-    min_px, max_px = a.min_pixels, a.max_pixels
-    if (min_px is None or max_px is None) and tiny and tiny_model_pixels():
-        min_px, max_px = tiny_model_pixels()
-    kw = {k: v for k, v in (("min_pixels", min_px), ("max_pixels", max_px)) if v is not None}
-    agent = make_agent(a.name, history_images=a.history_images, language=a.language, wait_s=a.wait_s, **kw)
-    regex = ACTION_REGEX if (a.regex == "uitars" or (a.regex is None and tiny)) else a.regex
-    sampling = Sampling(temperature=a.temperature, top_p=a.top_p,
-                        max_tokens=min(a.max_tokens, 64) if tiny else a.max_tokens,
-                        logprobs=a.logprobs, regex=regex)
-    s = cfg.scheduler
+    """Everything but the services: rollout (agent, sampling, limits), buffer, source, scheduler."""
+    s, t = cfg.scheduler, cfg.tasks
     buffer = TrajectoryBuffer(cfg.output.dir, s.rollout_n, max_staleness=s.max_staleness,
                               stale_policy=s.stale_policy, save_screenshots=cfg.output.screenshots)
-    t = cfg.tasks
     source = TaskSource(load_items(t.source), epochs=t.epochs, rank=t.rank, world_size=t.world_size,
                         shuffle=t.shuffle, seed=t.seed, ids=t.ids, limit=t.limit)
-    settings = SchedulerSettings(rollout_n=s.rollout_n, max_steps=a.max_steps, max_invalid_in_row=a.max_invalid_in_row,
-                                 step_timeout_s=s.step_timeout_s, trajectory_timeout_s=s.trajectory_timeout_s,
-                                 env_retries=s.env_retries, max_llm_in_flight=cfg.llm.max_in_flight,
-                                 max_rps=cfg.llm.max_rps)
-    return StreamingScheduler(as_llm(llm), pool, agent, buffer, source, sampling, settings)
+    return StreamingScheduler(Rollout.from_config(cfg, llm, tiny=tiny), pool, buffer, source, s)
 
 
 async def _progress(sched: StreamingScheduler, total: int | None, enabled: bool) -> None:
@@ -87,7 +71,7 @@ def _metrics_server(port: int, sched: StreamingScheduler) -> None:
 
 
 async def run_async(cfg: RunConfig, llm: Any, services: list[ServiceSpec], *, tiny: bool = False) -> dict:
-    pool = await EnvPool(services, timeout_s=cfg.scheduler.step_timeout_s).start()
+    pool = await EnvPool(services, timeout_s=cfg.loop.step_timeout_s).start()
     sched = build_scheduler(cfg, llm, pool, tiny=tiny)
     if cfg.metrics_port:
         _metrics_server(cfg.metrics_port, sched)
@@ -168,4 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary = run(cfg)
     print(json.dumps(summary))
+    if summary.get("error"):
+        print(f"agentenv run: stopped early: {summary['error']}", file=sys.stderr)
+        return 1
     return 0

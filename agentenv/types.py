@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,17 +104,84 @@ class Task:
 
 
 class Status(str, enum.Enum):
-    """How a trajectory ended. Every trajectory ends with exactly one, plus a reason."""
+    """How a trajectory ended. Every trajectory ends with exactly one, plus a reason.
+
+    Three kinds: outcomes of the policy (``trainable``: the data says something about the
+    model), failures of the infrastructure (``infrastructure``: the model service, the desktop,
+    the evaluator, our own timeouts; a resumed run reruns them), and a broken task.
+    """
 
     FINISHED = "finished"            # the model said finished(...)
     CALL_USER = "call_user"          # the model asked for the user
     MAX_STEPS = "max_steps"
     INVALID = "invalid"              # too many unparseable replies in a row
-    TIMEOUT = "timeout"              # per-trajectory time limit
+    TIMEOUT = "timeout"              # a model call or the whole trajectory ran out of time
     ENV_ERROR = "env_error"          # the desktop died and retries ran out
     LLM_ERROR = "llm_error"          # the model service failed after retries
-    TASK_ERROR = "task_error"        # the task itself is broken (bad file, failing setup)
+    EVAL_ERROR = "eval_error"        # the evaluator could not score the end state
+    ERROR = "error"                  # an unexpected error in agentenv itself (a bug: see the reason)
     CANCELLED = "cancelled"          # the scheduler stopped before it finished
+    TASK_ERROR = "task_error"        # the task itself is broken (bad file, failing setup)
+
+    @property
+    def trainable(self) -> bool:
+        return self in _POLICY_OUTCOMES
+
+    @property
+    def infrastructure(self) -> bool:
+        return self in _INFRASTRUCTURE
+
+
+_POLICY_OUTCOMES = frozenset({Status.FINISHED, Status.CALL_USER, Status.MAX_STEPS, Status.INVALID})
+_INFRASTRUCTURE = frozenset({Status.TIMEOUT, Status.ENV_ERROR, Status.LLM_ERROR, Status.EVAL_ERROR,
+                             Status.ERROR, Status.CANCELLED})
+
+
+# ------------------------------------------------------------------ prompt token ids, compactly
+# A step's prompt usually repeats the previous step's (same system prompt, same earlier replies)
+# and most of its length is runs of one image placeholder token. A step stores only the length
+# it shares with the previous step's prompt plus the rest, with runs of one token written as
+# (-count, token): exact ids at a fraction of the size. Token ids are never negative.
+_RUN = 8  # shorter runs are cheaper written out
+
+
+def _shared_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:  # the usual case, one comparison in C
+        return n
+    lo, hi = 0, n       # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def encode_prompt(previous: list[int] | None, prompt: list[int]) -> tuple[int, list[int]]:
+    """``prompt`` as (tokens shared with ``previous``, the rest run-length encoded)."""
+    shared = _shared_prefix(previous, prompt) if previous else 0
+    out: list[int] = []
+    for t, run in itertools.groupby(prompt[shared:]):
+        k = len(list(run))
+        if k >= _RUN:
+            out += (-k, t)
+        else:
+            out += [t] * k
+    return shared, out
+
+
+def decode_prompt(previous: list[int] | None, shared: int, delta: list[int]) -> list[int]:
+    """The inverse of ``encode_prompt``."""
+    out = list(previous[:shared]) if shared else []
+    it = iter(delta)
+    for v in it:
+        if v < 0:
+            out += [next(it)] * -v
+        else:
+            out.append(v)
+    return out
 
 
 @dataclass
@@ -124,11 +192,15 @@ class Step:
     action: dict[str, Any] | None = None
     valid: bool = True
     error: str = ""
-    prompt_token_ids: list[int] = field(default_factory=list)
+    # The prompt's token ids as the server saw them, stored against the previous step's prompt
+    # (see encode_prompt); Trajectory.prompt_ids(i) gives them back whole.
+    prompt_shared: int = 0
+    prompt_delta: list[int] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] | None = None
     finish_reason: str = ""
     screenshot: str = ""             # file the screenshot this step saw was saved to
+    image_steps: list[int] = field(default_factory=list)  # steps whose screenshots are in the prompt, in order
     llm_latency_s: float = 0.0
     env_latency_s: float = 0.0
     policy_version: int = 0
@@ -154,6 +226,7 @@ class Trajectory:
     env_id: str = ""
     started_at: float = 0.0
     ended_at: float = 0.0
+    final_screenshot: str = ""       # file the screen after the last action was saved to
 
     @property
     def key(self) -> tuple[str, int]:
@@ -162,6 +235,20 @@ class Trajectory:
     @property
     def policy_versions(self) -> list[int]:
         return [s.policy_version for s in self.steps]
+
+    def add_step(self, step: Step, prompt: list[int], previous_prompt: list[int] | None) -> None:
+        """Append ``step`` with its full ``prompt`` stored against the previous step's."""
+        step.prompt_shared, step.prompt_delta = encode_prompt(previous_prompt, prompt)
+        self.steps.append(step)
+
+    def prompt_ids(self) -> list[list[int]]:
+        """Every step's prompt token ids, whole."""
+        out: list[list[int]] = []
+        prev: list[int] | None = None
+        for s in self.steps:
+            prev = decode_prompt(prev, s.prompt_shared, s.prompt_delta)
+            out.append(prev)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -189,6 +276,7 @@ class Group:
         return [t.reward for t in self.trajectories]
 
     @property
-    def min_policy_version(self) -> int:
+    def min_policy_version(self) -> int | None:
+        """The oldest policy that produced a step of this group; None when it has no steps."""
         versions = [v for t in self.trajectories for v in t.policy_versions]
-        return min(versions) if versions else 0
+        return min(versions) if versions else None

@@ -32,7 +32,9 @@ from agentenv.envs.tasks import builtin_tasks  # noqa: E402
 from agentenv.rollout.agent import UITarsAgent  # noqa: E402
 from agentenv.rollout.buffer import TrajectoryBuffer  # noqa: E402
 from agentenv.rollout.llm import Sampling, ServiceLLM  # noqa: E402
-from agentenv.rollout.scheduler import SchedulerSettings, StreamingScheduler  # noqa: E402
+from agentenv.config import LoopConfig, SchedulerConfig  # noqa: E402
+from agentenv.rollout.loop import Rollout  # noqa: E402
+from agentenv.rollout.scheduler import StreamingScheduler  # noqa: E402
 from agentenv.rollout.sources import TaskSource  # noqa: E402
 from agentenv.rollout.uitars import ACTION_REGEX  # noqa: E402
 
@@ -42,8 +44,8 @@ LIGHT = ["editor-type-hello", "terminal-mkdir", "calc-add", "files-open-document
 
 
 async def ours(llm, pool, agent, sampling, tasks, n, max_steps) -> dict:
-    sched = StreamingScheduler(llm, pool, agent, TrajectoryBuffer(None, n), TaskSource(tasks), sampling,
-                               SchedulerSettings(rollout_n=n, max_steps=max_steps))
+    sched = StreamingScheduler(Rollout(llm, agent, sampling, LoopConfig(max_steps=max_steps)), pool,
+                               TrajectoryBuffer(None, n), TaskSource(tasks), SchedulerConfig(rollout_n=n))
     t0 = time.perf_counter()
     s = await sched.run()
     dt = time.perf_counter() - t0

@@ -46,7 +46,9 @@ from agentenv.envs.client import EnvDeadError, Observation  # noqa: E402
 from agentenv.rollout.agent import Agent, AgentState, register_agent  # noqa: E402
 from agentenv.rollout.buffer import TrajectoryBuffer  # noqa: E402
 from agentenv.rollout.llm import Completion, Sampling  # noqa: E402
-from agentenv.rollout.scheduler import SchedulerSettings, StreamingScheduler  # noqa: E402
+from agentenv.config import LoopConfig, SchedulerConfig  # noqa: E402
+from agentenv.rollout.loop import Rollout  # noqa: E402
+from agentenv.rollout.scheduler import StreamingScheduler  # noqa: E402
 from agentenv.rollout.sources import TaskSource  # noqa: E402
 from agentenv.rollout.uitars import ParsedReply  # noqa: E402
 from agentenv.types import Action, Task  # noqa: E402
@@ -302,16 +304,19 @@ class Result:
                 f"desktops {self.desktop_util:5.1%}  server {self.server_util:5.1%}")
 
 
-def _settings(w: Workload) -> SchedulerSettings:
-    return SchedulerSettings(rollout_n=w.rollout_n, max_steps=w.max_steps, step_timeout_s=1e9,
-                             trajectory_timeout_s=1e9, env_retries=1000, max_llm_in_flight=10 ** 9)
+def _scheduler(w: Workload, server: SimServer, pool: SimPool, buffer: TrajectoryBuffer, source: TaskSource,
+               rollout_n: int | None = None) -> StreamingScheduler:
+    """The real StreamingScheduler over the simulated parts, with no limit of its own in the way."""
+    rollout = Rollout(server, SimAgent(), Sampling(), LoopConfig(max_steps=w.max_steps, step_timeout_s=1e9))
+    config = SchedulerConfig(rollout_n=rollout_n or w.rollout_n, trajectory_timeout_s=1e9, env_retries=1000,
+                             max_llm_in_flight=10 ** 9)
+    return StreamingScheduler(rollout, pool, buffer, source, config)  # type: ignore[arg-type]
 
 
 async def run_ours(w: Workload, warmup: float, horizon: float, name: str = "ours") -> Result:
     server, pool = SimServer(w), SimPool(w)
     buffer = TrajectoryBuffer(None, w.rollout_n)
-    sched = StreamingScheduler(server, pool, SimAgent(), buffer, TaskSource(tasks(10 ** 6)), Sampling(),
-                               _settings(w))
+    sched = _scheduler(w, server, pool, buffer, TaskSource(tasks(10 ** 6)))
     marks: dict[str, float] = {}
 
     async def stopper():
@@ -411,7 +416,7 @@ async def run_sync_batches(w: Workload, warmup: float, horizon: float) -> Result
         while True:
             buffer = TrajectoryBuffer(None, w.rollout_n)
             src = TaskSource([Task(id=f"b{b}-t{i}", instruction="simulated") for i in range(per_batch)])
-            sched = StreamingScheduler(server, pool, SimAgent(), buffer, src, Sampling(), _settings(w))
+            sched = _scheduler(w, server, pool, buffer, src)
             orig = sched._finish
 
             def finish(traj, _orig=orig):
@@ -498,10 +503,7 @@ async def _sim_only(w: Workload, trajectories: int) -> int:
 async def _scale_ours(w: Workload, trajectories: int, snapshot: bool) -> tuple[int, float, int]:
     server, pool = SimServer(w), SimPool(w)
     buffer = TrajectoryBuffer(None, 1)
-    sched = StreamingScheduler(server, pool, SimAgent(), buffer, TaskSource(tasks(trajectories)), Sampling(),
-                               SchedulerSettings(rollout_n=1, max_steps=w.max_steps, step_timeout_s=1e9,
-                                                 trajectory_timeout_s=1e9, env_retries=1000,
-                                                 max_llm_in_flight=10 ** 9))
+    sched = _scheduler(w, server, pool, buffer, TaskSource(tasks(trajectories)), rollout_n=1)
     per_traj = 0.0
     peak = 0
 

@@ -7,6 +7,7 @@ Errors say where and what: ``EnvDeadError`` (the desktop or its service is gone:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import io
@@ -58,18 +59,24 @@ def _transport_errors(where: str) -> Iterator[None]:
 
 
 def _checked(r: httpx.Response, where: str) -> httpx.Response:
-    """Map an error response to EnvDeadError (5xx: the desktop or service failed) or
-    EnvRequestError (4xx: the request was wrong), with the service's own message."""
+    """Map an error response to EnvDeadError (5xx, or a desktop the service says is gone: replace
+    it) or EnvRequestError (4xx: the request was wrong), with the service's own message."""
     if r.status_code < 400:
         return r
+    body: Any = None
     try:
         body = r.json()
         detail = body.get("detail", body) if isinstance(body, dict) else body
     except ValueError:
         detail = r.text[:300]
-    if r.status_code >= 500:
+    if r.status_code >= 500 or (isinstance(body, dict) and body.get("dead")):
         raise EnvDeadError(where, str(detail), r.status_code)
     raise EnvRequestError(where, str(detail), r.status_code)
+
+
+# A blip (connection refused or reset before an answer) is retried this many times, after these
+# pauses, before the desktop counts as dead and its trajectory is rerun.
+RETRY_DELAYS_S = (0.2, 0.5, 1.0)
 
 
 def _env_defaults(url: str | None, token: str | None) -> tuple[str, str | None]:
@@ -90,11 +97,26 @@ class AsyncEnvClient:
                                        timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
                                        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
 
-    async def _req(self, method: str, path: str, *, timeout: float | None = None, **kw: Any) -> httpx.Response:
+    async def _req(self, method: str, path: str, *, timeout: float | None = None, idempotent: bool | None = None,
+                   **kw: Any) -> httpx.Response:
+        """One request. A connection that could not be made is retried (the request never left);
+        a connection lost before the answer is retried only for idempotent requests (GET, reset,
+        evaluate), since a repeated step would act twice."""
         where = f"{self.url}{path}"
-        with _transport_errors(where):
-            r = await self._http.request(method, path, timeout=timeout or httpx.USE_CLIENT_DEFAULT, **kw)
-        return _checked(r, where)
+        idempotent = method == "GET" if idempotent is None else idempotent
+        for delay in (*RETRY_DELAYS_S, None):
+            try:
+                with _transport_errors(where):
+                    r = await self._http.request(method, path, timeout=timeout or httpx.USE_CLIENT_DEFAULT, **kw)
+                return _checked(r, where)
+            except EnvDeadError as e:
+                cause = e.__cause__
+                blip = isinstance(cause, (httpx.ConnectError, httpx.ConnectTimeout)) or (
+                    idempotent and isinstance(cause, (httpx.ReadError, httpx.RemoteProtocolError)))
+                if delay is None or not blip:
+                    raise
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
     async def health(self) -> dict[str, Any]:
         return (await self._req("GET", "/health", timeout=5.0)).json()
@@ -125,7 +147,8 @@ class AsyncEnvClient:
     async def reset(self, env_id: str, task: Task | dict | None,
                     image_size: tuple[int, int] | None = None) -> Observation:
         task_d = task.to_dict() if isinstance(task, Task) else task
-        r = await self._req("POST", f"/envs/{env_id}/reset", json={"task": task_d, "image_size": image_size})
+        r = await self._req("POST", f"/envs/{env_id}/reset", json={"task": task_d, "image_size": image_size},
+                            idempotent=True)
         return self._obs(r.json())
 
     async def step(self, env_id: str, action: Action | dict, image_size: tuple[int, int] | None = None,
@@ -138,7 +161,8 @@ class AsyncEnvClient:
 
     async def evaluate(self, env_id: str, task: Task | dict, last_action: str | None = None) -> float:
         task_d = task.to_dict() if isinstance(task, Task) else task
-        r = await self._req("POST", f"/envs/{env_id}/evaluate", json={"task": task_d, "last_action": last_action})
+        r = await self._req("POST", f"/envs/{env_id}/evaluate", json={"task": task_d, "last_action": last_action},
+                            idempotent=True)
         return float(r.json()["reward"])
 
     async def screenshot(self, env_id: str) -> bytes:

@@ -100,6 +100,10 @@ def _pyautogui_code(command: list[str] | str) -> str | None:
     return None
 
 
+class UnknownDesktop(LookupError):
+    """A desktop id this service does not have: for a client, that desktop is gone."""
+
+
 class DesktopHost:
     """Owns the desktops of one service process."""
 
@@ -140,7 +144,7 @@ class DesktopHost:
     def get(self, did: str) -> LocalDesktop:
         d = self.desktops.get(did)
         if d is None:
-            raise HTTPException(404, f"no desktop {did!r}")
+            raise UnknownDesktop(f"no desktop {did!r} on this service (closed, or the service restarted)")
         return d
 
     def close(self, did: str) -> None:
@@ -183,6 +187,10 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
     @app.exception_handler(DesktopError)
     async def _dead(request: Request, exc: DesktopError):
         return JSONResponse({"detail": str(exc), "dead": True}, status_code=503)
+
+    @app.exception_handler(UnknownDesktop)
+    async def _unknown(request: Request, exc: UnknownDesktop):
+        return JSONResponse({"detail": str(exc), "dead": True}, status_code=404)
 
     @app.exception_handler(PermissionError)
     async def _perm(request: Request, exc: PermissionError):

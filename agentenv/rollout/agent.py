@@ -60,6 +60,10 @@ class Agent:
     def observe(self, state: AgentState, png: bytes) -> None:
         state.turns.append(Turn(image_url="data:image/png;base64," + base64.b64encode(png).decode()))
 
+    def image_steps(self, state: AgentState) -> list[int]:
+        """The steps whose screenshots ``messages(state)`` shows, in order."""
+        return list(range(len(state.turns)))
+
     def record_reply(self, state: AgentState, text: str) -> None:
         state.turns[-1].reply = text
 
@@ -95,13 +99,19 @@ class UITarsAgent(Agent):
             {"role": "system", "content": "You are a helpful assistant."},
             {"role": "user", "content": [{"type": "text", "text": uitars.prompt(state.instruction, self.language)}]},
         ]
-        first_image = max(0, len(state.turns) - self.history_images)
+        first_image = self._first_image(state)
         for i, turn in enumerate(state.turns):
             if i >= first_image:
                 msgs.append({"role": "user", "content": [{"type": "image_url", "image_url": {"url": turn.image_url}}]})
             if turn.reply:
                 msgs.append({"role": "assistant", "content": turn.reply})
         return msgs
+
+    def _first_image(self, state: AgentState) -> int:
+        return max(0, len(state.turns) - self.history_images)
+
+    def image_steps(self, state: AgentState) -> list[int]:
+        return list(range(self._first_image(state), len(state.turns)))
 
     def parse(self, state: AgentState, text: str) -> ParsedReply:
         return uitars.parse_reply(text, state.screen, self.min_pixels, self.max_pixels, self.wait_s)

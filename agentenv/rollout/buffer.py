@@ -1,14 +1,17 @@
 """TrajectoryBuffer: groups of finished trajectories, for trainers and for disk.
 
 - ``add(traj)`` writes the trajectory to disk at once (one parquet part file, written to a temp
-  name and renamed, so a crash leaves either the whole row or nothing) and files it under its
-  group; a group is released when all ``rollout_n`` samples are in.
-- ``await get_batch(n)`` hands ``n`` complete groups to a trainer; groups older than
-  ``max_staleness`` policy versions are dropped or flagged.
-- On restart, ``done_keys()`` tells the scheduler which (task, sample) pairs exist already; those
-  are never run, nor written, again. ``compact()`` merges part files into one.
+  name, fsynced, renamed, and the directory fsynced, so a crash leaves either the whole row or
+  nothing) and files it under its group; a group is released when all ``rollout_n`` samples are in.
+- ``await get_batch(n)`` hands ``n`` complete groups to a trainer, holding only trajectories whose
+  status is an outcome of the policy (``Status.trainable``); groups older than ``max_staleness``
+  policy versions are dropped or flagged.
+- On restart, ``done_keys()`` tells the scheduler which (task, sample) pairs are done: those are
+  never run, nor written, again. A pair that ended by an infrastructure failure (model service,
+  desktop, evaluator, our own timeouts) is not done: it runs again, and its new row supersedes the
+  old one. ``compact()`` merges part files into one, keeping one row per pair.
 
-Screenshots are PNG files under ``<dir>/screenshots/<task>/<sample>/step-<i>.png``.
+Screenshots are PNG files under ``<dir>/screenshots/<task>/<sample>/a<attempt>-<name>.png``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import os
 import re
 import uuid
 from pathlib import Path
-from typing import Literal
+from typing import Iterable, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,16 +32,17 @@ from agentenv.types import Group, Status, Step, Trajectory
 
 STEP_TYPE = pa.struct([
     ("index", pa.int32()), ("text", pa.string()), ("thought", pa.string()), ("action", pa.string()),
-    ("valid", pa.bool_()), ("error", pa.string()), ("prompt_token_ids", pa.list_(pa.int32())),
-    ("token_ids", pa.list_(pa.int32())), ("logprobs", pa.list_(pa.float32())), ("finish_reason", pa.string()),
-    ("screenshot", pa.string()), ("llm_latency_s", pa.float64()), ("env_latency_s", pa.float64()),
+    ("valid", pa.bool_()), ("error", pa.string()), ("prompt_shared", pa.int32()),
+    ("prompt_delta", pa.list_(pa.int32())), ("token_ids", pa.list_(pa.int32())),
+    ("logprobs", pa.list_(pa.float32())), ("finish_reason", pa.string()), ("screenshot", pa.string()),
+    ("image_steps", pa.list_(pa.int32())), ("llm_latency_s", pa.float64()), ("env_latency_s", pa.float64()),
     ("policy_version", pa.int64()), ("env_info", pa.string()),
 ])
 SCHEMA = pa.schema([
     ("task_id", pa.string()), ("sample", pa.int32()), ("status", pa.string()), ("reason", pa.string()),
     ("reward", pa.float64()), ("attempts", pa.int32()), ("env_id", pa.string()),
     ("started_at", pa.float64()), ("ended_at", pa.float64()), ("num_steps", pa.int32()),
-    ("steps", pa.list_(STEP_TYPE)),
+    ("final_screenshot", pa.string()), ("steps", pa.list_(STEP_TYPE)),
 ])
 
 
@@ -46,7 +50,7 @@ def _row(t: Trajectory) -> dict:
     return {
         "task_id": t.task_id, "sample": t.sample, "status": t.status.value, "reason": t.reason,
         "reward": t.reward, "attempts": t.attempts, "env_id": t.env_id, "started_at": t.started_at,
-        "ended_at": t.ended_at, "num_steps": len(t.steps),
+        "ended_at": t.ended_at, "num_steps": len(t.steps), "final_screenshot": t.final_screenshot,
         "steps": [{**s.to_dict(), "action": json.dumps(s.action) if s.action is not None else None,
                    "env_info": json.dumps(s.env_info)} for s in t.steps],
     }
@@ -58,26 +62,58 @@ def _from_row(r: dict) -> Trajectory:
         s = dict(s)
         s["action"] = json.loads(s["action"]) if s["action"] else None
         s["env_info"] = json.loads(s["env_info"]) if s["env_info"] else {}
+        s["image_steps"] = s["image_steps"] or []
         steps.append(Step.from_dict(s))
     return Trajectory(task_id=r["task_id"], sample=r["sample"], status=Status(r["status"]), reason=r["reason"],
                       reward=r["reward"], steps=steps, attempts=r["attempts"], env_id=r["env_id"],
-                      started_at=r["started_at"], ended_at=r["ended_at"])
+                      started_at=r["started_at"], ended_at=r["ended_at"],
+                      final_screenshot=r["final_screenshot"] or "")
 
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:80]
 
 
+def _rank(t: Trajectory) -> tuple[bool, float]:
+    # Of two rows for one pair, the one that says something about the policy wins, then the newer.
+    return (not t.status.infrastructure, t.ended_at)
+
+
+def _best(trajs: Iterable[Trajectory]) -> dict[tuple[str, int], Trajectory]:
+    best: dict[tuple[str, int], Trajectory] = {}
+    for t in trajs:
+        old = best.get(t.key)
+        if old is None or _rank(t) > _rank(old):
+            best[t.key] = t
+    return best
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(table: pa.Table, target: Path) -> None:
+    """temp file, fsync, rename, fsync the directory: after a crash, the whole file or none."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    pq.write_table(table, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+
+
+def _part_files(path: Path) -> list[Path]:
+    return sorted(path.glob("trajectories*.parquet")) + sorted((path / "parts").glob("*.parquet"))
+
+
 def read_trajectories(path: str | Path) -> list[Trajectory]:
-    """Every trajectory under a buffer directory (parts and compacted file), de-duplicated."""
-    path = Path(path)
-    files = sorted(path.glob("trajectories*.parquet")) + sorted((path / "parts").glob("*.parquet"))
-    seen: dict[tuple[str, int], Trajectory] = {}
-    for f in files:
-        for r in pq.read_table(f, schema=SCHEMA).to_pylist():
-            t = _from_row(r)
-            seen.setdefault(t.key, t)
-    return list(seen.values())
+    """Every trajectory under a buffer directory (parts and compacted file), one per (task, sample)."""
+    rows = (_from_row(r) for f in _part_files(Path(path)) for r in pq.read_table(f, schema=SCHEMA).to_pylist())
+    return list(_best(rows).values())
 
 
 class TrajectoryBuffer:
@@ -93,20 +129,25 @@ class TrajectoryBuffer:
         self.groups_done = 0
         self.trajectories_done = 0
         self.dropped_stale = 0
+        self.dropped_untrainable = 0
         self.policy_version = 0
         self.rewards: list[float] = []
         self.statuses: dict[str, int] = {}
         if self.dir is not None:
             (self.dir / "parts").mkdir(parents=True, exist_ok=True)
+            rerun = 0
             for t in read_trajectories(self.dir):
+                if t.status.infrastructure:
+                    rerun += 1  # not done: it runs again
+                    continue
                 self._done.add(t.key)
                 self._pending.setdefault(t.task_id, {})[t.sample] = t
             # Groups that were complete before the restart were handed out then; keep only partial ones.
             for tid in [k for k, v in self._pending.items() if len(v) >= rollout_n]:
                 del self._pending[tid]
-            if self._done:
-                logger.info("buffer: {} trajectories already on disk in {}; they will be skipped",
-                            len(self._done), self.dir)
+            if self._done or rerun:
+                logger.info("buffer: {} trajectories already on disk in {} will be skipped; {} that ended by an "
+                            "infrastructure failure will run again", len(self._done), self.dir, rerun)
 
     @property
     def ready(self) -> asyncio.Queue[Group]:
@@ -117,23 +158,18 @@ class TrajectoryBuffer:
     def done_keys(self) -> set[tuple[str, int]]:
         return set(self._done)
 
-    def screenshot_path(self, traj: Trajectory, step: int, png: bytes) -> str:
+    def screenshot_path(self, traj: Trajectory, name: str, png: bytes) -> str:
         if not self.save_screenshots:
             return ""
         d = self.dir / "screenshots" / _safe(traj.task_id) / str(traj.sample)
         d.mkdir(parents=True, exist_ok=True)
-        p = d / f"a{traj.attempts}-step-{step:03d}.png"
+        p = d / f"a{traj.attempts}-{name}.png"
         p.write_bytes(png)
         return str(p.relative_to(self.dir))
 
     def _write(self, traj: Trajectory) -> None:
         table = pa.Table.from_pylist([_row(traj)], schema=SCHEMA)
-        name = f"{_safe(traj.task_id)}-{traj.sample}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = self.dir / "parts" / f".{name}.tmp"
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.dir / "parts" / name)
+        _write_atomic(table, self.dir / "parts" / f"{_safe(traj.task_id)}-{traj.sample}-{uuid.uuid4().hex[:8]}.parquet")
 
     def add(self, traj: Trajectory) -> Group | None:
         """File a finished trajectory. Returns its group when this completed it."""
@@ -158,29 +194,37 @@ class TrajectoryBuffer:
     def set_policy_version(self, version: int) -> None:
         self.policy_version = version
 
-    def _fresh(self, g: Group) -> bool:
-        if self.max_staleness is None or self.policy_version - g.min_policy_version <= self.max_staleness:
-            return True
+    def _for_training(self, g: Group) -> Group | None:
+        """``g`` with only trajectories a trainer may learn from; None when it should not be handed out."""
+        trainable = [t for t in g.trajectories if t.status.trainable]
+        if not trainable:
+            self.dropped_untrainable += 1
+            return None
+        if len(trainable) < len(g.trajectories):
+            g = Group(task_id=g.task_id, trajectories=trainable, stale=g.stale)
+        version = g.min_policy_version
+        if self.max_staleness is None or version is None or self.policy_version - version <= self.max_staleness:
+            return g
         if self.stale_policy == "flag":
             g.stale = True
-            return True
+            return g
         self.dropped_stale += 1
-        return False
+        return None
 
     async def get_batch(self, n_groups: int, timeout: float | None = None) -> list[Group]:
-        """Wait for ``n_groups`` complete groups (stale ones dropped or flagged)."""
+        """Wait for ``n_groups`` complete groups to train on (see ``_for_training``)."""
         out: list[Group] = []
         while len(out) < n_groups:
-            g = await asyncio.wait_for(self.ready.get(), timeout)
-            if self._fresh(g):
+            g = self._for_training(await asyncio.wait_for(self.ready.get(), timeout))
+            if g is not None:
                 out.append(g)
         return out
 
     def drain(self) -> list[Group]:
         out = []
         while not self.ready.empty():
-            g = self.ready.get_nowait()
-            if self._fresh(g):
+            g = self._for_training(self.ready.get_nowait())
+            if g is not None:
                 out.append(g)
         return out
 
@@ -192,19 +236,11 @@ class TrajectoryBuffer:
         target = self.dir / "trajectories.parquet"
         if not parts:
             return target if target.exists() else None
-        tables = [pq.read_table(target, schema=SCHEMA)] if target.exists() else []
-        tables += [pq.read_table(p, schema=SCHEMA) for p in parts]
-        table = pa.concat_tables(tables)
-        # A crash between the rename and the unlinks leaves parts that are in the target too.
-        seen: set[tuple[str, int]] = set()
-        keep = []
-        for i, (tid, sample) in enumerate(zip(table["task_id"].to_pylist(), table["sample"].to_pylist())):
-            if (tid, sample) not in seen:
-                seen.add((tid, sample))
-                keep.append(i)
-        tmp = self.dir / ".trajectories.parquet.tmp"
-        pq.write_table(table.take(keep), tmp)
-        os.replace(tmp, target)
+        # One row per pair: a crash between the rename and the unlinks leaves parts that are in the
+        # target too, and a rerun after an infrastructure failure supersedes the failed row.
+        best = _best(_from_row(r) for f in _part_files(self.dir) for r in pq.read_table(f, schema=SCHEMA).to_pylist())
+        _write_atomic(pa.Table.from_pylist([_row(t) for t in best.values()], schema=SCHEMA), target)
         for p in parts:
             p.unlink()
+        _fsync_dir(self.dir / "parts")
         return target

@@ -6,39 +6,38 @@ the group completes in the buffer. Nothing waits for a group's slowest sample, m
 concurrent across everyone, and a desktop goes back to the pool the moment its trajectory ends.
 
 Structured concurrency: ``run()`` owns every task it starts (one ``asyncio.TaskGroup``); it runs in
-the caller's event loop, cancels nothing it does not own, and leaves nothing behind.
+the caller's event loop, cancels nothing it does not own, and leaves nothing behind. Each
+trajectory is a failure boundary: whatever goes wrong in one ends that trajectory with a status and
+a reason, never the run.
+
+Faults: a desktop that dies is replaced and its trajectory rerun (``env_retries``); when every
+desktop is lost, admission stops and ``run()`` returns with ``error`` in its summary; when a
+trajectory ends because the model service is unavailable, admission waits until the service
+answers its health check again instead of burning the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable, TypeVar
 
 from loguru import logger
 
 from agentenv._compat import TaskGroup, timeout
+from agentenv.config import SchedulerConfig
 from agentenv.envs.client import AsyncDesktopEnv, EnvDeadError, EnvError
-from agentenv.envs.pool import EnvPool
-from agentenv.rollout.agent import Agent
+from agentenv.envs.pool import EnvPool, EnvPoolExhausted
 from agentenv.rollout.buffer import TrajectoryBuffer
-from agentenv.rollout.llm import LLM, Sampling
-from agentenv.rollout.loop import LoopSettings, run_trajectory
+from agentenv.rollout.loop import Rollout, run_trajectory
 from agentenv.rollout.sources import BrokenTask, TaskSource
 from agentenv.types import Status, Trajectory
 
-
-@dataclass
-class SchedulerSettings:
-    rollout_n: int = 2
-    max_steps: int = 15
-    max_invalid_in_row: int = 3
-    step_timeout_s: float = 120.0
-    trajectory_timeout_s: float = 1800.0
-    env_retries: int = 2
-    max_llm_in_flight: int = 64
-    max_rps: float | None = None
+T = TypeVar("T")
+EVENT_WINDOW = 100_000  # events kept in memory: a week-long run must not grow without bound
 
 
 @dataclass
@@ -56,47 +55,65 @@ class Stats:
     steps: int = 0
     llm_in_flight: int = 0
     admitted: int = 0
-    events: list[Event] = field(default_factory=list)
+    events: collections.deque[Event] = field(default_factory=lambda: collections.deque(maxlen=EVENT_WINDOW))
 
 
 class StreamingScheduler:
-    def __init__(self, llm: LLM, pool: EnvPool, agent: Agent, buffer: TrajectoryBuffer, source: TaskSource,
-                 sampling: Sampling | None = None, settings: SchedulerSettings | None = None,
-                 policy_version: int = 0):
-        self.llm, self.pool, self.agent, self.buffer, self.source = llm, pool, agent, buffer, source
-        self.sampling = sampling or Sampling()
-        self.s = settings or SchedulerSettings()
-        if self.s.rollout_n != buffer.rollout_n:
-            raise ValueError(f"rollout_n {self.s.rollout_n} != buffer's {buffer.rollout_n}")
+    def __init__(self, rollout: Rollout, pool: EnvPool, buffer: TrajectoryBuffer, source: TaskSource,
+                 config: SchedulerConfig | None = None, *, policy_version: int = 0):
+        self.pool, self.buffer, self.source = pool, buffer, source
+        self.config = config or SchedulerConfig()
+        if self.config.rollout_n != buffer.rollout_n:
+            raise ValueError(f"rollout_n {self.config.rollout_n} != buffer's {buffer.rollout_n}")
+        self.rollout = dataclasses.replace(
+            rollout, llm_slot=self._llm_slot, policy_version=lambda: self.policy_version,
+            save_screenshot=buffer.screenshot_path if buffer.save_screenshots else None)
         self.policy_version = policy_version
         self.stats = Stats()
-        self._llm_sem: asyncio.Semaphore | None = None
+        self.error: str | None = None
+        self._llm_sem = asyncio.Semaphore(self.config.max_llm_in_flight)
         self._throttle: Any = None
-        self._unpaused: asyncio.Event | None = None
-        self._stop: asyncio.Event | None = None
+        if self.config.max_rps:
+            from asyncio_throttle import Throttler
+
+            self._throttle = Throttler(rate_limit=self.config.max_rps, period=1.0)
+        self._unpaused = asyncio.Event()
+        self._unpaused.set()
+        self._idle = asyncio.Event()  # set while no model call is in flight
+        self._idle.set()
+        self._stop = asyncio.Event()
+        self._llm_suspect = False     # a trajectory just failed on the model service
         self._running = False
 
+    @property
+    def llm(self) -> Any:
+        return self.rollout.llm
+
     # ------------------------------------------------------------------ control
-    def pause(self) -> None:
-        """No new model calls start until ``resume``; calls in flight finish."""
-        if self._unpaused is not None:
-            self._unpaused.clear()
+    async def pause(self) -> None:
+        """Stop starting model calls and admitting trajectories; return once no model call is in
+        flight, so weights can be swapped with nothing racing. Trajectories wait at their next step."""
+        self._unpaused.clear()
+        await self._idle.wait()
 
     def resume(self, policy_version: int | None = None) -> None:
+        """Go on, recording ``policy_version`` on every step from now (and in the buffer's staleness)."""
         if policy_version is not None:
             self.policy_version = policy_version
             self.buffer.set_policy_version(policy_version)
-        if self._unpaused is not None:
-            self._unpaused.set()
+        self._unpaused.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._unpaused.is_set()
 
     def stop(self) -> None:
         """Stop admitting; trajectories in flight finish (cancel ``run()`` to abandon them)."""
-        if self._stop is not None:
-            self._stop.set()
+        self._stop.set()
 
     @property
     def stopping(self) -> bool:
-        return self._stop is not None and self._stop.is_set()
+        return self._stop.is_set()
 
     # ------------------------------------------------------------------ internals
     def _llm_slot(self) -> "_LLMSlot":
@@ -113,48 +130,84 @@ class StreamingScheduler:
     def _event(self, kind: str, key: str, sample: int = -1, env: str = "") -> None:
         self.stats.events.append(Event(self._now(), kind, key, sample, env))
 
-    async def _acquire(self) -> AsyncDesktopEnv | None:
-        """A free desktop, or None once stop() was called."""
-        acquire = asyncio.ensure_future(self.pool.acquire())
+    async def _unless_stopped(self, aw: Awaitable[T]) -> tuple[bool, T | None]:
+        """Await ``aw`` unless stop() comes first: (True, result) or (False, None)."""
+        if self.stopping:
+            if asyncio.iscoroutine(aw):
+                aw.close()
+            return False, None
+        task = asyncio.ensure_future(aw)
         stop = asyncio.ensure_future(self._stop.wait())
         try:
-            await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
-            if not acquire.done():
-                acquire.cancel()
-        if acquire.done() and not acquire.cancelled():
-            env = acquire.result()
-            if self.stopping:
-                await self.pool.release(env)
-                return None
-            return env
-        return None
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if task.done() and not task.cancelled():
+            return True, task.result()
+        return False, None
 
-    async def _run_one(self, key: str, task: Any, sample: int, env: AsyncDesktopEnv) -> None:
+    async def _admit(self) -> AsyncDesktopEnv | None:
+        """A desktop for the next trajectory once admission may go on; None once it may not
+        (stop() was called, or every desktop is lost)."""
+        while True:
+            if not (await self._unless_stopped(self._unpaused.wait()))[0]:
+                return None
+            if self._llm_suspect and not await self._wait_for_llm():
+                return None
+            try:
+                ok, env = await self._unless_stopped(self.pool.acquire())
+            except EnvPoolExhausted as e:
+                self.error = str(e)
+                logger.error("no desktop left: admission stops ({})", e)
+                return None
+            if not ok:
+                return None
+            if self.paused or self.stopping or self._llm_suspect:  # things changed while we waited
+                await self.pool.release(env)
+                continue
+            return env
+
+    async def _wait_for_llm(self) -> bool:
+        """After a trajectory failed on the model service: admit nothing until it answers again."""
+        ready = getattr(self.llm, "ready", None)
+        self._llm_suspect = False
+        if ready is None:
+            return True
+        warned = False
+        while not self.stopping:
+            if await ready():
+                if warned:
+                    logger.info("the model service answers again; admission resumes")
+                return True
+            if not warned:
+                logger.warning("the model service does not answer: admission paused until it does")
+                warned = True
+            await self._unless_stopped(asyncio.sleep(self.config.llm_wait_s))
+        return False
+
+    async def _run_one(self, key: str, task: Any, sample: int, env: AsyncDesktopEnv | None) -> None:
         traj = Trajectory(task_id=key, sample=sample, started_at=time.time())
         failures: list[str] = []
-        settings = LoopSettings(self.s.max_steps, self.s.max_invalid_in_row, self.s.step_timeout_s)
         try:
-            while True:
+            while env is not None:
                 try:
-                    async with timeout(self.s.trajectory_timeout_s):
-                        await run_trajectory(
-                            traj, task, env, self.llm, self.agent, self.sampling, settings,
-                            llm_slot=self._llm_slot, policy_version=lambda: self.policy_version,
-                            save_screenshot=self.buffer.screenshot_path if self.buffer.save_screenshots else None)
+                    async with timeout(self.config.trajectory_timeout_s):
+                        await run_trajectory(traj, task, env, self.rollout)
                     break
                 except asyncio.TimeoutError:
                     traj.status = Status.TIMEOUT
-                    traj.reason = f"trajectory exceeded {self.s.trajectory_timeout_s}s"
+                    traj.reason = f"trajectory exceeded {self.config.trajectory_timeout_s}s"
                     break
                 except EnvDeadError as e:
                     failures.append(f"attempt {traj.attempts} on {env.name}: {e}")
                     logger.warning("desktop {} died during {}#{}: {}", env.name, key, sample, e)
-                    await self.pool.release(env, broken=True)
-                    self._event("release", key, sample, env.name)
-                    env = None
-                    if traj.attempts > self.s.env_retries:
+                    dead, env = env, None
+                    await self.pool.release(dead, broken=True)
+                    self._event("release", key, sample, dead.name)
+                    if traj.attempts > self.config.env_retries:
                         traj.status = Status.ENV_ERROR
                         traj.reason = f"desktop failed {traj.attempts} times"
                         break
@@ -162,7 +215,14 @@ class StreamingScheduler:
                     env = await self._acquire_for_rerun()
                     if env is None:
                         traj.status, traj.reason = Status.ENV_ERROR, "no desktop left for a rerun"
-                        break
+                except EnvError as e:  # the env service refused something mid-trajectory
+                    traj.status, traj.reason = Status.ENV_ERROR, str(e)
+                    break
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug must end this trajectory, not every trajectory in flight
+            logger.opt(exception=e).error("trajectory {}#{} failed unexpectedly", key, sample)
+            traj.status, traj.reason = Status.ERROR, f"{type(e).__name__}: {e}"
         finally:
             if env is not None:
                 await asyncio.shield(self.pool.release(env))
@@ -175,11 +235,13 @@ class StreamingScheduler:
     async def _acquire_for_rerun(self) -> AsyncDesktopEnv | None:
         try:
             return await self.pool.acquire()
-        except EnvError as e:  # the pool lost every desktop
+        except EnvPoolExhausted as e:
             logger.error("no desktop for a rerun: {}", e)
             return None
 
     def _finish(self, traj: Trajectory) -> None:
+        if traj.status == Status.LLM_ERROR:
+            self._llm_suspect = True
         group = self.buffer.add(traj)
         self._event("done", traj.task_id, traj.sample)
         if group is not None:
@@ -187,40 +249,34 @@ class StreamingScheduler:
 
     # ------------------------------------------------------------------ main loop
     async def run(self) -> dict[str, Any]:
-        """Run until the source is exhausted or stop() is called; returns a summary."""
+        """Run until the source is exhausted, stop() is called or no desktop is left; returns a summary."""
         if self._running:
             raise RuntimeError("this scheduler is already running")
         self._running = True
-        self._llm_sem = asyncio.Semaphore(self.s.max_llm_in_flight)
-        self._unpaused = asyncio.Event()
-        self._unpaused.set()
-        self._stop = asyncio.Event()
-        if self.s.max_rps:
-            from asyncio_throttle import Throttler
-
-            self._throttle = Throttler(rate_limit=self.s.max_rps, period=1.0)
         self.buffer.set_policy_version(self.policy_version)
         self.stats.started = self._now()
         done = self.buffer.done_keys()
         try:
             async with TaskGroup() as tg:
                 for key, item in self.source:
-                    if self.stopping:
-                        break
-                    samples = [i for i in range(self.s.rollout_n) if (key, i) not in done]
+                    samples = [i for i in range(self.config.rollout_n) if (key, i) not in done]
                     if isinstance(item, BrokenTask):
                         for i in samples:
                             now = time.time()
                             self._finish(Trajectory(task_id=key, sample=i, status=Status.TASK_ERROR,
                                                     reason=item.reason, started_at=now, ended_at=now))
                         continue
+                    admitting = True
                     for i in samples:
-                        env = await self._acquire()
+                        env = await self._admit()
                         if env is None:
+                            admitting = False
                             break
                         self.stats.admitted += 1
                         self._event("admit", key, i, env.name)
                         tg.create_task(self._run_one(key, item, i, env), name=f"traj:{key}#{i}")
+                    if not admitting:
+                        break
         finally:
             self._running = False
         return self.summary()
@@ -229,7 +285,7 @@ class StreamingScheduler:
         elapsed = self._now() - self.stats.started if self.stats.started is not None else 0.0
         b = self.buffer
         rewards = b.rewards
-        return {
+        out = {
             "trajectories": b.trajectories_done, "groups": b.groups_done, "statuses": dict(b.statuses),
             "mean_reward": sum(rewards) / len(rewards) if rewards else 0.0,
             "success_rate": sum(r >= 1.0 for r in rewards) / len(rewards) if rewards else 0.0,
@@ -238,6 +294,9 @@ class StreamingScheduler:
             "env_pool": self.pool.stats(), "dropped_stale": b.dropped_stale,
             "policy_version": self.policy_version,
         }
+        if self.error:
+            out["error"] = self.error
+        return out
 
 
 class _LLMSlot:
@@ -251,16 +310,27 @@ class _LLMSlot:
 
     async def __aenter__(self) -> None:
         s = self.s
-        if not s._unpaused.is_set():
+        while not s._unpaused.is_set():
             await s._unpaused.wait()
         await s._llm_sem.acquire()
+        if not s._unpaused.is_set():  # paused while waiting for the semaphore: wait again
+            s._llm_sem.release()
+            return await self.__aenter__()
+        s.stats.llm_in_flight += 1  # from here on pause() waits for this call
+        s._idle.clear()
         if s._throttle is not None:
-            async with s._throttle:
-                pass
-        s.stats.llm_in_flight += 1
+            try:
+                async with s._throttle:
+                    pass
+            except BaseException:  # cancelled before the call: __aexit__ will not run
+                await self.__aexit__()
+                s.stats.steps -= 1
+                raise
 
     async def __aexit__(self, *exc: object) -> None:
         s = self.s
         s.stats.llm_in_flight -= 1
         s.stats.steps += 1
+        if s.stats.llm_in_flight == 0:
+            s._idle.set()
         s._llm_sem.release()

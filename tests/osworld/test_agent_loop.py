@@ -9,19 +9,14 @@ from agentenv.envs.client import AsyncEnvClient, AsyncDesktopEnv
 from agentenv.envs.tasks import builtin_tasks
 from agentenv.rollout.agent import UITarsAgent
 from agentenv.rollout.llm import Sampling, ServiceLLM
-from agentenv.rollout.loop import LoopSettings, run_trajectory
+from agentenv.config import LoopConfig
+from agentenv.rollout.loop import Rollout, run_trajectory
 from agentenv.rollout.uitars import ACTION_REGEX
 from agentenv.types import Status, Trajectory
-from contextlib import asynccontextmanager
 
 pytestmark = pytest.mark.slow
 
 CLICK_ONLY = r"Thought: [a-z ]{1,12}\nAction: click\(start_box='\([12]?\d{1,2},[12]?\d{1,2}\)'\)"
-
-
-@asynccontextmanager
-async def no_limit():
-    yield
 
 
 async def _first_env(env_service) -> tuple[AsyncEnvClient, AsyncDesktopEnv]:
@@ -66,21 +61,23 @@ async def test_trajectory_runs_to_max_steps_or_finished(vllm_server, env_service
     task = next(t for t in builtin_tasks() if t.id == "terminal-mkdir")
     traj = Trajectory(task_id=task.id, sample=0)
     try:
-        await run_trajectory(traj, task, env, llm, agent, Sampling(temperature=1.0, max_tokens=48, regex=ACTION_REGEX,
-                                                                   logprobs=True),
-                             LoopSettings(max_steps=5), llm_slot=no_limit, policy_version=lambda: 7)
+        await run_trajectory(traj, task, env, Rollout(
+            llm, agent, Sampling(temperature=1.0, max_tokens=48, regex=ACTION_REGEX, logprobs=True),
+            LoopConfig(max_steps=5), policy_version=lambda: 7))
     finally:
         await llm.aclose()
         await client.aclose()
     assert traj.status in (Status.MAX_STEPS, Status.FINISHED), traj.reason
     assert 1 <= len(traj.steps) <= 5
     for s in traj.steps:
-        assert s.token_ids and s.prompt_token_ids and s.logprobs and len(s.logprobs) == len(s.token_ids)
+        assert s.token_ids and s.prompt_delta and s.logprobs and len(s.logprobs) == len(s.token_ids)
         assert s.policy_version == 7 and s.valid and s.action and s.thought
         assert s.llm_latency_s > 0 and s.env_latency_s > 0
-    # the prompt grows turn by turn: each step's prompt starts with the previous step's prompt
-    for a, b in zip(traj.steps, traj.steps[1:]):
-        assert b.prompt_token_ids[:len(a.prompt_token_ids) - 3] == a.prompt_token_ids[:-3]
+    # the prompt grows turn by turn: each step's prompt starts with the previous step's prompt,
+    # which each step stores as the length it shares
+    prompts = traj.prompt_ids()
+    for i, (a, b) in enumerate(zip(prompts, prompts[1:])):
+        assert b[:len(a) - 3] == a[:-3] and traj.steps[i + 1].prompt_shared >= len(a) - 3
     if traj.status == Status.FINISHED:
         assert traj.steps[-1].action["type"] == "finished"
     assert traj.reward == 0.0  # random weights do not solve the task
@@ -93,10 +90,9 @@ async def test_garbage_replies_end_the_trajectory_as_invalid(vllm_server, env_se
     task = next(t for t in builtin_tasks() if t.id == "editor-clear")
     traj = Trajectory(task_id=task.id, sample=0)
     try:
-        await run_trajectory(traj, task, env, llm, agent,
-                             Sampling(max_tokens=12, regex=r"Thought: [a-z]{1,8}"),  # never an Action
-                             LoopSettings(max_steps=10, max_invalid_in_row=2), llm_slot=no_limit,
-                             policy_version=lambda: 0)
+        await run_trajectory(traj, task, env, Rollout(
+            llm, agent, Sampling(max_tokens=12, regex=r"Thought: [a-z]{1,8}"),  # never an Action
+            LoopConfig(max_steps=10, max_invalid_in_row=2)))
     finally:
         await llm.aclose()
         await client.aclose()

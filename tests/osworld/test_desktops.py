@@ -15,7 +15,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from agentenv.envs.client import AsyncEnvClient, DesktopEnv, EnvRequestError
+from agentenv.envs.client import AsyncEnvClient, DesktopEnv, EnvDeadError, EnvRequestError
 from agentenv.envs.pool import EnvPool, ServiceSpec
 from agentenv.envs.tasks import builtin_tasks
 from agentenv.types import Action, Task
@@ -131,7 +131,7 @@ def test_malformed_bodies_get_4xx_with_message(env_service):
                                                                "config": [{"type": "warp_drive"}]}})
     assert r.status_code == 422 and "warp_drive" in r.json()["detail"]
     r = httpx.post(f"{env_service.url}/envs/nope/step", headers=h, json={"action": {"type": "wait"}})
-    assert r.status_code == 404
+    assert r.status_code == 404 and r.json()["dead"]  # a desktop the service does not have is gone
 
 
 def test_bad_actions_are_errors_in_info_not_failures(env_service):
@@ -215,7 +215,7 @@ async def test_killed_x_server_is_replaced_by_the_pool(env_service):
         display = next(e["display"] for e in await client.list() if e["id"] == env.id)
         os.kill(_xvfb_pid(display), signal.SIGKILL)
         await asyncio.sleep(0.5)
-        with pytest.raises(Exception):
+        with pytest.raises(EnvDeadError, match="503"):
             await env.reset(None)
         await pool.release(env)  # the health check finds it dead
         assert pool.replaced == 1 and pool.size == n

@@ -12,7 +12,8 @@ import pytest
 from tests.conftest import shutdown_engine
 from PIL import Image, ImageDraw
 
-from agentenv.rollout.llm import (InProcessLLM, LLMRequestError, Sampling, ServiceLLM, WrapperLLM, as_llm)
+from agentenv.rollout.llm import (AsyncEngineLLM, InProcessLLM, LLMError, LLMRequestError, Sampling, ServiceLLM,
+                                  WrapperLLM, as_llm)
 from agentenv.rollout.uitars import ACTION_REGEX
 
 pytestmark = pytest.mark.slow
@@ -171,8 +172,12 @@ async def test_greedy_same_tokens_service_and_in_process(vllm_server, tiny_model
                  enable_prefix_caching=True)
     local = as_llm(engine)
     assert isinstance(local, InProcessLLM)
+    too_many_images = [{"role": "user", "content": [c for m in msgs + msgs for c in m[0]["content"]]}]
     try:
         here = await asyncio.gather(*[local.chat(m, plain) for m in msgs])  # batched in one call
+        # one bad prompt (6 images, the engine takes 5) in a batch fails only its own call
+        mixed = await asyncio.gather(*[local.chat(m, plain) for m in [msgs[0], too_many_images, msgs[1]]],
+                                     return_exceptions=True)
     finally:
         await local.aclose()
         shutdown_engine(engine)
@@ -180,3 +185,58 @@ async def test_greedy_same_tokens_service_and_in_process(vllm_server, tiny_model
         assert h.prompt_token_ids == r.prompt_token_ids
         assert h.token_ids == r.token_ids
         assert h.text == r.text
+    assert isinstance(mixed[1], LLMError) and "image" in str(mixed[1])
+    assert mixed[0].token_ids == here[0].token_ids and mixed[2].token_ids == here[1].token_ids
+
+
+async def test_async_engine_adapter_matches_the_service(vllm_server, tiny_model_path, tiny_pixels):
+    """vLLM's async engine in this event loop, through as_llm: the same greedy tokens as over HTTP."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    service = ServiceLLM(vllm_server.url, vllm_server.model)
+    plain = Sampling(temperature=0.0, max_tokens=24)
+    try:
+        remote = await service.chat(screenshot_messages(seed=2), plain)
+    finally:
+        await service.aclose()
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
+        model=str(tiny_model_path), max_model_len=8192, limit_mm_per_prompt={"image": 5, "video": 0},
+        mm_processor_kwargs={"min_pixels": tiny_pixels[0], "max_pixels": tiny_pixels[1]}))
+    try:
+        llm = as_llm(engine)
+        assert isinstance(llm, AsyncEngineLLM)
+        here = await llm.chat(screenshot_messages(seed=2), plain)
+    finally:
+        engine.shutdown()
+    assert here.prompt_token_ids == remote.prompt_token_ids and here.token_ids == remote.token_ids
+    assert here.text == remote.text and here.endpoint == "async-engine"
+
+
+async def test_a_seed_style_wrapper_is_adapted(vllm_server):
+    """An object with generate_with_messages (the seed's interface), sync, calling the real server."""
+    import openai
+
+    class Seed:
+        def __init__(self):
+            self.client = openai.OpenAI(base_url=vllm_server.url, api_key="x", max_retries=0)
+            self.seen: list[dict] = []
+
+        def generate_with_messages(self, messages, **kw):
+            self.seen.append(kw)
+            r = self.client.chat.completions.create(
+                model=vllm_server.model, messages=messages, **kw,
+                extra_body={"return_token_ids": True, "structured_outputs": {"regex": ACTION_REGEX}})
+            d = r.model_dump()
+            return {"text": d["choices"][0]["message"]["content"], "token_ids": d["choices"][0]["token_ids"],
+                    "prompt_token_ids": d["prompt_token_ids"], "finish_reason": d["choices"][0]["finish_reason"]}
+
+    seed = Seed()
+    llm = as_llm(seed)
+    assert isinstance(llm, WrapperLLM)
+    c = await llm.chat(screenshot_messages(), GREEDY)
+    assert c.text.startswith("Thought: ") and c.token_ids and c.prompt_token_ids and c.finish_reason in ("stop", "length")
+    assert seed.seen == [{"temperature": 0.0, "top_p": 1.0, "max_tokens": 40}]
+    again = await llm.chat(screenshot_messages(), GREEDY)
+    assert again.token_ids == c.token_ids  # greedy through the wrapper is deterministic too

@@ -24,7 +24,9 @@ from agentenv.envs.tasks import builtin_tasks
 from agentenv.rollout.agent import UITarsAgent
 from agentenv.rollout.buffer import TrajectoryBuffer, read_trajectories
 from agentenv.rollout.llm import Sampling, as_llm
-from agentenv.rollout.scheduler import SchedulerSettings, StreamingScheduler
+from agentenv.config import LoopConfig, SchedulerConfig
+from agentenv.rollout.loop import Rollout
+from agentenv.rollout.scheduler import StreamingScheduler
 from agentenv.rollout.sources import TaskSource, load_items
 from agentenv.rollout.uitars import ACTION_REGEX
 from agentenv.types import Status
@@ -51,10 +53,9 @@ def make_scheduler(llm, pool, out: Path | None, items, tiny_pixels, max_steps=3,
                    regex=ACTION_REGEX) -> StreamingScheduler:
     agent = UITarsAgent(min_pixels=tiny_pixels[0], max_pixels=tiny_pixels[1], wait_s=0.2)
     buffer = TrajectoryBuffer(out, ROLLOUT_N)
-    return StreamingScheduler(
-        as_llm(llm), pool, agent, buffer, TaskSource(items),
-        Sampling(temperature=1.0, max_tokens=48, regex=regex),
-        SchedulerSettings(rollout_n=ROLLOUT_N, max_steps=max_steps, step_timeout_s=120, env_retries=2))
+    rollout = Rollout(as_llm(llm), agent, Sampling(temperature=1.0, max_tokens=48, regex=regex),
+                      LoopConfig(max_steps=max_steps, step_timeout_s=120))
+    return StreamingScheduler(rollout, pool, buffer, TaskSource(items), SchedulerConfig(rollout_n=ROLLOUT_N, env_retries=2))
 
 
 @pytest.fixture
@@ -100,8 +101,9 @@ async def test_streaming_groups_complete_with_token_ids(vllm_server, pool, tmp_p
     trajs = check_complete(tmp_path, TASK_IDS)
     for t in trajs:
         assert t.status in (Status.MAX_STEPS, Status.FINISHED, Status.CALL_USER), (t.key, t.status, t.reason)
-        assert t.steps and all(s.token_ids and s.prompt_token_ids for s in t.steps)
+        assert t.steps and all(s.token_ids and p for s, p in zip(t.steps, t.prompt_ids()))
         assert all((tmp_path / s.screenshot).exists() for s in t.steps)
+        assert t.final_screenshot and (tmp_path / t.final_screenshot).exists()
     table = pq.read_table(tmp_path / "trajectories.parquet") if (tmp_path / "trajectories.parquet").exists() \
         else pq.read_table(tmp_path / "parts")
     assert table.num_rows == len(TASK_IDS) * ROLLOUT_N
@@ -213,7 +215,7 @@ def test_agentenv_run_sigterm_flushes_and_a_rerun_finishes(vllm_server, env_serv
            "--set", f"llm.model={vllm_server.model}",
            "--set", f"env.services=[{{url: '{env_service.url}', token: '{env_service.token}'}}]",
            "--set", f"tasks.ids=[{', '.join(ids)}]", "--set", f"output.dir={out}",
-           "--set", "agent.max_steps=3", "--set", "progress=false"]
+           "--set", "loop.max_steps=3", "--set", "progress=false"]
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root)}
     p = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

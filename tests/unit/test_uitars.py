@@ -145,15 +145,27 @@ def test_history_keeps_last_k_images_and_all_replies():
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_prefix_stays_byte_identical_while_no_image_leaves(k):
     agent = make_agent("uitars", history_images=k)
+    checked_extension = checked_window = 0
     for t in range(1, 8):
         before = agent.messages(_agent_state(agent, t))
         st = _agent_state(agent, t + 1)
         after = agent.messages(st)
-        if t + 1 <= k:  # no screenshot left the window
+        images = [i for i, m in enumerate(after) if m["role"] == "user" and m["content"][0]["type"] == "image_url"]
+        # the last min(k, turns) screenshots, and the agent says which steps they are
+        assert len(images) == min(k, t + 1) and agent.image_steps(st) == list(range(max(0, t + 1 - k), t + 1))
+        if t + 1 <= k:  # no screenshot left the window: the new prompt extends the old one
             reply = {"role": "assistant", "content": st.turns[t - 1].reply}
             assert after[:len(before)] == before
             assert after[len(before)] == reply
             assert len(after) == len(before) + 2
+            checked_extension += 1
+        else:  # the oldest screenshot left: the prompts agree only up to where it was
+            first_old_image = next(i for i, m in enumerate(before)
+                                   if m["role"] == "user" and m["content"][0]["type"] == "image_url")
+            assert after[:first_old_image] == before[:first_old_image]
+            assert after[first_old_image] != before[first_old_image]
+            checked_window += 1
+    assert checked_extension == min(k - 1, 7) and checked_window == 7 - checked_extension
 
 
 def test_prompt_has_language_and_instruction():

@@ -1,0 +1,55 @@
+"""The LLM protocol every adapter speaks: ``chat(messages, sampling, session=) -> Completion``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from agentenv.config import Sampling
+
+Messages = list[dict[str, Any]]
+
+__all__ = ["Completion", "LLM", "LLMError", "LLMRequestError", "LLMUnavailableError", "Messages", "Sampling"]
+
+
+@dataclass
+class Completion:
+    """One model reply with the token ids the engine produced (RL never re-tokenizes text)."""
+
+    text: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str = ""
+    logprobs: list[float] | None = None
+    latency_s: float = 0.0
+    endpoint: str = ""
+    policy_version: int | None = None   # the weights that produced it, when the adapter knows
+
+
+class LLMError(RuntimeError):
+    """An LLM call failed. ``endpoint`` says where, ``reason`` what the server or network said."""
+
+    def __init__(self, endpoint: str, reason: str, status: int | None = None, retryable: bool = True):
+        self.endpoint, self.reason, self.status, self.retryable = endpoint, reason, status, retryable
+        where = f"{endpoint}: " if endpoint else ""
+        code = f"HTTP {status}: " if status else ""
+        super().__init__(f"{where}{code}{reason}")
+
+
+class LLMRequestError(LLMError):
+    """The server refused the request (4xx). Not retried: the same request fails again."""
+
+    def __init__(self, endpoint: str, reason: str, status: int | None = None):
+        super().__init__(endpoint, reason, status, retryable=False)
+
+
+class LLMUnavailableError(LLMError):
+    """No endpoint answered within the retry budget."""
+
+
+@runtime_checkable
+class LLM(Protocol):
+    async def chat(self, messages: Messages, sampling: Sampling | None = None, *,
+                   session: str | None = None) -> Completion: ...
+
+    async def aclose(self) -> None: ...
