@@ -304,7 +304,10 @@ class ServiceLLM:
                     await self._post(ep, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(lora)},
                                      timeout=600)
                     ep.model = name
-                await self._post(ep, "/reset_prefix_cache", None, timeout=60, optional=True)
+                # Outputs cached under the old weights must not be reused; a vision model's encoder
+                # cache must be reset after a reload or the engine fails on its next image.
+                for route in ("/reset_prefix_cache", "/reset_encoder_cache"):
+                    await self._post(ep, route, None, timeout=60, optional=True)
                 ep.version = version
                 logger.info("LLM endpoint {} now serves policy version {} (loaded in {:.1f}s)",
                             ep.url, version, time.perf_counter() - t0)
