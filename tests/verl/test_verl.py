@@ -117,7 +117,7 @@ async def test_verl_agent_loop_worker_builds_the_trainer_batch(vllm_server, env_
     tok = worker.tokenizer
     returned = {tuple(t) for t in server.returned}
     for i, task in enumerate(chosen):
-        info = nt["agentenv"][i] if "agentenv" in nt else out.non_tensor_batch["extra_fields"][i]["agentenv"]
+        info = nt["agentenv"][i]  # our extra_fields, as verl puts them in the batch
         assert info["task_id"] == task.id and info["status"] in ("max_steps", "finished", "call_user"), info
         mask = b["response_mask"][i].tolist()
         resp = b["responses"][i].tolist()
