@@ -106,17 +106,29 @@ def sample_cost(run_dirs: list[Path]) -> dict:
     """Per step: decode the prompts, build step and sequence samples, and the verl outputs."""
     from agentenv.integrations.verl import to_output
 
+    from agentenv.rollout.samples import SequenceModeError, sequence_sample
+
     trajs = [t for d in run_dirs for t in read_trajectories(d) if t.steps]
     steps = sum(len(t.steps) for t in trajs)
     reps = 20
     t0 = time.perf_counter()
     for _ in range(reps):
         for t in trajs:
-            for mode in ("step", "sequence"):
+            for mode in ("step", "auto"):
                 for s in trajectory_samples(t, mode):
                     to_output(s, [], t, response_length=2048)
     dt = time.perf_counter() - t0
-    return {"steps": steps, "trajectories": len(trajs), "ms_per_step": round(dt / (reps * steps) * 1e3, 4)}
+    # Over the chat route the server re-renders earlier replies: how often is a trajectory that kept
+    # every screenshot still one sequence, token for token?
+    sequences = 0
+    for t in trajs:
+        try:
+            sequence_sample(t)
+            sequences += 1
+        except SequenceModeError:
+            pass
+    return {"steps": steps, "trajectories": len(trajs), "ms_per_step": round(dt / (reps * steps) * 1e3, 4),
+            "chat_route_trajectories_that_are_one_sequence": sequences}
 
 
 async def update_throughput(urls, model, pool, tasks, *, window_s: float, updates: int) -> dict:

@@ -213,3 +213,61 @@ async def test_as_llm_takes_verls_server_manager(vllm_server, env_service, tiny_
         assert here.text == there.text
     finally:
         await server.aclose()
+
+
+def test_the_gpu_example_composes_and_instantiates_our_loop(tmp_path, monkeypatch):
+    """examples/verl: verl's own hydra config composes with the example's file (every key is one
+    verl knows), and the agent loop it names is instantiated the way verl's worker does it. The
+    training itself needs GPUs (examples/verl/README.md)."""
+    import hydra
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from verl.experimental.agent_loop.agent_loop import DictConfigWrap
+
+    from agentenv.integrations.verl import AgentenvAgentLoop
+
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("DATA", str(tmp_path))
+    with initialize_config_dir(config_dir=str(root / "examples" / "verl"), version_base=None):
+        cfg = compose(config_name="grpo_uitars", overrides=[f"actor_rollout_ref.model.path={TINY_MODEL}"])
+    assert cfg.algorithm.adv_estimator == "grpo" and cfg.actor_rollout_ref.rollout.n == 8
+    assert cfg.trainer.use_v1 and cfg.data.train_files == f"{tmp_path}/train.parquet"
+    loops = OmegaConf.load(cfg.actor_rollout_ref.rollout.agent.agent_loop_config_path)
+    (entry,) = [e for e in loops if e.name == cfg.actor_rollout_ref.rollout.agent.default_agent_loop]
+    from verl.experimental.agent_loop.agent_loop import AgentLoopWorker
+
+    worker = AgentLoopWorker(cfg, llm_client=None)
+    loop = hydra.utils.instantiate(entry, trainer_config=DictConfigWrap(cfg), server_manager=None,
+                                   tokenizer=worker.tokenizer, processor=worker.processor, hf_model_type="qwen2_5_vl",
+                                   dataset_cls=worker.dataset_cls, data_config=DictConfigWrap(cfg.data))
+    assert isinstance(loop, AgentenvAgentLoop) and loop.mode == "step"
+    assert loop.cfg.agent.history_images == 5 and loop.cfg.agent.max_pixels == cfg.data.mm_processor_kwargs.max_pixels
+    # and the dataset step of the recipe writes what verl's RLHFDataset reads
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "agentenv", "verl-dataset", "--out", str(tmp_path / "train.parquet")],
+                       capture_output=True, text=True, cwd=root, env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert r.returncode == 0, r.stderr
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    ds = RLHFDataset(str(tmp_path / "train.parquet"), worker.tokenizer, cfg.data, worker.processor)
+    row = ds[0]
+    assert row["agent_name"] == "agentenv_gui" and json.loads(row["extra_info"]["task"])["id"] == row["extra_info"]["task_id"]
+
+
+def test_sequence_mode_with_a_window_is_refused_at_start(tmp_path):
+    from verl.experimental.agent_loop.agent_loop import DictConfigWrap
+
+    from agentenv.integrations.verl import AgentenvAgentLoop
+
+    loops = tmp_path / "loops.yaml"
+    loops.write_text("[]\n")
+    cfg = verl_config(loops)
+    from verl.experimental.agent_loop.agent_loop import AgentLoopWorker
+
+    worker = AgentLoopWorker(cfg, llm_client=None)
+    with pytest.raises(ValueError, match="history_images >= loop.max_steps.*mode: step"):
+        AgentenvAgentLoop(DictConfigWrap(cfg), None, worker.tokenizer, worker.processor, worker.dataset_cls,
+                          DictConfigWrap(cfg.data), agentenv_config={"agent": {"history_images": 5}}, mode="sequence")
