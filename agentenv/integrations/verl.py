@@ -135,7 +135,8 @@ def to_output(sample: TrainSample, images: list[Any], traj: Trajectory, *, respo
         reward_score=float(sample.reward), num_turns=sample.num_turns + 1,
         metrics=AgentLoopMetrics(generate_sequences=sum(s.llm_latency_s for s in steps),
                                  tool_calls=sum(s.env_latency_s for s in steps)),
-        extra_fields={"agentenv": info, "turn_scores": [], "tool_rewards": [],
+        # the reward is ours already: verl computes none, and its reward_extra_info is empty
+        extra_fields={"agentenv": info, "turn_scores": [], "tool_rewards": [], "reward_extra_info": {},
                       "min_global_steps": min(versions), "max_global_steps": max(versions)})
 
 
@@ -307,7 +308,17 @@ class HTTPServerManager(LLMServerClient):
         urls = [urls] if isinstance(urls, str) else list(urls)
         self.roots = [u.rstrip("/").removesuffix("/v1") for u in urls]
         self.processor, self.model, self.policy_version = processor, model, policy_version
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=5.0))
+        self.timeout_s = timeout_s
+        self._http: httpx.AsyncClient | None = None  # made in the event loop that uses it
+
+    def __getstate__(self) -> dict[str, Any]:  # verl hands its server manager to Ray actors
+        return {**self.__dict__, "_http": None}
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s, connect=5.0))
+        return self._http
 
     async def generate(self, request_id: str, *, prompt_ids: list[int], sampling_params: dict[str, Any],
                        image_data: list[Any] | None = None, video_data: Any = None, audio_data: Any = None,
@@ -329,7 +340,7 @@ class HTTPServerManager(LLMServerClient):
             body["model"] = self.model
         if image_data:
             body["content_parts"] = [{"type": "image_url", "url": _data_url(im)} for im in image_data]
-        r = await self._http.post(root + "/inference/v1/generate", json=body)
+        r = await self.http.post(root + "/inference/v1/generate", json=body)
         if r.status_code >= 400:
             raise LLMError(root, r.text[:500], r.status_code)
         choice = r.json()["choices"][0]
@@ -338,7 +349,8 @@ class HTTPServerManager(LLMServerClient):
                            stop_reason="completed", extra_fields={"global_steps": self.policy_version})
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._http is not None:
+            await self._http.aclose()
 
 
 def _data_url(image: Any) -> str:
