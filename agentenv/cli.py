@@ -1,4 +1,4 @@
-"""Command line: ``agentenv serve-envs``, ``agentenv run``."""
+"""Command line: ``agentenv serve-envs``, ``agentenv run``, ``agentenv view``, ``agentenv replay``."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ def _serve_envs(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"serve-envs": _serve_envs}
+    from agentenv.view.cli import replay_main, view_main
+
+    commands = {"serve-envs": _serve_envs, "view": view_main, "replay": replay_main}
     try:
         from agentenv.run import main as run_main
 
