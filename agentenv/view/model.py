@@ -196,17 +196,25 @@ _ENDED_BY_POLICY = frozenset({Status.FINISHED, Status.CALL_USER, Status.MAX_STEP
 
 
 # ------------------------------------------------------------------ timelines
-def step_times(t: Trajectory) -> list[float]:
-    """Estimated wall-clock end of each step. Steps carry their model and desktop latencies but no
-    timestamp: they are laid end to end from the trajectory's start, and squeezed to fit between
-    its start and end when they add up to more (clocks of different machines)."""
+def step_times(t: Trajectory, shot_times: Sequence[float | None] | None = None) -> list[float]:
+    """Wall-clock end of each step.
+
+    ``shot_times``: when each step's screenshot and then the final one were saved (their files'
+    modification times), one more than there are steps; step i ends when step i+1's screenshot
+    (or the final one) was saved. Without them, or when they are not within the trajectory's
+    start and end (files copied without their times), the steps are laid end to end by their
+    model and desktop latencies, the unaccounted time (reset, evaluation) split before and after."""
+    n = len(t.steps)
+    if not n or not t.started_at:
+        return []
+    if shot_times is not None and len(shot_times) == n + 1:
+        ends = list(shot_times[1:])
+        if all(x is not None and t.started_at - 1 <= x <= t.ended_at + 1 for x in ends):
+            return ends  # type: ignore[return-value]
     lat = [s.llm_latency_s + s.env_latency_s for s in t.steps]
     total = sum(lat)
-    if not t.started_at or not lat:
-        return []
     room = max(0.0, t.ended_at - t.started_at)
     scale = min(1.0, room / total) if total > 0 else 0.0
-    # the unaccounted time (desktop reset, evaluation) goes before the first step and after the last
     lead = max(0.0, room - total) / 2 if total > 0 else room / 2
     out, acc = [], t.started_at + lead
     for d in lat:
@@ -215,17 +223,21 @@ def step_times(t: Trajectory) -> list[float]:
     return out
 
 
-def throughput(trajs: Sequence[Trajectory], bins: int = 60) -> tuple[list[float], list[float]]:
-    """(bin centres in seconds from the run's start, steps per second in that bin)."""
-    times = sorted(x for t in trajs for x in step_times(t))
-    if not times:
+def throughput(trajs: Sequence[Trajectory], times: dict[tuple[str, int], list[float]] | None = None,
+               bins: int | None = None) -> tuple[list[float], list[float]]:
+    """(bin centres in seconds from the run's start, steps per second in that bin). ``times``: each
+    trajectory's step end times (``step_times``), estimated here when not given."""
+    ends = sorted(x for t in trajs for x in ((times or {}).get(t.key) or step_times(t)))
+    if not ends:
         return [], []
     t0 = min(t.started_at for t in trajs if t.started_at)
-    t1 = max(max(times), max(t.ended_at for t in trajs))
+    t1 = max(max(ends), max(t.ended_at for t in trajs))
+    if bins is None:   # bins of at least 2 s: shorter ones count single steps
+        bins = max(5, min(60, int((t1 - t0) / 2)))
     width = max((t1 - t0) / bins, 1e-6)
     counts = [0] * bins
-    for x in times:
-        counts[min(bins - 1, int((x - t0) / width))] += 1
+    for x in ends:
+        counts[min(bins - 1, max(0, int((x - t0) / width)))] += 1
     return [(i + 0.5) * width for i in range(bins)], [c / width for c in counts]
 
 

@@ -52,7 +52,9 @@ def success_by_task(rows: Sequence[model.TaskRow], path: Path) -> str:
     if len(rows) <= MAX_TASK_BARS:
         fig, ax = plt.subplots(figsize=(5, 0.22 * len(rows) + 1.0))
         ax.barh([r.task_id for r in rows], [r.success for r in rows], color="#1565c0")
-        ax.set_xlim(0, 1)
+        for i, r in enumerate(rows):
+            ax.text(r.success, i, f" {round(r.success * r.samples)}/{r.samples}", va="center", fontsize=7)
+        ax.set_xlim(0, 1.12)
         ax.invert_yaxis()
         ax.set_xlabel("success rate (reward >= 1)")
         ax.tick_params(axis="y", labelsize=7)
@@ -75,15 +77,15 @@ def rewards(trajs: Sequence[Trajectory], path: Path) -> str:
     return _save(fig, path)
 
 
-def throughput(trajs: Sequence[Trajectory], path: Path) -> str:
+def throughput(trajs: Sequence[Trajectory], times: dict | None, path: Path) -> str:
     plt = _plt()
-    xs, ys = model.throughput(trajs)
+    xs, ys = model.throughput(trajs, times)
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot(xs, ys, color="#283593")
     ax.fill_between(xs, ys, alpha=0.2, color="#283593")
     ax.set_xlabel("seconds since the run started")
     ax.set_ylabel("steps / s")
-    ax.set_title("Throughput (step times estimated from latencies)")
+    ax.set_title("Throughput (steps finished per second)")
     return _save(fig, path)
 
 
@@ -128,14 +130,14 @@ def latencies(trajs: Sequence[Trajectory], path: Path) -> str:
 
 
 def all_plots(trajs: Sequence[Trajectory], rows: Sequence[model.TaskRow], counts: dict[str, int],
-              out: Path) -> dict[str, str]:
+              out: Path, times: dict | None = None) -> dict[str, str]:
     """Every overview plot into ``out``; returns name -> file name."""
     out.mkdir(parents=True, exist_ok=True)
     return {
         "statuses": statuses(counts, out / "statuses.png"),
         "success": success_by_task(rows, out / "success_by_task.png"),
         "rewards": rewards(trajs, out / "rewards.png"),
-        "throughput": throughput(trajs, out / "throughput.png"),
+        "throughput": throughput(trajs, times, out / "throughput.png"),
         "timeline": timeline(trajs, out / "timeline.png"),
         "latency": latencies(trajs, out / "latency.png"),
     }

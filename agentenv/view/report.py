@@ -168,6 +168,17 @@ def _env():
     return env
 
 
+def _saved_at(run_dir: Path, t: Trajectory) -> list[float | None]:
+    """When each screenshot of ``t`` (and its final one) was saved: the steps' real timestamps."""
+    out: list[float | None] = []
+    for rel in [s.screenshot for s in t.steps] + [getattr(t, "final_screenshot", "")]:
+        try:
+            out.append(os.stat(run_dir / rel).st_mtime if rel else None)
+        except OSError:
+            out.append(None)
+    return out
+
+
 def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -190,7 +201,8 @@ def build_report(run_dir: str | Path, *, workers: int | None = None) -> Built:
     replays = load_replays(run_dir)
     rows = model.task_rows(trajs)
     ov = model.overview(trajs)
-    plot_files = plots.all_plots(trajs, rows, ov["statuses"], out / "plots") if trajs else {}
+    times = {t.key: model.step_times(t, _saved_at(run_dir, t)) for t in trajs}
+    plot_files = plots.all_plots(trajs, rows, ov["statuses"], out / "plots", times) if trajs else {}
     images = Images(run_dir, out)
     env = _env()
     by_task: dict[str, list[Trajectory]] = {}
