@@ -261,6 +261,11 @@ async def _each_on_a_desktop(jobs: list, client: AsyncEnvClient, n: int, screen_
                 try:
                     results[i] = await work(jobs[i], env)
                 finally:
+                    if not await env.alive():  # a desktop that died is not handed to the next job
+                        with contextlib.suppress(EnvError):
+                            e = await client.create(*screen)
+                            env = AsyncDesktopEnv(client, e["id"], (e["width"], e["height"]))
+                            envs.append(env)   # closed with the others
                     free.put_nowait(env)
 
             async with TaskGroup() as tg:

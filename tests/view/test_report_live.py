@@ -140,7 +140,7 @@ async def test_report_of_a_real_run_in_chromium(live_run, tmp_path):
                 await img.scroll_into_view_if_needed()
                 assert await img.evaluate("i => i.complete && i.naturalWidth > 100"), await img.get_attribute("src")
             assert (await page.inner_text(".cards .card b >> nth=0")).strip() == str(len(trajs))
-            await page.set_viewport_size({"width": 1400, "height": 1100})
+            await page.set_viewport_size({"width": 1280, "height": 1000})
             await page.evaluate("window.scrollTo(0, 0)")
             shot = tmp_path / "report.png"
             await page.screenshot(path=str(shot))
