@@ -62,7 +62,8 @@ async def live_run(vllm_server, env_service, tmp_path_factory, tiny_pixels):
                       LoopConfig(max_steps=3))
     sched = StreamingScheduler(rollout, pool, TrajectoryBuffer(out, ROLLOUT_N), TaskSource(tasks),
                                SchedulerConfig(rollout_n=ROLLOUT_N))
-    await record_run(out, RunConfig(), [spec], tasks)   # as `agentenv run` does
+    cfg = RunConfig(loop=LoopConfig(max_steps=3), scheduler=SchedulerConfig(rollout_n=ROLLOUT_N))
+    await record_run(out, cfg, [spec], tasks)   # as `agentenv run` does
     seen: dict = {"states": [], "browser_busy": [], "shot_status": None, "unauthorized": None}
     try:
         async with serve_live(sched, 0, out) as page, async_playwright() as p:
@@ -142,10 +143,7 @@ async def test_report_of_a_real_run_in_chromium(live_run, tmp_path):
             assert (await page.inner_text(".cards .card b >> nth=0")).strip() == str(len(trajs))
             await page.set_viewport_size({"width": 1280, "height": 1000})
             await page.evaluate("window.scrollTo(0, 0)")
-            shot = tmp_path / "report.png"
-            await page.screenshot(path=str(shot))
-            if os.environ.get("AGENTENV_REPORT_SCREENSHOT"):   # the README's picture
-                shutil.copy(shot, os.environ["AGENTENV_REPORT_SCREENSHOT"])
+            await page.screenshot(path=str(tmp_path / "report.png"))
             links = page.locator("a.task-link")
             assert await links.count() == len(TASK_IDS)
             for task_id in TASK_IDS:
@@ -154,10 +152,16 @@ async def test_report_of_a_real_run_in_chromium(live_run, tmp_path):
                 await page.wait_for_load_state("load")
                 assert page.url.endswith(f"/tasks/{model.slug(task_id)}.html")
                 await _check_task_page(page, [t for t in trajs if t.task_id == task_id])
+                await page.evaluate("window.scrollTo(0, 0)")
+                await page.screenshot(path=str(tmp_path / f"report-{task_id}.png"))
                 await page.click("a.up")   # back to the overview
                 assert page.url.endswith("/index.html#tasks")
         finally:
             await browser.close()
+    docs = os.environ.get("AGENTENV_REPORT_SCREENSHOTS")   # the README's pictures: a folder
+    if docs:
+        shutil.copy(tmp_path / "report.png", Path(docs) / "report.png")
+        shutil.copy(tmp_path / f"report-{TASK_IDS[0]}.png", Path(docs) / "report-task.png")
     assert requests and not failed, failed
     outside = [u for u in requests if not u.startswith(root)]
     assert outside == [], outside
