@@ -76,14 +76,16 @@ def _actions(step: Step) -> list[dict]:
 
 async def _settled(env: AsyncDesktopEnv, png: bytes, image_size: tuple[int, int] | None, settle_s: float,
                    poll_s: float) -> bytes:
-    """The screen once two grabs ``poll_s`` apart are the same (at most ``settle_s``): what a
-    recording shows when it should not race the app's repaint."""
+    """The screen once it stopped changing: at least 0.2 s after the action, then three equal grabs
+    ``poll_s`` apart (at most ``settle_s``). What a recording shows when it should not race the
+    app's repaint; under CPU load an app may still paint later (the replay waits for it anyway)."""
     deadline = time.monotonic() + settle_s
-    while time.monotonic() < deadline:
+    await asyncio.sleep(0.2)
+    same = 0
+    while time.monotonic() < deadline and same < 2:
         await asyncio.sleep(poll_s)
         obs, _, _ = await env.step(WAIT0, image_size)
-        if obs.png == png:   # PNG encoding is deterministic: same bytes, same pixels
-            return png
+        same = same + 1 if obs.png == png else 0   # PNG encoding is deterministic: same bytes, same pixels
         png = obs.png
     return png
 
