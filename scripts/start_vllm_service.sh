@@ -24,6 +24,9 @@ MIN_PIXELS=""
 MAX_PIXELS=""
 PREFIX_CACHING=1
 LORA=""
+WEIGHT_UPDATES=0
+MAX_LORA_RANK=16
+TOKENS_API=0
 RUN_DIR=$AGENTENV_HOME/run
 WAIT=420
 STOP=0
@@ -45,6 +48,13 @@ Options (defaults in brackets):
                             the agent's; default: the model's agentenv_tiny.json, else UI-TARS-1.5's
   --no-prefix-caching       disable prefix caching
   --lora NAME=PATH          serve a LoRA adapter (also enables runtime LoRA updates)
+  --weight-updates          new weights at run time, no restart: full checkpoints through
+                            /collective_rpc reload_weights (sets VLLM_SERVER_DEV_MODE=1, which also
+                            opens /reset_prefix_cache and other dev routes: bind to loopback or a
+                            trusted network only) and LoRA adapters (/v1/load_lora_adapter)
+  --max-lora-rank N         with --lora or --weight-updates [$MAX_LORA_RANK]
+  --tokens-api              the tokens-in/tokens-out route /inference/v1/generate (verl's server
+                            manager over HTTP: agentenv.integrations.verl.HTTPServerManager)
   --run-dir DIR             pid file and log [$RUN_DIR]
   --wait SECONDS            how long to wait for /health [$WAIT]
   --python PATH             python with vLLM [\$AGENTENV_PYTHON or \$AGENTENV_HOME/venv/bin/python]
@@ -67,6 +77,9 @@ while [ $# -gt 0 ]; do
     --max-pixels) MAX_PIXELS=$2; shift ;;
     --no-prefix-caching) PREFIX_CACHING=0 ;;
     --lora) LORA=$2; shift ;;
+    --weight-updates) WEIGHT_UPDATES=1 ;;
+    --max-lora-rank) MAX_LORA_RANK=$2; shift ;;
+    --tokens-api) TOKENS_API=1 ;;
     --run-dir) RUN_DIR=$2; shift ;;
     --wait) WAIT=$2; shift ;;
     --python) AGENTENV_PYTHON=$2; shift ;;
@@ -137,10 +150,13 @@ else
   export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
   export VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-nobind}
 fi
-if [ -n "$LORA" ]; then
+if [ -n "$LORA" ] || [ "$WEIGHT_UPDATES" = 1 ]; then
   export VLLM_ALLOW_RUNTIME_LORA_UPDATING=True
-  ARGS+=(--enable-lora --lora-modules "$LORA")
+  ARGS+=(--enable-lora --max-lora-rank "$MAX_LORA_RANK")
+  [ -z "$LORA" ] || ARGS+=(--lora-modules "$LORA")
 fi
+[ "$WEIGHT_UPDATES" = 0 ] || export VLLM_SERVER_DEV_MODE=1
+[ "$TOKENS_API" = 0 ] || ARGS+=(--enable-scale-out)
 ARGS+=("${EXTRA[@]}")
 
 echo "starting vLLM: $NAME on $HOST:$PORT (log: $LOG)" >&2

@@ -24,10 +24,11 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def vllm_server(run_dir):
-    """The tiny UI-TARS-shaped model served by scripts/start_vllm_service.sh."""
+    """The tiny UI-TARS-shaped model served by scripts/start_vllm_service.sh (with the
+    tokens-in/tokens-out route that verl's server manager uses)."""
     from agentenv.services import VLLMService
 
-    svc = VLLMService(port=VLLM_PORT, run_dir=run_dir).start()
+    svc = VLLMService(port=VLLM_PORT, run_dir=run_dir, extra=["--tokens-api"]).start()
     yield svc
     svc.stop()
 

@@ -11,6 +11,8 @@ processes picked by name.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import os
 import pwd
@@ -23,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from loguru import logger
 
@@ -97,6 +99,20 @@ def _free_display(start: int = 20) -> int:
 _display_lock = threading.Lock()
 
 
+@contextlib.contextmanager
+def _display_allocation() -> Iterator[None]:
+    """Held while a display number is picked and its X server starts: by the threads of this
+    process and, through a lock file, by every other process (env services started side by side
+    would otherwise pick the same free number)."""
+    with _display_lock:
+        fd = os.open(Path(tempfile.gettempdir()) / ".agentenv-display.lock", os.O_RDONLY | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+
 @dataclass
 class DesktopSpec:
     width: int = 1920
@@ -138,7 +154,7 @@ class LocalDesktop:
             self.xauth = self.spec.scratch / "Xauthority"
             os.environ["XAUTHORITY"] = str(self.xauth)
             cookie = secrets.token_hex(16)
-            with _display_lock:  # two desktops must not pick the same display number
+            with _display_allocation():  # two desktops must not pick the same display number
                 self.display_num = _free_display()
                 subprocess.run(["xauth", "-q", "-f", str(self.xauth), "add", self.display, ".", cookie],
                                check=True, capture_output=True)

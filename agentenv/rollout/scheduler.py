@@ -103,6 +103,20 @@ class StreamingScheduler:
             self.buffer.set_policy_version(policy_version)
         self._unpaused.set()
 
+    async def update_weights(self, version: int, **how: Any) -> None:
+        """New weights without stopping rollouts: the LLM swaps them one endpoint at a time
+        (``ServiceLLM.update_weights(version, path=... | lora=...)``) while the others serve; each
+        step records the version of the endpoint that produced it, and staleness counts from
+        ``version`` once every endpoint serves it. An LLM that cannot do this (in-process, verl's
+        server manager) is updated between ``await pause()`` and ``resume(version)`` instead."""
+        update = getattr(self.llm, "update_weights", None)
+        if update is None:
+            raise TypeError(f"{type(self.llm).__name__} cannot swap weights endpoint by endpoint; "
+                            "use await pause(), swap them, then resume(policy_version)")
+        await update(version, **how)
+        self.policy_version = version
+        self.buffer.set_policy_version(version)
+
     @property
     def paused(self) -> bool:
         return not self._unpaused.is_set()

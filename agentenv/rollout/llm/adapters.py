@@ -20,10 +20,11 @@ import inspect
 import os
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 from agentenv.rollout.llm.base import LLM, Completion, LLMError, Messages, Sampling
-from agentenv.rollout.llm.engines import AsyncEngineLLM, InProcessLLM, render_chat
+from agentenv.rollout.llm.engines import AsyncEngineLLM, InProcessLLM, hf_messages
 from agentenv.rollout.llm.service import ServiceLLM
 
 
@@ -62,6 +63,15 @@ class WrapperLLM:
         return None
 
 
+@dataclass
+class _Stream:
+    """One conversation's token stream: the messages so far (with the last reply) and their ids."""
+
+    messages: Messages
+    token_ids: list[int]
+    images: dict[str, Any] = field(default_factory=dict)
+
+
 class TokenServerLLM:
     """A token-in/token-out server, such as verl's server manager (``LLMServerClient``).
 
@@ -71,30 +81,51 @@ class TokenServerLLM:
     trajectory's session id is the request id, so a sticky server keeps a trajectory's turns on
     one replica. ``policy_version`` comes from the server's ``extra_fields["global_steps"]`` (verl)
     when it sends one.
+
+    With a ``builder`` (verl's continuous-token builder: ``build_initial_tokens``,
+    ``merge_assistant_tokens``, ``merge_context_tokens``) the turns of a session form one token
+    stream: a turn whose messages extend the last turn's plus its reply appends only the new
+    messages' tokens, so earlier replies are never re-tokenized and each prompt extends the last
+    prompt plus its reply, token for token (what sequence-mode training needs). A turn that does
+    not extend the last (the agent dropped an old screenshot) is rendered afresh.
     """
 
-    def __init__(self, server: Any, processor: Any, *, mm_processor_kwargs: dict[str, Any] | None = None,
-                 name: str = ""):
+    def __init__(self, server: Any, processor: Any, *, builder: Any = None,
+                 mm_processor_kwargs: dict[str, Any] | None = None, name: str = ""):
         self.server = server
         self.processor = processor
+        self.builder = builder
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.mm_processor_kwargs = dict(mm_processor_kwargs or {})
         self.name = name or type(server).__name__
+        self._streams: dict[str, _Stream] = {}
 
-    def prompt_ids(self, messages: Messages) -> tuple[list[int], list[Any]]:
-        """The prompt's token ids (image placeholders expanded) and its images, in order."""
-        text, images = render_chat(self.processor, messages)
-        if images:
-            enc = self.processor(text=[text], images=images, **self.mm_processor_kwargs)
-        else:
-            enc = self.processor(text=[text])
+    def _render(self, hf: Messages, images: list[Any]) -> list[int]:
+        if self.builder is not None:
+            return [int(t) for t in self.builder.build_initial_tokens(hf, images=images or None)]
+        text = self.processor.apply_chat_template(hf, tokenize=False, add_generation_prompt=True)
+        enc = self.processor(text=[text], images=images or None, **(self.mm_processor_kwargs if images else {}))
         ids = enc["input_ids"][0]
-        return [int(t) for t in (ids.tolist() if hasattr(ids, "tolist") else ids)], images
+        return [int(t) for t in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+
+    def prompt_ids(self, messages: Messages, session: str | None = None
+                   ) -> tuple[list[int], list[Any], Messages, dict[str, Any]]:
+        """The prompt's token ids (image placeholders expanded), its images in order, the messages
+        in the processor's format, and the session's decoded images by URL."""
+        stream = self._streams.get(session) if session is not None else None
+        cache = stream.images if stream is not None else {}
+        hf, images = hf_messages(messages, cache)
+        if stream is not None:
+            n = len(stream.messages)
+            if len(hf) > n and hf[:n] == stream.messages:
+                merged = self.builder.merge_context_tokens(stream.messages, hf, stream.token_ids)
+                return [int(t) for t in merged.token_ids], images, hf, cache
+        return self._render(hf, images), images, hf, cache
 
     async def chat(self, messages: Messages, sampling: Sampling | None = None, *,
                    session: str | None = None) -> Completion:
         s = sampling or Sampling()
-        prompt_ids, images = await asyncio.to_thread(self.prompt_ids, messages)
+        prompt_ids, images, hf, cache = await asyncio.to_thread(self.prompt_ids, messages, session)
         params: dict[str, Any] = {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens,
                                   "logprobs": s.logprobs}
         if s.seed is not None:
@@ -114,20 +145,28 @@ class TokenServerLLM:
             raise
         except Exception as e:  # the server's own exception types are not ours to know
             raise LLMError(self.name, f"{type(e).__name__}: {e}") from e
-        token_ids = [int(t) for t in out.token_ids]
         if getattr(out, "stop_reason", None) == "aborted":
             raise LLMError(self.name, "the server aborted the request (weights being updated?)")
+        token_ids = [int(t) for t in out.token_ids]
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        if self.builder is not None and session is not None:
+            merged = self.builder.merge_assistant_tokens(prompt_ids, token_ids)
+            self._streams[session] = _Stream(hf + [{"role": "assistant", "content": text}],
+                                             [int(t) for t in merged.token_ids], cache)
         extra = getattr(out, "extra_fields", None) or {}
         version = extra.get("global_steps")
         return Completion(
-            text=self.tokenizer.decode(token_ids, skip_special_tokens=True), prompt_token_ids=prompt_ids,
-            token_ids=token_ids, finish_reason=getattr(out, "stop_reason", None) or "",
+            text=text, prompt_token_ids=prompt_ids, token_ids=token_ids,
+            finish_reason=getattr(out, "stop_reason", None) or "",
             logprobs=list(out.log_probs) if getattr(out, "log_probs", None) else None,
             latency_s=time.perf_counter() - t0, endpoint=self.name,
             policy_version=int(version) if isinstance(version, (int, float)) else None)
 
+    def release_session(self, session: str) -> None:
+        self._streams.pop(session, None)
+
     async def aclose(self) -> None:
-        return None
+        self._streams.clear()
 
 
 def _structured_outputs(regex: str) -> Any:

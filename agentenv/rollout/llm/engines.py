@@ -158,27 +158,38 @@ class AsyncEngineLLM:
         return None
 
 
-def render_chat(processor: Any, messages: Messages) -> tuple[str, list[Any]]:
-    """Chat messages in OpenAI format -> (prompt text, PIL images in order)."""
+def hf_messages(messages: Messages, images: dict[str, Any] | None = None) -> tuple[Messages, list[Any]]:
+    """Chat messages in OpenAI format -> (the same in the processor's format, with each image as a
+    PIL image block; the images in order). ``images`` caches decoded images by data URL, so the
+    turns of one conversation share the very same image objects."""
     from PIL import Image
 
-    images: list[Any] = []
-    hf_messages = []
+    cache = {} if images is None else images
+    found: list[Any] = []
+    out = []
     for m in messages:
         content = m["content"]
         if isinstance(content, str):
-            hf_messages.append(m)
+            out.append(m)
             continue
         parts = []
         for part in content:
             if part.get("type") == "image_url":
                 url = part["image_url"]["url"]
                 if not url.startswith("data:"):
-                    raise ValueError("in-process LLMs take images as data: URLs")
-                images.append(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
-                parts.append({"type": "image"})
+                    raise ValueError("images must be data: URLs here (the engine is in this process)")
+                img = cache.get(url)
+                if img is None:
+                    img = cache[url] = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
+                found.append(img)
+                parts.append({"type": "image", "image": img})
             else:
                 parts.append(part)
-        hf_messages.append({"role": m["role"], "content": parts})
-    text = processor.apply_chat_template(hf_messages, tokenize=False, add_generation_prompt=True)
-    return text, images
+        out.append({"role": m["role"], "content": parts})
+    return out, found
+
+
+def render_chat(processor: Any, messages: Messages) -> tuple[str, list[Any]]:
+    """Chat messages in OpenAI format -> (prompt text, PIL images in order)."""
+    hf, images = hf_messages(messages)
+    return processor.apply_chat_template(hf, tokenize=False, add_generation_prompt=True), images

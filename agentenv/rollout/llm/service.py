@@ -270,7 +270,7 @@ class ServiceLLM:
     # ------------------------------------------------------------------ weights
     async def update_weights(self, version: int, *, path: str | None = None, lora: str | None = None,
                              lora_name: str | None = None, drain_timeout_s: float = 600.0,
-                             load: Any = None) -> None:
+                             load: Any = None, only: list[str] | None = None) -> None:
         """Serve new weights, one endpoint at a time, without stopping rollouts.
 
         For each endpoint: stop routing new calls to it (its sessions move to the others),
@@ -280,12 +280,16 @@ class ServiceLLM:
         ``start_vllm_service.sh --weight-updates`` sets). ``lora``: a LoRA adapter directory, loaded
         as ``lora_name`` (default ``policy-v<version>``) and used for every call afterwards (the
         server needs ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``). ``load``: a custom
-        ``async load(endpoint_root)`` instead of either.
+        ``async load(endpoint_root)`` instead of either. ``only``: these endpoint URLs, not all.
         """
         if sum(x is not None for x in (path, lora, load)) != 1:
             raise ValueError("update_weights needs exactly one of path=, lora= or load=")
         name = lora_name or f"policy-v{version}"
-        for ep in self._endpoints:
+        chosen = self._endpoints if only is None else [e for e in self._endpoints if e.url in
+                                                       {_normalize_url(u) for u in only}]
+        if only is not None and len(chosen) != len(set(only)):
+            raise ValueError(f"update_weights(only={only}): not all of them are endpoints of this LLM ({self.endpoints})")
+        for ep in chosen:
             ep.draining = True
             try:
                 if ep.in_flight:
@@ -304,7 +308,10 @@ class ServiceLLM:
                     await self._post(ep, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(lora)},
                                      timeout=600)
                     ep.model = name
-                await self._post(ep, "/reset_prefix_cache", None, timeout=60, optional=True)
+                # Outputs cached under the old weights must not be reused; a vision model's encoder
+                # cache must be reset after a reload or the engine fails on its next image.
+                for route in ("/reset_prefix_cache", "/reset_encoder_cache"):
+                    await self._post(ep, route, None, timeout=60, optional=True)
                 ep.version = version
                 logger.info("LLM endpoint {} now serves policy version {} (loaded in {:.1f}s)",
                             ep.url, version, time.perf_counter() - t0)
