@@ -1,4 +1,5 @@
-"""Command line: ``agentenv run``, ``agentenv serve-envs``, ``agentenv verl-dataset``."""
+"""Command line: ``agentenv run``, ``agentenv serve-envs``, ``agentenv verl-dataset``, ``agentenv view``,
+``agentenv replay``."""
 
 from __future__ import annotations
 
@@ -48,7 +49,9 @@ def _verl_dataset(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"serve-envs": _serve_envs, "verl-dataset": _verl_dataset}
+    from agentenv.view.cli import replay_main, view_main
+
+    commands = {"serve-envs": _serve_envs, "verl-dataset": _verl_dataset, "view": view_main, "replay": replay_main}
     try:
         from agentenv.run import main as run_main
 

@@ -112,6 +112,7 @@ class SchedulerConfig(_Strict):
 class OutputConfig(_Strict):
     dir: str = "runs/latest"
     screenshots: bool = True
+    live_port: int | None = None     # serve the live page on 127.0.0.1:PORT (0: any free port); its URL: <dir>/live-url
 
 
 class RunConfig(_Strict):

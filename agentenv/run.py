@@ -28,6 +28,8 @@ from agentenv.rollout.llm import as_llm
 from agentenv.rollout.loop import Rollout
 from agentenv.rollout.scheduler import StreamingScheduler
 from agentenv.rollout.sources import TaskSource, load_items
+from agentenv.view.live import serve_live
+from agentenv.view.runinfo import record_run
 
 
 def build_scheduler(cfg: RunConfig, llm: Any, pool: EnvPool, *, tiny: bool = False) -> StreamingScheduler:
@@ -73,6 +75,7 @@ def _metrics_server(port: int, sched: StreamingScheduler) -> None:
 async def run_async(cfg: RunConfig, llm: Any, services: list[ServiceSpec], *, tiny: bool = False) -> dict:
     pool = await EnvPool(services, timeout_s=cfg.loop.step_timeout_s).start()
     sched = build_scheduler(cfg, llm, pool, tiny=tiny)
+    await record_run(cfg.output.dir, cfg, services, sched.source.items)  # for `agentenv view` and `replay`
     if cfg.metrics_port:
         _metrics_server(cfg.metrics_port, sched)
     loop = asyncio.get_running_loop()
@@ -95,7 +98,8 @@ async def run_async(cfg: RunConfig, llm: Any, services: list[ServiceSpec], *, ti
     try:
         progress = asyncio.ensure_future(_progress(sched, total, cfg.progress))
         try:
-            summary = await sched.run()
+            async with serve_live(sched, cfg.output.live_port, cfg.output.dir):
+                summary = await sched.run()
         finally:
             progress.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -277,6 +277,11 @@ class LocalDesktop:
             self.home.mkdir(parents=True)
         for sub in ("Documents", "Desktop", "Downloads", ".config"):
             (self.home / sub).mkdir(exist_ok=True)
+        # A blinking caret makes two screenshots of one state differ at random (replay compares them).
+        gtk = self.home / ".config" / "gtk-3.0" / "settings.ini"
+        if not gtk.exists():
+            gtk.parent.mkdir(exist_ok=True)
+            gtk.write_text("[Settings]\ngtk-cursor-blink=false\n")
         runtime = self.root / "xdg-runtime"
         runtime.mkdir(mode=0o700, exist_ok=True)
         if self.user is not None:
