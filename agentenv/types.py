@@ -81,7 +81,10 @@ class Task:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """OSWorld-style JSON: the keys we do not model (``extra``) at the top level, as in a task
+        file, so ``Task.from_dict(t.to_dict()) == t``."""
+        d = dataclasses.asdict(self)
+        return {**d.pop("extra"), **d}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "") -> "Task":

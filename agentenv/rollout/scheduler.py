@@ -23,7 +23,7 @@ import collections
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, TypeVar
+from typing import Any, Awaitable, Protocol, TypeVar
 
 from loguru import logger
 
@@ -38,6 +38,14 @@ from agentenv.types import Status, Trajectory
 
 T = TypeVar("T")
 EVENT_WINDOW = 100_000  # events kept in memory: a week-long run must not grow without bound
+
+
+class SchedulerListener(Protocol):
+    """What a scheduler tells its ``listeners`` (the live page, say) as a run goes."""
+
+    def on_screenshot(self, traj: Trajectory, name: str, path: str) -> None: ...
+
+    def on_finished(self, traj: Trajectory) -> None: ...
 
 
 @dataclass
@@ -67,7 +75,8 @@ class StreamingScheduler:
             raise ValueError(f"rollout_n {self.config.rollout_n} != buffer's {buffer.rollout_n}")
         self.rollout = dataclasses.replace(
             rollout, llm_slot=self._llm_slot, policy_version=lambda: self.policy_version,
-            save_screenshot=buffer.screenshot_path if buffer.save_screenshots else None)
+            save_screenshot=self._save_screenshot if buffer.save_screenshots else None)
+        self.listeners: list[SchedulerListener] = []
         self.policy_version = policy_version
         self.stats = Stats()
         self.error: str | None = None
@@ -253,6 +262,18 @@ class StreamingScheduler:
             logger.error("no desktop for a rerun: {}", e)
             return None
 
+    def _save_screenshot(self, traj: Trajectory, name: str, png: bytes) -> str:
+        path = self.buffer.screenshot_path(traj, name, png)
+        self._tell("on_screenshot", traj, name, path)
+        return path
+
+    def _tell(self, what: str, *args: Any) -> None:
+        for listener in self.listeners:
+            try:
+                getattr(listener, what)(*args)
+            except Exception as e:  # an observer must never break a trajectory
+                logger.opt(exception=e).warning("scheduler listener {} failed in {}", type(listener).__name__, what)
+
     def _finish(self, traj: Trajectory) -> None:
         if traj.status == Status.LLM_ERROR:
             self._llm_suspect = True
@@ -260,6 +281,7 @@ class StreamingScheduler:
         self._event("done", traj.task_id, traj.sample)
         if group is not None:
             self._event("group", group.task_id)
+        self._tell("on_finished", traj)
 
     # ------------------------------------------------------------------ main loop
     async def run(self) -> dict[str, Any]:

@@ -6,10 +6,9 @@ The token is never printed or logged: the page's URL with its token is written t
 ``RUN_DIR/live-url`` (mode 600). A browser opens that URL once; the page then keeps the token in
 an HttpOnly cookie and drops it from the address bar. Scripts send ``Authorization: Bearer``.
 
-The scheduler has no event hooks, so the page wraps the two callables it already calls per
-trajectory: the rollout's ``save_screenshot`` (the latest screenshot of each trajectory) and the
-buffer's ``add`` (trajectories as they finish); both are restored when the page stops.
-``serve_live`` runs the server and a sampler in the caller's event loop and stops both on exit.
+The page is one of the scheduler's ``listeners``: it hears of each screenshot saved (the latest
+of every trajectory in flight) and of each trajectory that finishes. ``serve_live`` runs the
+server and a sampler in the caller's event loop and stops both on exit.
 """
 
 from __future__ import annotations
@@ -62,43 +61,29 @@ class LivePage:
         self.history: collections.deque[tuple[float, int, int, int]] = collections.deque(maxlen=HISTORY)
         self.t0 = time.time()
         self._plot: tuple[float, bytes] = (0.0, b"")
-        self._orig_save = self._orig_add = None
         self._stop = asyncio.Event()
         self.server: Any = None
         self.port: int | None = None
 
     # ------------------------------------------------------------------ hooks
     def attach(self) -> None:
-        r = self.sched.rollout
-        if r.save_screenshot is not None:
-            self._orig_save = r.save_screenshot
-            self.sched.rollout = dataclasses.replace(r, save_screenshot=self._saved)
-        self._orig_add = self.sched.buffer.add
-        self.sched.buffer.add = self._added
+        self.sched.listeners.append(self)
 
     def detach(self) -> None:
-        if self._orig_save is not None:
-            self.sched.rollout = dataclasses.replace(self.sched.rollout, save_screenshot=self._orig_save)
-            self._orig_save = None
-        if self._orig_add is not None:
-            del self.sched.buffer.add   # the instance attribute: the class's method shows again
-            self._orig_add = None
+        if self in self.sched.listeners:
+            self.sched.listeners.remove(self)
 
-    def _saved(self, traj: Trajectory, name: str, png: bytes) -> str:
-        path = self._orig_save(traj, name, png)
+    def on_screenshot(self, traj: Trajectory, name: str, path: str) -> None:
         if path:
             self.in_flight[traj.key] = InFlight(traj.task_id, traj.sample, name, path, time.time(), traj.env_id)
-        return path
 
-    def _added(self, traj: Trajectory):
-        group = self._orig_add(traj)
+    def on_finished(self, traj: Trajectory) -> None:
         self.in_flight.pop(traj.key, None)
         row = {"task": traj.task_id, "sample": traj.sample, "status": traj.status.value, "reward": traj.reward,
                "reason": traj.reason, "steps": len(traj.steps), "at": traj.ended_at or time.time()}
         self.finished.appendleft(row)
         if traj.status not in (Status.FINISHED, Status.CALL_USER, Status.MAX_STEPS):
             self.failures.appendleft(row)
-        return group
 
     # ------------------------------------------------------------------ state
     def sample(self) -> None:

@@ -59,14 +59,7 @@ def write_run_info(run_dir: str | Path, *, screens: dict[str, list[int]], config
     for t in tasks:
         known[t.id] = t
     if known:
-        _write_atomic(d / TASKS, "".join(json.dumps(task_json(t), ensure_ascii=False) + "\n" for t in known.values()))
-
-
-def task_json(t: Task) -> dict[str, Any]:
-    """A task as OSWorld-style JSON: its extra keys at the top level, as they were in its file."""
-    d = t.to_dict()
-    extra = d.pop("extra", {}) or {}
-    return {**extra, **d}
+        _write_atomic(d / TASKS, "".join(json.dumps(t.to_dict(), ensure_ascii=False) + "\n" for t in known.values()))
 
 
 async def record_run(run_dir: str | Path | None, cfg: Any, services: list[Any], items: Iterable[Any]) -> None:

@@ -297,3 +297,10 @@ def test_sequence_mode_refuses_prompts_that_do_not_extend_and_says_why():
     t2 = _turns([(p0, [50, 51]), (p0 + [50, 52, 7], [60])], [[0], [0, 1]])
     with pytest.raises(SequenceModeError, match="differ at token 5"):
         sequence_sample(t2)
+
+
+def test_task_round_trips_with_the_keys_it_does_not_model():
+    t = Task.from_dict({"id": "x", "instruction": "y", "snapshot": "chrome", "proxy": False}, source="f.json")
+    d = t.to_dict()
+    assert d["snapshot"] == "chrome" and "extra" not in d  # OSWorld's shape, as in the file
+    assert Task.from_dict(d, source="f.json") == t

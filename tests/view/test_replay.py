@@ -15,7 +15,6 @@ from agentenv.envs.tasks import builtin_tasks
 from agentenv.rollout.buffer import read_trajectories
 from agentenv.view.replay import ReplayOptions, record_oracles, replay_run
 from agentenv.view.report import build_report
-from agentenv.view.runinfo import task_json
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +65,7 @@ async def test_changed_task_setup_diverges_at_the_step_it_shows(oracles, env_ser
     """The file gets three trailing newlines: invisible before the first action (the caret is at
     the start either way), visible after ctrl+End (the caret goes three lines lower)."""
     task = next(t for t in builtin_tasks() if t.id == "editor-append-line")
-    changed = task_json(task)
+    changed = task.to_dict()
     changed["config"][0]["parameters"]["command"] = 'printf "first line\\n\\n\\n" > ~/Documents/notes.txt'
     path = tmp_path / "changed.json"
     path.write_text(json.dumps(changed))
