@@ -31,6 +31,7 @@ import io
 import itertools
 import json
 import time
+import weakref
 import zlib
 from pathlib import Path
 from typing import Any
@@ -310,9 +311,18 @@ class HTTPServerManager(LLMServerClient):
         self.processor, self.model, self.policy_version = processor, model, policy_version
         self.timeout_s = timeout_s
         self._http: httpx.AsyncClient | None = None  # made in the event loop that uses it
+        self._urls: dict[int, str] = {}  # PNG data URL of each live image: a trajectory resends its images
 
     def __getstate__(self) -> dict[str, Any]:  # verl hands its server manager to Ray actors
-        return {**self.__dict__, "_http": None}
+        return {**self.__dict__, "_http": None, "_urls": {}}
+
+    def _url(self, image: Any) -> str:
+        key = id(image)
+        url = self._urls.get(key)
+        if url is None:
+            url = self._urls[key] = _data_url(image)
+            weakref.finalize(image, self._urls.pop, key, None)
+        return url
 
     @property
     def http(self) -> httpx.AsyncClient:
@@ -339,7 +349,7 @@ class HTTPServerManager(LLMServerClient):
         if self.model:
             body["model"] = self.model
         if image_data:
-            body["content_parts"] = [{"type": "image_url", "url": _data_url(im)} for im in image_data]
+            body["content_parts"] = [{"type": "image_url", "url": self._url(im)} for im in image_data]
         r = await self.http.post(root + "/inference/v1/generate", json=body)
         if r.status_code >= 400:
             raise LLMError(root, r.text[:500], r.status_code)
