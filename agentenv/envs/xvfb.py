@@ -28,6 +28,7 @@ from typing import Any
 from loguru import logger
 
 from agentenv.envs.actions import ActionError, XInput
+from agentenv.procs import spawn_tied
 
 DESKTOP_USER = "agentenv-desk"
 
@@ -144,9 +145,12 @@ class LocalDesktop:
                                check=True, capture_output=True)
                 self._chown(self.root)
                 self._chown(self.xauth)
-                self._xvfb = subprocess.Popen(
+                # Tied to this service's life (its apps exit with their display), and with an
+                # environment of its own: nothing of the service's (its token) reaches it.
+                self._xvfb = spawn_tied(
                     ["Xvfb", self.display, "-screen", "0", f"{self.width}x{self.height}x24",
                      "-nolisten", "tcp", "-auth", str(self.xauth), "-noreset"],
+                    sig=signal.SIGKILL, env={"PATH": "/usr/local/bin:/usr/bin:/bin"},
                     stdout=subprocess.DEVNULL, stderr=open(self.root / "xvfb.log", "wb"),
                     start_new_session=True,
                 )
@@ -231,7 +235,8 @@ class LocalDesktop:
     def run(self, argv: list[str] | str, timeout: float = 60.0, shell: bool = False) -> subprocess.CompletedProcess:
         """Run a command in the desktop session (as its user, in its HOME) and wait for it."""
         return subprocess.run(argv, env=self.env(), cwd=str(self.home), shell=shell, capture_output=True,
-                              text=True, timeout=timeout, start_new_session=True, **self._as_user())
+                              text=True, errors="replace", timeout=timeout, start_new_session=True,
+                              **self._as_user())
 
     def launch(self, argv: list[str]) -> subprocess.Popen:
         if argv and argv[0] in APPS:
@@ -343,11 +348,14 @@ class LocalDesktop:
 
     def resolve_path(self, path: str) -> Path:
         """A path inside this desktop's HOME ('~/x', relative, or absolute under HOME)."""
+        if not isinstance(path, str) or "\0" in path:
+            raise PermissionError(f"path {path!r} is not a valid path")
         p = Path(path.replace("~", str(self.home), 1) if path.startswith("~") else path)
         if not p.is_absolute():
             p = self.home / p
-        p = Path(os.path.normpath(p))
-        home = Path(os.path.normpath(self.home))
+        # realpath: a symlink the desktop user made in HOME must not lead the service (root) out of it
+        p = Path(os.path.realpath(p))
+        home = Path(os.path.realpath(self.home))
         if p != home and home not in p.parents:
             raise PermissionError(f"path {path!r} is outside the desktop's HOME")
         return p
