@@ -169,7 +169,23 @@ class LocalDesktop:
             logger.debug("desktop {} up on {}", self.id, self.display)
             return self
 
-    def close(self) -> None:
+    def close(self, wedged_after_s: float = 10.0) -> None:
+        # A call stuck in the X server (one stopped with SIGSTOP never answers) holds our locks;
+        # past ``wedged_after_s`` the server is killed, which fails that call and frees them.
+        xvfb, done = self._xvfb, threading.Event()
+
+        def watchdog() -> None:
+            if not done.wait(wedged_after_s) and xvfb is not None and xvfb.poll() is None:
+                logger.warning("desktop {}: X server {} does not answer; killing it", self.id, self.display)
+                xvfb.kill()
+
+        threading.Thread(target=watchdog, name=f"close-{self.id}", daemon=True).start()
+        try:
+            self._close()
+        finally:
+            done.set()
+
+    def _close(self) -> None:
         with self._lock:
             self.close_apps(include_wm=True)
             if self._input is not None:
