@@ -83,6 +83,9 @@ class VLLMService:
             logger.info("using the vLLM server already running on port {}", self.port)
             self.owned = False
             return self
+        if _healthy(f"http://127.0.0.1:{self.port}/health"):
+            raise RuntimeError(f"port {self.port} already serves a model server we did not start: use it "
+                               f"(llm.url=http://127.0.0.1:{self.port}/v1) or choose another llm.port")
         self.owned = True
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log = self.run_dir / f"vllm-{self.port}.log"
