@@ -39,9 +39,9 @@ def check_tasks(t: TaskConfig) -> list[Any]:
 
     try:
         items = load_items(t.source)
-    except (FileNotFoundError, OSError) as e:
-        raise PreflightError(f"task source: {e} (tasks.source: builtin, a task JSON file, a folder, "
-                             ".jsonl or .parquet)") from e
+    except Exception as e:  # noqa: BLE001 - a file of the wrong kind raises whatever its reader raises
+        raise PreflightError(f"task source {t.source!r} cannot be read: {e} (tasks.source: builtin, a task JSON "
+                             "file, a folder, .jsonl or .parquet)") from e
     if not items:
         raise PreflightError(f"task source {t.source!r} holds no task")
     by_id = collections.Counter(i.id for i in items)

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from loguru import logger
 from pydantic import BaseModel, Field
@@ -306,6 +307,14 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
 
     A = [Depends(auth)]
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        # FastAPI's own answer echoes the input, and an input holding NaN or Infinity makes that
+        # answer a 500: say what is wrong, not what was sent.
+        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()]
+        return JSONResponse({"detail": detail or "invalid request"}, status_code=422)
+
     @app.exception_handler(DesktopError)
     async def _dead(request: Request, exc: DesktopError):
         return JSONResponse({"detail": str(exc), "dead": True}, status_code=503)
@@ -383,6 +392,8 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
         try:
             action = Action.from_dict(req.action)
             check_action(action)
+            if action.type == "pyautogui":  # refused before anything acts, not halfway through
+                parse_pyautogui(action.code or "", d.width, d.height)
         except (ValueError, TypeError) as e:
             raise HTTPException(422, f"bad action: {e}") from e
         t0 = time.perf_counter()
@@ -479,14 +490,17 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
     async def os_upload(did: str, file_path: str = Form(...), file_data: UploadFile = File(...)):
         d = host.get(did)
         dest = d.resolve_path(file_path)
-        if dest == d.home.resolve() or dest.is_dir():
-            raise HTTPException(422, f"{file_path!r} is a directory")
-        dest.parent.mkdir(parents=True, exist_ok=True)
         data = await file_data.read()
-        # O_NOFOLLOW: a symlink planted after resolve_path looked is refused, not written through.
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        try:
+            if dest == d.home.resolve() or dest.is_dir():
+                raise HTTPException(422, f"{file_path!r} is a directory")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            # O_NOFOLLOW: a symlink planted after resolve_path looked is refused, not written through.
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        except OSError as e:  # a file where a folder should be, a folder where the file should be...
+            raise HTTPException(422, f"cannot write {file_path!r}: {e.strerror or e}") from e
         d._chown(dest)
         return {"status": "success"}
 
@@ -494,12 +508,12 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
     def os_file(did: str, file_path: str = Form(...)):
         d = host.get(did)
         p = d.resolve_path(file_path)
-        if not p.is_file():
-            raise HTTPException(404, f"no file {file_path!r}")
         try:
+            if not p.is_file():
+                raise HTTPException(404, f"no file {file_path!r}")
             fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError as e:
-            raise HTTPException(403, f"cannot open {file_path!r}: {e.strerror}") from e
+        except OSError as e:  # a name too long, a symlink swapped in...
+            raise HTTPException(422, f"cannot open {file_path!r}: {e.strerror or e}") from e
         with os.fdopen(fd, "rb") as f:
             data = f.read(limits.max_file_bytes + 1)
         if len(data) > limits.max_file_bytes:

@@ -204,7 +204,7 @@ async def test_broken_task_file_and_killed_desktop_are_recorded(vllm_server, poo
 
 def test_agentenv_run_sigterm_flushes_and_a_rerun_finishes(vllm_server, env_service, tmp_path):
     """`agentenv run` on SIGTERM stops admitting, finishes what is in flight, writes the summary
-    and exits 0; the next run does only the rest."""
+    and exits 0; the next run, with --resume, does only the rest."""
     import subprocess
     import sys
     import time
@@ -228,7 +228,7 @@ def test_agentenv_run_sigterm_flushes_and_a_rerun_finishes(vllm_server, env_serv
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["stopped_early"] and 1 <= summary["trajectories"] < len(ids) * ROLLOUT_N
     first = summary["trajectories"]
-    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd + ["--resume", str(out)], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     second = json.loads(r.stdout.strip().splitlines()[-1])
     assert not second["stopped_early"] and second["trajectories"] == len(ids) * ROLLOUT_N - first

@@ -215,7 +215,8 @@ def validate_evaluator(ev: dict) -> None:
         if r is None:
             continue
         if not isinstance(r, dict) or not isinstance(r.get("type"), str) or r["type"] not in GETTERS:
-            raise EvaluatorError(f"unsupported result getter {r.get('type')!r} (supported: {sorted(GETTERS)})")
+            what = r.get("type") if isinstance(r, dict) else r
+            raise EvaluatorError(f"unsupported result getter {what!r} (supported: {sorted(GETTERS)})")
 
 
 def evaluate(desktop: Any, task: Task, last_action: str | None = None) -> float:

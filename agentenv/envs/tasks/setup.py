@@ -26,6 +26,8 @@ def _step_name(i: int, step: dict[str, Any]) -> str:
 
 
 def run_setup(desktop: Any, task: Task) -> None:
+    from agentenv.envs.xvfb import DesktopError
+
     for i, step in enumerate(task.config):
         if not isinstance(step, dict) or "type" not in step:
             raise TaskSetupError(f"task {task.id}: {_step_name(i, step if isinstance(step, dict) else {})}: "
@@ -40,6 +42,10 @@ def run_setup(desktop: Any, task: Task) -> None:
         try:
             fn(desktop, task, params)
         except TaskSetupError as e:
+            raise TaskSetupError(f"task {task.id}: {_step_name(i, step)}: {e}") from e
+        except DesktopError as e:  # an app that is not installed; a dead X server stays a dead desktop
+            if not desktop.alive():
+                raise
             raise TaskSetupError(f"task {task.id}: {_step_name(i, step)}: {e}") from e
         except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError,
                 subprocess.SubprocessError) as e:  # parameters of the wrong kind
