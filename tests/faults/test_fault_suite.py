@@ -41,11 +41,40 @@ pytestmark = pytest.mark.slow
 PORTS = ENV_PORT + 10  # this module's own services: ENV_PORT+10 ...
 
 
+def record(**figures) -> None:
+    """For scripts/bench_faults.py: with AGENTENV_FAULT_REPORT set, append this test's figures
+    (faults injected, trajectories lost, duplicates, orphans...) to that file as a JSON line."""
+    path = os.environ.get("AGENTENV_FAULT_REPORT")
+    if path:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0].rsplit("::", 1)[-1]
+        with open(path, "a") as f:
+            f.write(json.dumps({"test": test, **figures}) + "\n")
+
+
+def _raw_rows(out: Path) -> tuple[list[dict], int]:
+    rows, unreadable = [], 0
+    for f in [*out.glob("trajectories*.parquet"), *(out / "parts").glob("*.parquet")]:
+        try:
+            rows += pq.read_table(f, columns=["task_id", "sample", "status"]).to_pylist()
+        except Exception:  # noqa: BLE001 - counted, then the check below fails on it
+            unreadable += 1
+    return rows, unreadable
+
+
 def check_run(out: Path, ids: list[str]) -> dict:
     """Every (task, sample) exactly once, every part file whole, every ending with a reason."""
+    expected = {(i, s) for i in ids for s in range(ROLLOUT_N)}
+    rows, unreadable = _raw_rows(out)
+    final: dict = {}  # rows that say something final; an infrastructure failure may be superseded by a rerun
+    for r in rows:
+        if not Status(r["status"]).infrastructure:
+            k = (r["task_id"], r["sample"])
+            final[k] = final.get(k, 0) + 1
+    found = {(r["task_id"], r["sample"]) for r in rows}
+    record(expected=len(expected), lost=len(expected - found), unreadable=unreadable,
+           duplicates=sum(n - 1 for n in final.values()))
+    assert unreadable == 0, f"{unreadable} parquet files do not read back"
     trajs = check_complete(out, ids)
-    for f in [*out.glob("trajectories*.parquet"), *(out / "parts").glob("*.parquet")]:
-        pq.read_table(f)  # raises on a damaged file
     assert not list(out.rglob(".*.tmp")), "a half-written file was left behind"
     assert all(t.reason for t in trajs), [(t.key, t.status) for t in trajs if not t.reason]
     return {t.key: t for t in trajs}
@@ -56,6 +85,7 @@ def assert_gone(pids: list[int], timeout: float = 30.0) -> None:
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     left = [p for p in pids if alive(p)]
+    record(orphans=len(left))
     assert not left, f"processes left behind: {[(p, Path(f'/proc/{p}/comm').read_text().strip()) for p in left]}"
 
 
@@ -89,6 +119,7 @@ async def test_an_app_killed_mid_run_leaves_the_desktop_alive(vllm_server, env_s
             if apps:
                 for p in apps:
                     os.kill(p, signal.SIGKILL)
+                record(faults=1)
                 killed.update(key=key, steps=sched.stats.steps, pids=apps)
                 return
 
@@ -119,6 +150,7 @@ async def test_a_stopped_x_server_is_a_dead_desktop_replaced_and_rerun(vllm_serv
         display = next(e["display"] for e in await pool._specs[0][0].list() if e["id"] == did)
         pid = int(Path(f"/tmp/.X{display[1:]}-lock").read_text())
         os.kill(pid, signal.SIGSTOP)
+        record(faults=1)
         stopped.update(key=key, pid=pid)
 
     try:
@@ -147,6 +179,7 @@ async def test_the_env_service_killed_and_started_again_on_the_same_port(vllm_se
         await _wait_for(lambda: sched.stats.steps >= 2)
         tree.extend([first.proc.pid, *descendants(first.proc.pid)])  # the service, its X servers and apps
         os.kill(first.proc.pid, signal.SIGKILL)
+        record(faults=1)
         first.proc.wait()
         second.append(await asyncio.to_thread(
             EnvService(num=2, port=port, token=token, log=tmp_path / "env2.log").start))
@@ -189,6 +222,7 @@ async def test_the_only_vllm_server_killed_and_restarted(vllm_server, env_servic
         old = vllm_server.proc
         tree = [old.pid, *descendants(old.pid)]
         os.killpg(old.pid, signal.SIGKILL)
+        record(faults=1)
         await asyncio.to_thread(old.wait)
         await _wait_for(lambda: a.buffer.statuses.get("llm_error", 0) >= 1, 60)
         admitted = a.stats.admitted
@@ -219,6 +253,7 @@ async def test_a_hanging_endpoint_beside_a_good_one(vllm_server, env_service, tm
     with socket.socket() as hung:
         hung.bind(("127.0.0.1", 0))
         hung.listen(64)  # the kernel completes the handshake; nobody ever reads or answers
+        record(faults=2)  # beside a good endpoint, then alone
         hung_url = f"http://127.0.0.1:{hung.getsockname()[1]}/v1"
         llm = ServiceLLM([hung_url, vllm_server.url], vllm_server.model, timeout_s=10.0, max_retries=3,
                          backoff_s=0.05, failure_threshold=2, down_s=60)
@@ -280,6 +315,7 @@ async def test_garbage_model_output_is_an_invalid_step_never_a_crash(vllm_server
         finally:
             await pool.aclose()
             await llm.aclose()
+    record(faults=proxy.injected.count("rewrite /v1/chat/completions"))
     assert proxy.injected.count("rewrite /v1/chat/completions") == len(GARBAGE)
     trajs = check_run(tmp_path, _ids(3))
     assert all(t.status in POLICY for t in trajs.values()), [(t.key, t.status, t.reason) for t in trajs.values()]
@@ -330,6 +366,7 @@ def test_agentenv_run_sigkilled_then_resumed(vllm_server, tmp_path):
     tree = descendants(p.pid)
     assert tree, "agentenv run should have started an env service with desktops"
     p.kill()
+    record(faults=1)
     p.communicate(timeout=30)
     assert_gone(tree)  # its env service, X servers and apps ended with it
     assert oct((out / "env-service.log").stat().st_mode & 0o777) == "0o600"
@@ -361,6 +398,7 @@ def test_the_disk_filling_up_stops_the_run_cleanly_and_a_rerun_finishes(vllm_ser
     out, ids = small_disk / "run", _ids(5)
     cmd = _run_cmd(out, ids, vllm_server, env_service)
     r = subprocess.run(cmd, cwd=ROOT, env=_env(env_service), capture_output=True, text=True, timeout=600)
+    record(faults=1)
     assert r.returncode == 1, (r.returncode, r.stderr[-3000:])
     assert "No space left on device" in r.stderr and "stopped early" in r.stderr, r.stderr[-3000:]
     # what was written is whole and nothing half-written is left

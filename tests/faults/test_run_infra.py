@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ENV_PORT, ROOT, VLLM_PORT
-from tests.faults.test_fault_suite import assert_gone
+from tests.faults.test_fault_suite import assert_gone, record
 
 from agentenv.config import AGENTENV_HOME
 from agentenv.envs.server import write_secret
@@ -83,6 +83,7 @@ def test_sigterm_or_sigkill_while_starting_leaves_no_process_behind(tmp_path):
     time.sleep(3)  # let the server start its engine process too
     tree = descendants(p.pid)
     p.send_signal(signal.SIGTERM)
+    record(faults=1)
     _, err = p.communicate(timeout=90)
     assert p.returncode == 130 and "SIGTERM while starting" in err.decode(), err[-2000:]
     assert_gone(tree)
@@ -91,6 +92,7 @@ def test_sigterm_or_sigkill_while_starting_leaves_no_process_behind(tmp_path):
     time.sleep(3)
     tree = descendants(p.pid)
     p.kill()  # nothing runs in agentenv run after this: only the kernel can end its children
+    record(faults=1)
     p.communicate(timeout=30)
     assert_gone(tree, timeout=60)
 

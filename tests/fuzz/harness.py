@@ -468,3 +468,32 @@ def check_request(http: Any, req: Req, outside: Outside, tally: Tally, timeout: 
             reason = None
         return tally.add("refused" if reason else "crash", (req, r.status_code, "refused without a reason"))
     return tally.add("ok", req)
+
+
+def plant_outside(http: Any, did: str) -> Outside:
+    """Files outside desktop ``did``'s HOME (a root-only canary, upload targets) and symlinks to
+    them that the desktop user makes in HOME (through the service, as that user)."""
+    import os
+    import secrets
+
+    outside_dir = Path(f"/tmp/agentenv-fuzz-{secrets.token_hex(4)}")
+    outside_dir.mkdir(mode=0o700)
+    secret = "canary-" + secrets.token_hex(8)
+    canary = outside_dir / "canary"
+    canary.write_text(secret)
+    os.chmod(canary, 0o600)
+    home = Path(f"/tmp/agentenv-desktops/{did}/home")
+    outside = Outside(canary, secret, targets=[outside_dir / "new.txt", home.parent / "outside.txt",
+                                               Path("/root/outside.txt")])
+    r = http.post(f"/envs/{did}/execute", json={"command": f"ln -s {canary} ~/leak && ln -s {outside_dir} ~/leakdir",
+                                               "shell": True})
+    if r.json().get("returncode") != 0:
+        raise RuntimeError(f"could not plant the symlinks: {r.text}")
+    return outside
+
+
+def remove_outside(outside: Outside) -> None:
+    d = outside.canary.parent
+    for p in sorted(d.rglob("*"), reverse=True):
+        p.unlink()
+    d.rmdir()

@@ -8,10 +8,6 @@ refusal says why (see tests/fuzz/harness.py for the checks).
 
 from __future__ import annotations
 
-import os
-import secrets
-from pathlib import Path
-
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -77,24 +73,11 @@ def fuzz_service(tmp_path_factory):
     svc = EnvService(num=1, port=ENV_PORT + 30, log=tmp_path_factory.mktemp("fuzz") / "env.log").start()
     http = httpx.Client(base_url=svc.url, headers={"Authorization": f"Bearer {svc.token}"})
     did = http.get("/envs").json()[0]["id"]
-    outside_dir = Path(f"/tmp/agentenv-fuzz-{secrets.token_hex(4)}")
-    outside_dir.mkdir(mode=0o700)
-    secret = "canary-" + secrets.token_hex(8)
-    canary = outside_dir / "canary"
-    canary.write_text(secret)
-    os.chmod(canary, 0o600)
-    home = Path(f"/tmp/agentenv-desktops/{did}/home")
-    outside = h.Outside(canary, secret, targets=[outside_dir / "new.txt", home.parent / "outside.txt",
-                                                 Path("/root/outside.txt")])
-    r = http.post(f"/envs/{did}/execute", json={"command": f"ln -s {canary} ~/leak && ln -s {outside_dir} ~/leakdir",
-                                               "shell": True})
-    assert r.json()["returncode"] == 0, r.text
+    outside = h.plant_outside(http, did)
     yield svc, http, did, outside
     http.close()
     svc.stop()
-    for p in sorted(outside_dir.rglob("*"), reverse=True):
-        p.unlink()
-    outside_dir.rmdir()
+    h.remove_outside(outside)
 
 
 def test_the_env_service_refuses_hostile_requests_with_reasons(fuzz_service):
