@@ -413,6 +413,10 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
     @app.post("/envs/{did}/evaluate", dependencies=A)
     def evaluate_env(did: str, req: EvaluateRequest):
         d = host.get(did)
+        with d._lock:  # a desktop's HOME is swapped by reset: never read it halfway through one
+            return _evaluate(d, req)
+
+    def _evaluate(d: LocalDesktop, req: EvaluateRequest):
         try:
             task = Task.from_dict(req.task)
             return {"reward": evaluate(d, task, req.last_action)}
@@ -470,7 +474,8 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
 
         d = host.get(did)
         try:
-            run_setup(d, Task(id="open_file", instruction="-", config=[{"type": "open", "parameters": body}]))
+            with d._lock:
+                run_setup(d, Task(id="open_file", instruction="-", config=[{"type": "open", "parameters": body}]))
         except TaskSetupError as e:
             raise HTTPException(422, str(e)) from e
         return {"status": "success"}
@@ -481,16 +486,27 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
         name = body.get("window_name")
         if not name:
             raise HTTPException(422, "window_name is required")
-        r = d.run(["xdotool", "search", "--name", str(name), "windowactivate"], timeout=10)
+        with d._lock:
+            r = d.run(["xdotool", "search", "--name", str(name), "windowactivate"], timeout=10)
         if r.returncode != 0:
             raise HTTPException(404, f"no window named {name!r}")
         return {"status": "success"}
 
     @app.post("/envs/{did}/setup/upload", dependencies=A)
     async def os_upload(did: str, file_path: str = Form(...), file_data: UploadFile = File(...)):
+        import anyio
+
         d = host.get(did)
-        dest = d.resolve_path(file_path)
         data = await file_data.read()
+        await anyio.to_thread.run_sync(_upload, d, file_path, data)
+        return {"status": "success"}
+
+    def _upload(d: LocalDesktop, file_path: str, data: bytes) -> None:
+        with d._lock:  # not while a reset swaps HOME
+            _write_in_home(d, file_path, data)
+
+    def _write_in_home(d: LocalDesktop, file_path: str, data: bytes) -> None:
+        dest = d.resolve_path(file_path)
         try:
             if dest == d.home.resolve() or dest.is_dir():
                 raise HTTPException(422, f"{file_path!r} is a directory")
@@ -502,11 +518,14 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
         except OSError as e:  # a file where a folder should be, a folder where the file should be...
             raise HTTPException(422, f"cannot write {file_path!r}: {e.strerror or e}") from e
         d._chown(dest)
-        return {"status": "success"}
 
     @app.post("/envs/{did}/file", dependencies=A)
     def os_file(did: str, file_path: str = Form(...)):
         d = host.get(did)
+        with d._lock:
+            return _read_in_home(d, file_path)
+
+    def _read_in_home(d: LocalDesktop, file_path: str) -> Response:
         p = d.resolve_path(file_path)
         try:
             if not p.is_file():

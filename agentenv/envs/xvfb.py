@@ -273,13 +273,13 @@ class LocalDesktop:
     def _restore_home(self) -> None:
         if self.home.exists():
             # Rename first: a process that was still dying cannot write into the fresh HOME.
-            trash = self.root / f"trash-{self.resets}"
+            trash = self.root / f"trash-{secrets.token_hex(4)}"  # unique: an earlier failed reset may have left one
             self.home.rename(trash)
             shutil.rmtree(trash, ignore_errors=True)
         if self.spec.template and self.spec.template.exists():
             shutil.copytree(self.spec.template, self.home, symlinks=True)
         else:
-            self.home.mkdir(parents=True)
+            self.home.mkdir(parents=True, exist_ok=True)
         for sub in ("Documents", "Desktop", "Downloads", ".config"):
             (self.home / sub).mkdir(exist_ok=True)
         runtime = self.root / "xdg-runtime"
