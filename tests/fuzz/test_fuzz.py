@@ -8,6 +8,9 @@ refusal says why (see tests/fuzz/harness.py for the checks).
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -83,14 +86,31 @@ def fuzz_service(tmp_path_factory):
 def test_the_env_service_refuses_hostile_requests_with_reasons(fuzz_service):
     svc, http, did, outside = fuzz_service
     tally = h.Tally()
+    sent: list[h.Req] = []
 
     @settings(FAST, max_examples=2500)
     @given(h.requests(did, outside))
     def run(req):
+        sent.append(req)
         h.check_request(http, req, outside, tally, timeout=60)
 
     run()
     _assert_clean(tally)
+    # the same requests again, 8 at a time: a reset must never swap HOME under another route
+    lock, together = threading.Lock(), h.Tally()
+    clients = threading.local()
+
+    def one(req: h.Req) -> None:
+        if not hasattr(clients, "http"):
+            clients.http = httpx.Client(base_url=svc.url, headers={"Authorization": f"Bearer {svc.token}"})
+        mine = h.Tally()
+        outcome = h.check_request(clients.http, req, outside, mine, timeout=60)
+        with lock:
+            together.add(outcome, mine.examples)
+
+    with ThreadPoolExecutor(8) as ex:
+        list(ex.map(one, sent[:1000]))
+    _assert_clean(together)
     assert http.get(f"/envs/{did}/alive").json()["alive"], "the fuzz killed the desktop"
     assert tally.counts["ok"] > 100 and tally.counts["refused"] > 500, tally.counts
 
