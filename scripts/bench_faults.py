@@ -246,17 +246,18 @@ def fuzz_http(inputs: int, seeds: int, port: int) -> dict:
             "examples": tally.examples, "mutation_s": round(time.monotonic() - t0), "desktop_alive_after": alive}
 
 
-def fuzz_campaign(inputs: int, seeds: int, port: int) -> dict:
+def fuzz_campaign(inputs: int, seeds: int, port: int, targets: list[str]) -> dict:
     out = {}
-    for target in PURE:
+    for target in [t for t in PURE if t in targets]:
         t0 = time.monotonic()
         out[target] = fuzz_pure(target, inputs, seeds)
         out[target]["elapsed_s"] = round(time.monotonic() - t0)
         print(f"  fuzz {target}: {out[target]['counts']} in {out[target]['elapsed_s']} s", flush=True)
-    t0 = time.monotonic()
-    out["env_service_http"] = fuzz_http(inputs, seeds, port)
-    out["env_service_http"]["elapsed_s"] = round(time.monotonic() - t0)
-    print(f"  fuzz env_service_http: {out['env_service_http']['counts']}", flush=True)
+    if "env_service_http" in targets:
+        t0 = time.monotonic()
+        out["env_service_http"] = fuzz_http(inputs, seeds, port)
+        out["env_service_http"]["elapsed_s"] = round(time.monotonic() - t0)
+        print(f"  fuzz env_service_http: {out['env_service_http']['counts']}", flush=True)
     print("\n== fuzz campaign")
     print(f"  {'target':20s} {'inputs':>8s} {'seeds':>6s} {'ok':>7s} {'refused':>8s} {'escape':>6s} {'crash':>5s} "
           f"{'hang':>4s}  mutated by")
@@ -337,6 +338,8 @@ def main() -> int:
     ap.add_argument("--skip-faults", action="store_true")
     ap.add_argument("--skip-fuzz", action="store_true")
     ap.add_argument("--skip-rss", action="store_true")
+    ap.add_argument("--fuzz-targets", default=",".join([*PURE, "env_service_http"]),
+                    help="comma-separated (default: all)")
     ap.add_argument("--atheris-child", help=argparse.SUPPRESS)
     ap.add_argument("--runs", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--corpus", help=argparse.SUPPRESS)
@@ -352,7 +355,7 @@ def main() -> int:
     if not a.skip_rss:
         result["memory"] = rss_simulation(a.rss_trajectories)
     if not a.skip_fuzz:
-        result["fuzz"] = fuzz_campaign(a.inputs, a.seeds, port)
+        result["fuzz"] = fuzz_campaign(a.inputs, a.seeds, port, a.fuzz_targets.split(","))
     if not a.skip_faults:
         result["faults"] = fault_scenarios()
     f, z, m = result.get("faults", {}), result.get("fuzz", {}), result.get("memory", {})

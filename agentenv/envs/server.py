@@ -340,7 +340,8 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
     @app.get("/envs", dependencies=A)
     def list_envs():
         return [{"id": d.id, "display": d.display, "width": d.width, "height": d.height,
-                 "task": d.task_id, "alive": d.alive()} for d in host.desktops.values()]
+                 "task": d.task_id, "alive": d.alive()} for d in list(host.desktops.values())]  # a copy: others
+        # create and close desktops meanwhile
 
     @app.post("/envs", dependencies=A)
     def create_env(req: CreateRequest | None = None):
@@ -486,6 +487,8 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
         name = body.get("window_name")
         if not name:
             raise HTTPException(422, "window_name is required")
+        if "\0" in str(name):
+            raise HTTPException(422, "window_name contains a NUL byte")
         with d._lock:
             r = d.run(["xdotool", "search", "--name", str(name), "windowactivate"], timeout=10)
         if r.returncode != 0:

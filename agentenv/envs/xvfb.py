@@ -160,7 +160,7 @@ class LocalDesktop:
                         raise DesktopError(f"Xvfb {self.display} did not start: "
                                            f"{(self.root / 'xvfb.log').read_text()[-500:]}")
                     time.sleep(0.02)
-            self._input = XInput(self.display, str(self.xauth), self.width, self.height)
+            self._input = self._connect(time.monotonic() + 10)
             self._restore_home()
             rc = self.root / "openbox-rc.xml"
             rc.write_text(OPENBOX_RC)
@@ -168,6 +168,17 @@ class LocalDesktop:
             self._input.wait_for_wm(5.0)
             logger.debug("desktop {} up on {}", self.id, self.display)
             return self
+
+    def _connect(self, deadline: float) -> XInput:
+        # The socket file appears when Xvfb binds it, a moment before it listens: under load a
+        # first connection can be refused.
+        while True:
+            try:
+                return XInput(self.display, str(self.xauth), self.width, self.height)
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline or self._xvfb.poll() is not None:
+                    raise DesktopError(f"Xvfb {self.display} refuses connections") from None
+                time.sleep(0.05)
 
     def close(self, wedged_after_s: float = 10.0) -> None:
         # A call stuck in the X server (one stopped with SIGSTOP never answers) holds our locks;
