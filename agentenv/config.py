@@ -110,9 +110,17 @@ class SchedulerConfig(_Strict):
 
 
 class OutputConfig(_Strict):
-    dir: str = "runs/latest"
+    """Where trajectories go. Each run gets a new ``<root>/<stamp>`` and ``<root>/latest`` points at
+    it; ``dir`` names an exact directory instead. Continuing a run is explicit: ``resume``
+    (``agentenv run --resume [DIR]``; "latest": ``<root>/latest``)."""
+
+    root: str = "runs"
+    dir: str | None = None
+    resume: str | None = None
     screenshots: bool = True
     live_port: int | None = None     # serve the live page on 127.0.0.1:PORT (0: any free port); its URL: <dir>/live-url
+    max_screenshots: int = Field(100, ge=0)  # per trajectory attempt; later ones are not saved (steps still run)
+    max_ready_groups: int | None = Field(None, ge=0)  # complete groups held for get_batch(); None: no bound
 
 
 class RunConfig(_Strict):

@@ -1,11 +1,17 @@
 """``agentenv run``: the main job. Tasks -> streaming scheduler -> trajectories on disk.
 
-    agentenv run [--config run.yaml] [--set section.key=value ...]
+    agentenv run [--config run.yaml] [--set section.key=value ...] [--resume [DIR]]
+
+Each run writes to a new directory, runs/<stamp> (runs/latest points at it); --resume continues
+runs/latest, or DIR: what is on disk is skipped, trajectories that ended by an infrastructure
+failure run again. Before any work is admitted it checks the task source (before starting any
+service), the model server and the desktops, and stops with a message that says what to fix.
 
 With no services configured it starts what it needs on loopback (the tiny model on vLLM, an env
-service with ``env.local_desktops`` desktops) and stops them at the end. SIGINT/SIGTERM: stop
-admitting, let trajectories in flight finish, flush, exit; a second signal abandons them (they
-rerun on the next start, which skips everything already on disk).
+service with ``env.local_desktops`` desktops) and stops them at the end; they are tied to this
+process and end with it, however it ends. SIGINT/SIGTERM: stop admitting, let trajectories in
+flight finish, flush, exit; a second signal abandons them (they rerun on --resume). While
+starting, a signal stops what was started and exits.
 """
 
 from __future__ import annotations
@@ -20,9 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from loguru import logger
+from pydantic import ValidationError
 
 from agentenv.config import RunConfig, load_config
+from agentenv.envs.client import EnvError
 from agentenv.envs.pool import EnvPool, ServiceSpec
+from agentenv.preflight import (PreflightError, check_desktops, check_llm, check_output, check_tasks,
+                                prepare_run_dir)
 from agentenv.rollout.buffer import TrajectoryBuffer
 from agentenv.rollout.llm import as_llm
 from agentenv.rollout.loop import Rollout
@@ -32,12 +42,14 @@ from agentenv.view.live import serve_live
 from agentenv.view.runinfo import record_run
 
 
-def build_scheduler(cfg: RunConfig, llm: Any, pool: EnvPool, *, tiny: bool = False) -> StreamingScheduler:
+def build_scheduler(cfg: RunConfig, llm: Any, pool: EnvPool, *, tiny: bool = False,
+                    items: list[Any] | None = None) -> StreamingScheduler:
     """Everything but the services: rollout (agent, sampling, limits), buffer, source, scheduler."""
-    s, t = cfg.scheduler, cfg.tasks
-    buffer = TrajectoryBuffer(cfg.output.dir, s.rollout_n, max_staleness=s.max_staleness,
-                              stale_policy=s.stale_policy, save_screenshots=cfg.output.screenshots)
-    source = TaskSource(load_items(t.source), epochs=t.epochs, rank=t.rank, world_size=t.world_size,
+    s, t, o = cfg.scheduler, cfg.tasks, cfg.output
+    buffer = TrajectoryBuffer(o.dir, s.rollout_n, max_staleness=s.max_staleness, stale_policy=s.stale_policy,
+                              save_screenshots=o.screenshots, max_screenshots=o.max_screenshots,
+                              max_ready=o.max_ready_groups)
+    source = TaskSource(items if items is not None else load_items(t.source), epochs=t.epochs, rank=t.rank, world_size=t.world_size,
                         shuffle=t.shuffle, seed=t.seed, ids=t.ids, limit=t.limit)
     return StreamingScheduler(Rollout.from_config(cfg, llm, tiny=tiny), pool, buffer, source, s)
 
@@ -72,9 +84,19 @@ def _metrics_server(port: int, sched: StreamingScheduler) -> None:
     start_http_server(port, addr="127.0.0.1")
 
 
-async def run_async(cfg: RunConfig, llm: Any, services: list[ServiceSpec], *, tiny: bool = False) -> dict:
-    pool = await EnvPool(services, timeout_s=cfg.loop.step_timeout_s).start()
-    sched = build_scheduler(cfg, llm, pool, tiny=tiny)
+async def run_async(cfg: RunConfig, llm: Any, services: list[ServiceSpec], *, tiny: bool = False,
+                    items: list[Any] | None = None) -> dict:
+    try:
+        pool = await EnvPool(services, timeout_s=cfg.loop.step_timeout_s).start()
+    except EnvError as e:
+        raise PreflightError(f"the env service does not serve desktops: {e} (check env.services / "
+                             "ENV_SERVER_URL and ENV_TOKEN)") from e
+    try:
+        await check_desktops(pool)
+    except BaseException:
+        await pool.aclose()
+        raise
+    sched = build_scheduler(cfg, llm, pool, tiny=tiny, items=items)
     await record_run(cfg.output.dir, cfg, services, sched.source.items)  # for `agentenv view` and `replay`
     if cfg.metrics_port:
         _metrics_server(cfg.metrics_port, sched)
@@ -113,33 +135,65 @@ async def run_async(cfg: RunConfig, llm: Any, services: list[ServiceSpec], *, ti
         await pool.aclose()
         if hasattr(sched.llm, "aclose"):
             await sched.llm.aclose()
-    path = sched.buffer.compact()
-    summary["output"] = str(path) if path else None
+    try:
+        path = sched.buffer.compact()
+        summary["output"] = str(path) if path else None
+    except OSError as e:  # a full disk: the part files are whole and read back as they are
+        logger.error("could not merge the part files: {}", e)
+        summary["output"] = str(Path(cfg.output.dir, "parts"))
+        summary.setdefault("error", f"could not merge the part files: {e}")
     summary["stopped_early"] = sched.stopping
-    if cfg.output.dir:
+    summary["run_dir"] = cfg.output.dir
+    with contextlib.suppress(OSError):
         Path(cfg.output.dir, "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
+class Interrupted(Exception):
+    """SIGINT/SIGTERM while the run was starting."""
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """While starting (no event loop yet): a signal raises Interrupted, so what was started is
+    stopped on the way out. The event loop installs its own handlers for the run itself."""
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def run(cfg: RunConfig) -> dict:
+    """Check, start, run, stop. Raises PreflightError (nothing was admitted) or Interrupted."""
     from agentenv.services import EnvService, VLLMService
 
-    with contextlib.ExitStack() as stack:
+    items = check_tasks(cfg.tasks)              # before any service: a typo fails in a second
+    check_output(cfg.output)
+    with _signals_interrupt(), contextlib.ExitStack() as stack:
         tiny = cfg.llm.url is None or (cfg.llm.model or "").startswith("tiny-uitars")
         if cfg.llm.url is None:
             svc = stack.enter_context(VLLMService(port=cfg.llm.port))
-            llm: Any = as_llm(svc.url, model=svc.model, timeout_s=cfg.llm.timeout_s, max_retries=cfg.llm.max_retries)
+            url, model = svc.url, svc.model
         else:
-            llm = as_llm(cfg.llm.url, model=cfg.llm.model, timeout_s=cfg.llm.timeout_s,
-                         max_retries=cfg.llm.max_retries)
+            url, model = cfg.llm.url, cfg.llm.model
+        llm: Any = as_llm(url, model=model, timeout_s=cfg.llm.timeout_s, max_retries=cfg.llm.max_retries)
+        asyncio.run(check_llm(llm, model))     # before the desktops: a dead URL fails in seconds
+        run_dir = prepare_run_dir(cfg.output)
+        cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": str(run_dir)})})
+        if cfg.output.max_ready_groups is None:  # no trainer takes groups here: hold none in memory
+            cfg.output.max_ready_groups = 0
+        logger.info("run directory: {}", run_dir)
         services = [ServiceSpec(s.url, s.token, s.desktops) for s in cfg.env.services]
         if not services:
-            log = Path(cfg.output.dir or ".") / "env-service.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
             es = stack.enter_context(EnvService(cfg.env.local_desktops, cfg.env.local_port, cfg.env.width,
-                                                cfg.env.height, log=log))
+                                                cfg.env.height, log=run_dir / "env-service.log"))
             services = [ServiceSpec(es.url, es.token)]
-        return asyncio.run(run_async(cfg, llm, services, tiny=tiny))
+        return asyncio.run(run_async(cfg, llm, services, tiny=tiny, items=items))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,13 +202,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", help="YAML config (see configs/default.yaml)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value, e.g. --set scheduler.rollout_n=4 (repeatable)")
+    ap.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
+                    help="continue a run: runs/latest, or DIR (its finished trajectories are skipped)")
     a = ap.parse_args(argv)
     try:
-        cfg = load_config(a.config, a.set)
-    except ValueError as e:
+        cfg = load_config(a.config, a.set + ([f"output.resume={a.resume}"] if a.resume else []))
+    except (ValueError, ValidationError) as e:
         print(f"agentenv run: {e}", file=sys.stderr)
         return 2
-    summary = run(cfg)
+    try:
+        summary = run(cfg)
+    except PreflightError as e:
+        print(f"agentenv run: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(f"agentenv run: {e} while starting; everything it had started was stopped", file=sys.stderr)
+        return 130
+    except RuntimeError as e:  # a local service that would not start
+        print(f"agentenv run: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(summary))
     if summary.get("error"):
         print(f"agentenv run: stopped early: {summary['error']}", file=sys.stderr)

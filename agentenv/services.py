@@ -1,11 +1,14 @@
 """Start and stop the local services a run needs when none are given: the tiny model on vLLM
 (through scripts/start_vllm_service.sh) and an env service with N desktops.
 
-Each is ended by the PID it was started with; nothing is looked up by name.
+Each is ended by the process group it was started in; nothing is looked up by name. Both are
+tied to the life of the process that starts them (``spawn_tied``): if it dies, SIGKILL included,
+they get SIGTERM and end too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -18,9 +21,41 @@ import httpx
 from loguru import logger
 
 from agentenv.config import AGENTENV_HOME
+from agentenv.procs import spawn_tied
 
 ROOT = Path(__file__).resolve().parent.parent
 START_VLLM = ROOT / "scripts" / "start_vllm_service.sh"
+
+
+def private_log(path: Path) -> int:
+    """A log file only its owner can read (a log may hold what a secret-bearing process printed):
+    an fd to append to, mode 600 even if the file existed with another mode."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)
+    return fd
+
+
+def _tail(path: Path, n: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+def stop_group(proc: subprocess.Popen, grace: float) -> None:
+    """End a child started in a session of its own, and everything in its process group:
+    SIGTERM, ``grace`` seconds, then SIGKILL."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # what is left of the group (engine processes, stragglers)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)
 
 
 def _healthy(url: str) -> bool:
@@ -39,35 +74,50 @@ class VLLMService:
         self.run_dir = run_dir or AGENTENV_HOME / "run"
         self.url = f"http://127.0.0.1:{port}/v1"
         self.model = "tiny-uitars"
+        self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "VLLMService":
+    def start(self, timeout: float = 420.0) -> "VLLMService":
         pidfile = self.run_dir / f"vllm-{self.port}.pid"
         if pidfile.exists() and _healthy(f"http://127.0.0.1:{self.port}/health"):
             # Started earlier by start_vllm_service.sh (by the user): use it, and leave it running.
             logger.info("using the vLLM server already running on port {}", self.port)
             self.owned = False
             return self
+        if _healthy(f"http://127.0.0.1:{self.port}/health"):
+            raise RuntimeError(f"port {self.port} already serves a model server we did not start: use it "
+                               f"(llm.url=http://127.0.0.1:{self.port}/v1) or choose another llm.port")
         self.owned = True
-        cmd = ["bash", str(START_VLLM), "--port", str(self.port), "--run-dir", str(self.run_dir), *self.extra]
-        logger.info("starting the tiny model on vLLM (about a minute on a CPU)")
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"start_vllm_service.sh failed:\n{r.stderr[-3000:]}")
-        for line in r.stdout.splitlines():
-            if line.startswith("export "):
-                for kv in line[len("export "):].split():
-                    k, v = kv.split("=", 1)
-                    if k == "VLLM_SERVER_URL":
-                        self.url = v
-                    elif k == "VLLM_MODEL_NAME":
-                        self.model = v
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log = self.run_dir / f"vllm-{self.port}.log"
+        # In the foreground, as our child, tied to our life: whatever ends us (SIGKILL included)
+        # ends the server too. Its own session: stop() ends its whole process group.
+        cmd = ["bash", str(START_VLLM), "--foreground", "--port", str(self.port), "--run-dir", str(self.run_dir),
+               *self.extra]
+        logger.info("starting the tiny model on vLLM (about a minute on a CPU; log: {})", self.log)
+        out = private_log(self.log)
+        try:
+            self.proc = spawn_tied(cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            os.close(out)
+        deadline = time.monotonic() + timeout
+        try:
+            while not _healthy(f"http://127.0.0.1:{self.port}/health"):
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"the vLLM server exited with {self.proc.returncode} during start-up; "
+                                       f"last lines of {self.log}:\n{_tail(self.log)}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the vLLM server was not healthy after {timeout:.0f}s; "
+                                       f"last lines of {self.log}:\n{_tail(self.log)}")
+                time.sleep(0.5)
+        except BaseException:  # a failed start, or a signal while starting: leave nothing behind
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
-        if not getattr(self, "owned", True):
+        if not getattr(self, "owned", True) or self.proc is None:
             return
-        subprocess.run(["bash", str(START_VLLM), "--stop", "--port", str(self.port), "--run-dir", str(self.run_dir)],
-                       capture_output=True)
+        stop_group(self.proc, grace=60.0)
 
     def __enter__(self) -> "VLLMService":
         return self.start()
@@ -88,12 +138,17 @@ class EnvService:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 120.0) -> "EnvService":
+        # The token goes in the environment (readable by root only), never on the command line.
         env = {**os.environ, "ENV_TOKEN": self.token, "PYTHONPATH": str(ROOT)}
-        out = open(self.log, "ab") if self.log else subprocess.DEVNULL
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agentenv", "serve-envs", "--num", str(self.num), "--port", str(self.port),
-             "--width", str(self.width), "--height", str(self.height)],
-            env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True)
+        out = private_log(self.log) if self.log else subprocess.DEVNULL
+        try:
+            self.proc = spawn_tied(
+                [sys.executable, "-m", "agentenv", "serve-envs", "--num", str(self.num), "--port", str(self.port),
+                 "--width", str(self.width), "--height", str(self.height)],
+                env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            if self.log:
+                os.close(out)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -108,14 +163,8 @@ class EnvService:
         raise RuntimeError(f"env service not ready after {timeout}s (log: {self.log})")
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)  # graceful: it closes its desktops
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
+        if self.proc is not None:
+            stop_group(self.proc, grace=30.0)  # SIGTERM first: it closes its desktops
 
     def __enter__(self) -> "EnvService":
         return self.start()

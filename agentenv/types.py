@@ -94,6 +94,10 @@ class Task:
             if not isinstance(d.get(key), str) or not d[key]:
                 raise ValueError(f"task {source or '?'}: missing or empty {key!r}")
         known = {"id", "instruction", "config", "evaluator", "oracle", "related_apps", "source"}
+        for key, kind in (("config", list), ("evaluator", dict), ("oracle", list), ("related_apps", list)):
+            if d.get(key) is not None and not isinstance(d[key], kind):
+                raise ValueError(f"task {d['id']!r}: {key!r} must be a JSON {'array' if kind is list else 'object'}, "
+                                 f"got {type(d[key]).__name__}")
         return cls(
             id=d["id"],
             instruction=d["instruction"],

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on built-in defaults: install what is missing, then run the built-in tasks with the
-# tiny model on vLLM and local desktops; trajectories land in runs/latest, the summary is printed.
-# Extra arguments go to `agentenv run` (e.g. --set tasks.limit=4).
+# tiny model on vLLM and local desktops; each run writes a new runs/<stamp>/ (runs/latest points at
+# it) and prints its summary. Extra arguments go to `agentenv run` (e.g. --set tasks.limit=4, or
+# --resume to continue runs/latest).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=$("$ROOT/scripts/install.sh" | tail -n 1)

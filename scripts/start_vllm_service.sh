@@ -3,6 +3,7 @@
 #
 #   scripts/start_vllm_service.sh [options] [-- extra vllm args]
 #   scripts/start_vllm_service.sh --stop [--port P]
+#   scripts/start_vllm_service.sh --foreground [options]   (run in the foreground; for `agentenv run`)
 #
 # With no arguments: the tiny UI-TARS-shaped model (scripts/make_tiny_model.py) on 127.0.0.1:8000.
 # Prints `export VLLM_SERVER_URL=... VLLM_MODEL_NAME=...` on success. The pid file and the log go
@@ -30,10 +31,11 @@ TOKENS_API=0
 RUN_DIR=$AGENTENV_HOME/run
 WAIT=420
 STOP=0
+FOREGROUND=0
 EXTRA=()
 
 usage() {
-  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
   cat <<EOF
 Options (defaults in brackets):
   --model PATH              model directory or name [$MODEL]
@@ -59,6 +61,8 @@ Options (defaults in brackets):
   --wait SECONDS            how long to wait for /health [$WAIT]
   --python PATH             python with vLLM [\$AGENTENV_PYTHON or \$AGENTENV_HOME/venv/bin/python]
   --stop                    stop the server started on --port
+  --foreground              exec the server in this process (no pid file, no wait, log on stdout):
+                            the caller owns it (agentenv run ties it to its own life)
 EOF
 }
 
@@ -84,6 +88,7 @@ while [ $# -gt 0 ]; do
     --wait) WAIT=$2; shift ;;
     --python) AGENTENV_PYTHON=$2; shift ;;
     --stop) STOP=1 ;;
+    --foreground) FOREGROUND=1 ;;
     -h|--help) usage; exit 0 ;;
     --) shift; EXTRA=("$@"); break ;;
     *) echo "start_vllm_service.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -159,6 +164,10 @@ fi
 [ "$TOKENS_API" = 0 ] || ARGS+=(--enable-scale-out)
 ARGS+=("${EXTRA[@]}")
 
+if [ "$FOREGROUND" = 1 ]; then
+  echo "starting vLLM in the foreground: $NAME on $HOST:$PORT" >&2
+  exec "$PY" "${ARGS[@]}" < /dev/null
+fi
 echo "starting vLLM: $NAME on $HOST:$PORT (log: $LOG)" >&2
 # setsid: the server gets its own process group, which --stop ends as a whole.
 setsid "$PY" "${ARGS[@]}" >"$LOG" 2>&1 < /dev/null &

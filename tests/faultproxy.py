@@ -1,6 +1,7 @@
 """A fault injector for tests: a real HTTP proxy on loopback in front of a real server (the vLLM
 server, the env service). It forwards every request unchanged, except the ones a test tells it to
-break: answer with a status (429, 503...), drop the connection without an answer, or hang.
+break: answer with a status (429, 503...), drop the connection without an answer, hang, or forward the
+request and rewrite the real answer (``rewrite(fn)``: fn gets the upstream body and returns what to send).
 
     async with FaultProxy(upstream_url) as proxy:
         proxy.fail(429, times=1, headers={"Retry-After": "0.1"})
@@ -11,17 +12,19 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Callable
 
 from aiohttp import ClientSession, ClientTimeout, web
 
 
 @dataclass
 class _Rule:
-    kind: str                      # status | garbage | drop | hang
+    kind: str                      # status | garbage | drop | hang | rewrite
     times: int
     status: int = 0
     headers: dict[str, str] = field(default_factory=dict)
     path: str = ""                 # only requests whose path contains this
+    fn: Callable[[bytes], bytes] | None = None
 
 
 class FaultProxy:
@@ -52,6 +55,10 @@ class FaultProxy:
         """Accept and never answer."""
         self._rules.append(_Rule("hang", times, path=path))
 
+    def rewrite(self, fn: Callable[[bytes], bytes], times: int = 1, path: str = "") -> None:
+        """Forward the request, then send ``fn(real answer's body)`` instead of the real body."""
+        self._rules.append(_Rule("rewrite", times, path=path, fn=fn))
+
     def clear(self) -> None:
         self._rules.clear()
         for f in self._hanging:
@@ -72,6 +79,7 @@ class FaultProxy:
         body = await request.read()
         if rule is not None:
             self.injected.append(f"{rule.kind} {request.path}")
+        if rule is not None and rule.kind != "rewrite":
             if rule.kind == "status":
                 return web.json_response({"error": {"message": f"injected {rule.status}"}}, status=rule.status,
                                          headers=rule.headers)
@@ -91,6 +99,8 @@ class FaultProxy:
         async with self._session.request(request.method, self.upstream + path, data=body,
                                          headers=headers) as up:
             data = await up.read()
+            if rule is not None and rule.fn is not None:
+                data = rule.fn(data)
             out = {k: v for k, v in up.headers.items()
                    if k.lower() not in ("content-length", "transfer-encoding", "content-encoding", "connection")}
             return web.Response(body=data, status=up.status, headers=out)

@@ -23,6 +23,32 @@ class ActionError(ValueError):
     """The action cannot be executed as given (bad coordinates, unknown key, refused code)."""
 
 
+# Bounds on one action: a model reply or a request body must not tie a desktop up for minutes.
+MAX_TEXT = 10_000          # characters typed by one action (a few ms each)
+MAX_KEYS = 16              # keys in one hotkey
+MAX_PRESSES = 100          # pyautogui press(..., presses=N)
+MAX_CODE = 100_000         # characters of one pyautogui snippet
+MAX_CODE_ACTIONS = 200     # actions one pyautogui snippet may expand to
+
+
+def check_action(a: Action) -> None:
+    """Refuse an action whose size is over the bounds above (ActionError says which)."""
+    if a.text is not None and (not isinstance(a.text, str) or len(a.text) > MAX_TEXT):
+        raise ActionError(f"text must be a string of at most {MAX_TEXT} characters")
+    if a.keys is not None and (not isinstance(a.keys, list) or len(a.keys) > MAX_KEYS
+                               or not all(isinstance(k, str) and len(k) <= 64 for k in a.keys)):
+        raise ActionError(f"keys must be a list of at most {MAX_KEYS} key names")
+    if a.code is not None and (not isinstance(a.code, str) or len(a.code) > MAX_CODE):
+        raise ActionError(f"code must be a string of at most {MAX_CODE} characters")
+    for name in ("x", "y", "x2", "y2", "seconds"):
+        v = getattr(a, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v != v
+                              or abs(v) > 1e9):
+            raise ActionError(f"{name} must be a finite number, got {v!r}")
+    if isinstance(a.amount, bool) or not isinstance(a.amount, int) or abs(a.amount) > 10_000:
+        raise ActionError(f"amount must be an integer, got {a.amount!r}")
+
+
 # UI-TARS / pyautogui key names -> X keysym names.
 KEY_ALIASES = {
     "ctrl": "Control_L", "control": "Control_L", "ctrlleft": "Control_L", "ctrlright": "Control_R",
@@ -349,7 +375,7 @@ _PYAUTOGUI_ALLOWED = {
 def _literal(node: ast.AST) -> Any:
     try:
         return ast.literal_eval(node)
-    except (ValueError, SyntaxError, TypeError) as e:
+    except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError) as e:
         raise ActionError(f"refused pyautogui code: argument {ast.unparse(node)!r} is not a literal") from e
 
 
@@ -360,10 +386,14 @@ def parse_pyautogui(code: str, width: int = 1920, height: int = 1080) -> list[Ac
     ``pyautogui.<allowed>(literals...)`` / ``time.sleep(literal)``. Anything else (other imports,
     names, attributes, subscripts, ``eval``/``exec``/``__import__``) is refused before any runs.
     """
+    if not isinstance(code, str) or len(code) > MAX_CODE:
+        raise ActionError(f"refused pyautogui code: not a string of at most {MAX_CODE} characters")
     try:
         tree = ast.parse(code, mode="exec")
-    except SyntaxError as e:
-        raise ActionError(f"refused pyautogui code: syntax error: {e.msg}") from e
+    except (SyntaxError, ValueError) as e:  # ValueError: NUL bytes
+        raise ActionError(f"refused pyautogui code: syntax error: {getattr(e, 'msg', e)}") from e
+    except (RecursionError, MemoryError) as e:
+        raise ActionError("refused pyautogui code: nested too deeply") from e
     actions: list[Action] = []
     pos: list[float | None] = [None, None]
     for stmt in tree.body:
@@ -391,7 +421,16 @@ def parse_pyautogui(code: str, width: int = 1920, height: int = 1080) -> list[Ac
         kw = {k.arg: _literal(k.value) for k in call.keywords if k.arg}
         if any(k.arg is None for k in call.keywords):
             raise ActionError("refused pyautogui code: **kwargs are not allowed")
-        actions.extend(_pyautogui_call(fn, args, kw, pos))
+        try:
+            actions.extend(_pyautogui_call(fn, args, kw, pos))
+        except ActionError:
+            raise
+        except (TypeError, ValueError, OverflowError, IndexError) as e:  # literals of the wrong kind
+            raise ActionError(f"refused pyautogui code: bad arguments to {mod}.{fn}: {type(e).__name__}: {e}") from e
+        if len(actions) > MAX_CODE_ACTIONS:
+            raise ActionError(f"refused pyautogui code: more than {MAX_CODE_ACTIONS} actions")
+    for a in actions:
+        check_action(a)
     return actions
 
 
@@ -422,6 +461,8 @@ def _pyautogui_call(fn: str, args: list, kw: dict, pos: list) -> list[Action]:
             kind = "middle_click"
         if fn == "tripleClick":
             clicks = 3
+        if not 1 <= clicks <= 3:
+            raise ActionError(f"clicks must be 1, 2 or 3, got {clicks}")
         if fn == "click" and clicks == 2:
             return [Action("double_click", x=x, y=y)]
         return [Action(kind, x=x, y=y)] * max(1, clicks if kind == "click" else 1)
@@ -452,6 +493,8 @@ def _pyautogui_call(fn: str, args: list, kw: dict, pos: list) -> list[Action]:
     if fn in ("press", "keyDown", "keyUp"):
         keys = args[0] if args else kw.get("keys")
         presses = int(kw.get("presses", 1))
+        if not 0 <= presses <= MAX_PRESSES:
+            raise ActionError(f"presses must be within 0..{MAX_PRESSES}, got {presses}")
         if fn == "keyUp":
             return []
         keys = keys if isinstance(keys, (list, tuple)) else [keys]

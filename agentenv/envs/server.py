@@ -38,15 +38,29 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from loguru import logger
 from pydantic import BaseModel, Field
 
-from agentenv.envs.actions import ActionError, parse_pyautogui
+from agentenv.envs.actions import ActionError, check_action, parse_pyautogui
 from agentenv.envs.tasks.evaluate import EvaluatorError, evaluate
 from agentenv.envs.tasks.setup import TaskSetupError
 from agentenv.envs.xvfb import DesktopError, DesktopSpec, LocalDesktop
 from agentenv.types import Action, Task
+
+
+class ServiceLimits(BaseModel):
+    """What one request may ask of the service; larger is refused with a 413/422 that says which
+    limit (``agentenv serve-envs --help`` sets each). One request must not exhaust the memory or
+    the disk of a service that hosts many desktops."""
+
+    max_body_bytes: int = 64 * 2**20       # a request body (uploads included)
+    max_image_pixels: int = 4096 * 4096    # a screenshot resized for the model (UI-TARS-1.5 needs <= 12.8 M)
+    max_screen_side: int = 7680            # a desktop's width or height (8K)
+    max_output_bytes: int = 2**20          # stdout/stderr kept from an /execute command (the rest is cut)
+    max_file_bytes: int = 64 * 2**20       # a file served by /file
+    execute_timeout_s: float = 120.0       # an /execute command's longest run
 
 
 class ResetRequest(BaseModel):
@@ -73,7 +87,7 @@ class CreateRequest(BaseModel):
 class ExecuteRequest(BaseModel):
     command: list[str] | str
     shell: bool = False
-    timeout: float = 120.0
+    timeout: float = Field(120.0, allow_inf_nan=False)
 
 
 class LaunchRequest(BaseModel):
@@ -91,9 +105,22 @@ def _encode(img, image_size: tuple[int, int] | None) -> tuple[str, tuple[int, in
     return base64.b64encode(buf.getvalue()).decode(), img.size
 
 
+def _argv(command: list[str] | str) -> list[str]:
+    """A command as argv; a 422 that says why when it cannot be one."""
+    try:
+        argv = shlex.split(command) if isinstance(command, str) else list(command)
+    except ValueError as e:
+        raise HTTPException(422, f"cannot split command: {e}") from e
+    if not argv or not argv[0]:
+        raise HTTPException(422, "empty command")
+    if any("\0" in a for a in argv):
+        raise HTTPException(422, "command contains a NUL byte")
+    return argv
+
+
 def _pyautogui_code(command: list[str] | str) -> str | None:
     """The code of an OSWorld-style ``python -c "import pyautogui; ..."`` command, else None."""
-    argv = shlex.split(command) if isinstance(command, str) else list(command)
+    argv = _argv(command)
     if len(argv) == 3 and Path(argv[0]).name.startswith("python") and argv[1] == "-c" \
             and "pyautogui" in argv[2]:
         return argv[2].replace("; ", "\n")
@@ -159,8 +186,102 @@ class DesktopHost:
             self.close(did)
 
 
-def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None = None):
+class _BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` gets 413, whether it announces its length
+    or streams it in chunks, before it is held in memory."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.max_bytes
+        for k, v in scope.get("headers", []):
+            if k == b"content-length":
+                try:
+                    too_big = int(v) > limit
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    r = JSONResponse({"detail": f"request body of {int(v)} bytes is over the limit of {limit} "
+                                                "(serve-envs --max-body-bytes)"}, status_code=413)
+                    return await r(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > limit:
+                    raise HTTPException(413, f"request body is over the limit of {limit} bytes "
+                                             "(serve-envs --max-body-bytes)")
+            return msg
+
+        await self.app(scope, limited, send)
+
+
+def _run_bounded(d: LocalDesktop, argv: list[str] | str, *, shell: bool, timeout: float,
+                 max_output: int) -> dict[str, Any]:
+    """Run a command in the desktop session (as its user); keep at most ``max_output`` bytes of
+    each stream. The streams go to files capped by RLIMIT_FSIZE, so a command that prints without
+    end is stopped (SIGXFSZ) instead of filling the service's memory or disk."""
+    import resource
+    import subprocess
+    import tempfile
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_output + 1, max_output + 1))
+
+    with tempfile.TemporaryFile(dir=d.root) as out, tempfile.TemporaryFile(dir=d.root) as err:
+        try:
+            p = subprocess.Popen(argv, env=d.env(), cwd=str(d.home), shell=shell, stdin=subprocess.DEVNULL,
+                                 stdout=out, stderr=err, start_new_session=True, preexec_fn=cap,
+                                 **d._as_user())
+        except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
+            return {"status": "error", "output": "", "error": str(e), "returncode": 127}
+        try:
+            rc = p.wait(timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            import signal as _signal
+
+            os.killpg(p.pid, _signal.SIGKILL)
+            rc, timed_out = p.wait(), True
+
+        def read(f: Any) -> str:
+            f.seek(0)
+            data = f.read(max_output + 1)
+            text = data[:max_output].decode("utf-8", "replace")
+            return text + (f"\n[output cut at {max_output} bytes]" if len(data) > max_output else "")
+
+        if timed_out:
+            return {"status": "error", "output": read(out), "error": f"timed out after {timeout}s",
+                    "returncode": -1}
+        return {"status": "success", "output": read(out), "error": read(err), "returncode": rc}
+
+
+def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None = None,
+               limits: ServiceLimits | None = None):
     host = DesktopHost(num, spec or DesktopSpec())
+    limits = limits or ServiceLimits()
+
+    def check_image_size(size: tuple[int, int] | None) -> None:
+        if size is None:
+            return
+        w, h = size
+        if w < 1 or h < 1:
+            raise HTTPException(422, f"image_size {w}x{h}: both sides must be at least 1")
+        if w * h > limits.max_image_pixels:
+            raise HTTPException(413, f"image_size {w}x{h} is over the limit of {limits.max_image_pixels} pixels "
+                                     "(serve-envs --max-image-pixels)")
+
+    def check_screen(width: int | None, height: int | None) -> None:
+        for name, v in (("width", width), ("height", height)):
+            if v is not None and not 64 <= v <= limits.max_screen_side:
+                raise HTTPException(422, f"{name} {v} is outside 64..{limits.max_screen_side} "
+                                         "(serve-envs --max-screen-side)")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -174,6 +295,8 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
 
     app = FastAPI(title="agentenv env service", lifespan=lifespan)
     app.state.host = host
+    app.state.limits = limits
+    app.add_middleware(_BodyLimit, max_bytes=limits.max_body_bytes)
 
     def auth(request: Request) -> None:
         if token is None:
@@ -183,6 +306,14 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     A = [Depends(auth)]
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        # FastAPI's own answer echoes the input, and an input holding NaN or Infinity makes that
+        # answer a 500: say what is wrong, not what was sent.
+        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()]
+        return JSONResponse({"detail": detail or "invalid request"}, status_code=422)
 
     @app.exception_handler(DesktopError)
     async def _dead(request: Request, exc: DesktopError):
@@ -209,11 +340,13 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
     @app.get("/envs", dependencies=A)
     def list_envs():
         return [{"id": d.id, "display": d.display, "width": d.width, "height": d.height,
-                 "task": d.task_id, "alive": d.alive()} for d in host.desktops.values()]
+                 "task": d.task_id, "alive": d.alive()} for d in list(host.desktops.values())]  # a copy: others
+        # create and close desktops meanwhile
 
     @app.post("/envs", dependencies=A)
     def create_env(req: CreateRequest | None = None):
         req = req or CreateRequest()
+        check_screen(req.width, req.height)
         d = host.create(req.width, req.height)
         return {"id": d.id, "width": d.width, "height": d.height}
 
@@ -230,6 +363,7 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
     @app.post("/envs/{did}/reset", dependencies=A)
     def reset(did: str, req: ResetRequest):
         d = host.get(did)
+        check_image_size(req.image_size)
         try:
             task = Task.from_dict(req.task) if req.task else None
         except ValueError as e:
@@ -239,6 +373,11 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
             d.reset(task)
         except TaskSetupError as e:
             host.m_resets.labels("setup_error").inc()
+            raise HTTPException(422, f"task setup failed: {e}") from e
+        except DesktopError as e:
+            if not d.alive():
+                raise
+            host.m_resets.labels("setup_error").inc()  # e.g. an app the task names is not installed
             raise HTTPException(422, f"task setup failed: {e}") from e
         host.m_resets.labels("ok").inc()
         reset_s = time.perf_counter() - t0
@@ -250,8 +389,12 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
     @app.post("/envs/{did}/step", dependencies=A)
     def step(did: str, req: StepRequest):
         d = host.get(did)
+        check_image_size(req.image_size)
         try:
             action = Action.from_dict(req.action)
+            check_action(action)
+            if action.type == "pyautogui":  # refused before anything acts, not halfway through
+                parse_pyautogui(action.code or "", d.width, d.height)
         except (ValueError, TypeError) as e:
             raise HTTPException(422, f"bad action: {e}") from e
         t0 = time.perf_counter()
@@ -271,6 +414,10 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
     @app.post("/envs/{did}/evaluate", dependencies=A)
     def evaluate_env(did: str, req: EvaluateRequest):
         d = host.get(did)
+        with d._lock:  # a desktop's HOME is swapped by reset: never read it halfway through one
+            return _evaluate(d, req)
+
+    def _evaluate(d: LocalDesktop, req: EvaluateRequest):
         try:
             task = Task.from_dict(req.task)
             return {"reward": evaluate(d, task, req.last_action)}
@@ -283,6 +430,8 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
         if code is not None:
             try:
                 actions = parse_pyautogui(code, d.width, d.height)
+                for a in actions:
+                    check_action(a)
             except ActionError as e:
                 return JSONResponse({"status": "error", "message": str(e), "output": "", "error": str(e),
                                      "returncode": 1}, status_code=400)
@@ -290,15 +439,13 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
             errors = [e for e in errors if e]
             return {"status": "error" if errors else "success", "output": "", "error": "; ".join(errors),
                     "returncode": 1 if errors else 0}
-        import subprocess
-
-        try:
-            r = d.run(req.command, timeout=min(req.timeout, 120.0), shell=req.shell)
-        except subprocess.TimeoutExpired:
-            return {"status": "error", "output": "", "error": "timed out", "returncode": -1}
-        except FileNotFoundError as e:
-            return {"status": "error", "output": "", "error": str(e), "returncode": 127}
-        return {"status": "success", "output": r.stdout, "error": r.stderr, "returncode": r.returncode}
+        if req.shell and not isinstance(req.command, str):
+            raise HTTPException(422, "shell=true needs the command as one string")
+        argv: list[str] | str = req.command if req.shell else _argv(req.command)
+        if req.shell and ("\0" in req.command or not req.command.strip()):
+            raise HTTPException(422, "empty command or NUL byte in it")
+        return _run_bounded(d, argv, shell=req.shell, timeout=max(0.0, min(req.timeout, limits.execute_timeout_s)),
+                            max_output=limits.max_output_bytes)
 
     @app.post("/envs/{did}/execute", dependencies=A)
     def os_execute(did: str, req: ExecuteRequest):
@@ -311,9 +458,15 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
     @app.post("/envs/{did}/setup/launch", dependencies=A)
     def os_launch(did: str, req: LaunchRequest):
         d = host.get(did)
-        argv = ["bash", "-c", req.command] if req.shell and isinstance(req.command, str) else \
-            (shlex.split(req.command) if isinstance(req.command, str) else req.command)
-        p = d.launch(argv)
+        argv = ["bash", "-c", req.command] if req.shell and isinstance(req.command, str) else _argv(req.command)
+        if any("\0" in a for a in argv):
+            raise HTTPException(422, "command contains a NUL byte")
+        try:
+            p = d.launch(argv)
+        except DesktopError as e:
+            if not d.alive():
+                raise
+            raise HTTPException(422, str(e)) from e
         return {"status": "success", "message": f"launched pid {p.pid}"}
 
     @app.post("/envs/{did}/setup/open_file", dependencies=A)
@@ -322,7 +475,8 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
 
         d = host.get(did)
         try:
-            run_setup(d, Task(id="open_file", instruction="-", config=[{"type": "open", "parameters": body}]))
+            with d._lock:
+                run_setup(d, Task(id="open_file", instruction="-", config=[{"type": "open", "parameters": body}]))
         except TaskSetupError as e:
             raise HTTPException(422, str(e)) from e
         return {"status": "success"}
@@ -333,27 +487,61 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
         name = body.get("window_name")
         if not name:
             raise HTTPException(422, "window_name is required")
-        r = d.run(["xdotool", "search", "--name", str(name), "windowactivate"], timeout=10)
+        if "\0" in str(name):
+            raise HTTPException(422, "window_name contains a NUL byte")
+        with d._lock:
+            r = d.run(["xdotool", "search", "--name", str(name), "windowactivate"], timeout=10)
         if r.returncode != 0:
             raise HTTPException(404, f"no window named {name!r}")
         return {"status": "success"}
 
     @app.post("/envs/{did}/setup/upload", dependencies=A)
     async def os_upload(did: str, file_path: str = Form(...), file_data: UploadFile = File(...)):
+        import anyio
+
         d = host.get(did)
-        dest = d.resolve_path(file_path)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(await file_data.read())
-        d._chown(dest)
+        data = await file_data.read()
+        await anyio.to_thread.run_sync(_upload, d, file_path, data)
         return {"status": "success"}
+
+    def _upload(d: LocalDesktop, file_path: str, data: bytes) -> None:
+        with d._lock:  # not while a reset swaps HOME
+            _write_in_home(d, file_path, data)
+
+    def _write_in_home(d: LocalDesktop, file_path: str, data: bytes) -> None:
+        dest = d.resolve_path(file_path)
+        try:
+            if dest == d.home.resolve() or dest.is_dir():
+                raise HTTPException(422, f"{file_path!r} is a directory")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            # O_NOFOLLOW: a symlink planted after resolve_path looked is refused, not written through.
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        except OSError as e:  # a file where a folder should be, a folder where the file should be...
+            raise HTTPException(422, f"cannot write {file_path!r}: {e.strerror or e}") from e
+        d._chown(dest)
 
     @app.post("/envs/{did}/file", dependencies=A)
     def os_file(did: str, file_path: str = Form(...)):
         d = host.get(did)
+        with d._lock:
+            return _read_in_home(d, file_path)
+
+    def _read_in_home(d: LocalDesktop, file_path: str) -> Response:
         p = d.resolve_path(file_path)
-        if not p.is_file():
-            raise HTTPException(404, f"no file {file_path!r}")
-        return Response(p.read_bytes(), media_type="application/octet-stream")
+        try:
+            if not p.is_file():
+                raise HTTPException(404, f"no file {file_path!r}")
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as e:  # a name too long, a symlink swapped in...
+            raise HTTPException(422, f"cannot open {file_path!r}: {e.strerror or e}") from e
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(limits.max_file_bytes + 1)
+        if len(data) > limits.max_file_bytes:
+            raise HTTPException(413, f"{file_path!r} is over the limit of {limits.max_file_bytes} bytes "
+                                     "(serve-envs --max-file-bytes)")
+        return Response(data, media_type="application/octet-stream")
 
     @app.post("/envs/{did}/screen_size", dependencies=A)
     def os_screen_size(did: str):
@@ -382,8 +570,26 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def write_secret(path: str | Path, secret: str) -> None:
+    """Write ``secret`` to ``path`` so that only we can read it: a new file (mode 600, ours) renamed
+    over the target, so a file or symlink someone else planted there (in /tmp, say) is replaced,
+    never written through."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, secret.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
 def serve(num: int, host: str = "127.0.0.1", port: int = 8100, token: str | None = None,
-          width: int = 1920, height: int = 1080, token_file: str | None = None) -> None:
+          width: int = 1920, height: int = 1080, token_file: str | None = None,
+          limits: ServiceLimits | None = None) -> None:
+    """Run the service. The token is never printed or logged: it is given (``--token``,
+    ``ENV_TOKEN``) or generated and written to ``token_file`` (mode 600)."""
     import uvicorn
 
     token = token or os.environ.get("ENV_TOKEN")
@@ -391,11 +597,15 @@ def serve(num: int, host: str = "127.0.0.1", port: int = 8100, token: str | None
         if not is_loopback(host):
             raise SystemExit(f"refusing to serve desktops on non-loopback address {host} without a token "
                              "(--token or ENV_TOKEN)")
+        if not token_file:
+            raise SystemExit("no token given and nowhere to put a generated one: pass --token-file PATH "
+                             "(written mode 600), or set ENV_TOKEN")
         token = secrets.token_urlsafe(24)
-        logger.warning("no token given; generated one for this run")
     if token_file:
-        Path(token_file).write_text(token)
-        os.chmod(token_file, 0o600)
-    print(f"export ENV_SERVER_URL=http://{host}:{port} ENV_TOKEN={token}", flush=True)
-    app = create_app(num, token, DesktopSpec(width=width, height=height))
+        write_secret(token_file, token)
+        print(f"export ENV_SERVER_URL=http://{host}:{port} ENV_TOKEN=$(cat {shlex.quote(str(token_file))})",
+              flush=True)
+    else:
+        print(f"export ENV_SERVER_URL=http://{host}:{port}  # ENV_TOKEN: the token you gave", flush=True)
+    app = create_app(num, token, DesktopSpec(width=width, height=height), limits)
     uvicorn.run(app, host=host, port=port, log_level="warning")

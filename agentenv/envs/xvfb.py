@@ -30,6 +30,7 @@ from typing import Any, Iterator
 from loguru import logger
 
 from agentenv.envs.actions import ActionError, XInput
+from agentenv.procs import spawn_tied
 
 DESKTOP_USER = "agentenv-desk"
 
@@ -160,9 +161,12 @@ class LocalDesktop:
                                check=True, capture_output=True)
                 self._chown(self.root)
                 self._chown(self.xauth)
-                self._xvfb = subprocess.Popen(
+                # Tied to this service's life (its apps exit with their display), and with an
+                # environment of its own: nothing of the service's (its token) reaches it.
+                self._xvfb = spawn_tied(
                     ["Xvfb", self.display, "-screen", "0", f"{self.width}x{self.height}x24",
                      "-nolisten", "tcp", "-auth", str(self.xauth), "-noreset"],
+                    sig=signal.SIGKILL, env={"PATH": "/usr/local/bin:/usr/bin:/bin"},
                     stdout=subprocess.DEVNULL, stderr=open(self.root / "xvfb.log", "wb"),
                     start_new_session=True,
                 )
@@ -172,7 +176,7 @@ class LocalDesktop:
                         raise DesktopError(f"Xvfb {self.display} did not start: "
                                            f"{(self.root / 'xvfb.log').read_text()[-500:]}")
                     time.sleep(0.02)
-            self._input = XInput(self.display, str(self.xauth), self.width, self.height)
+            self._input = self._connect(time.monotonic() + 10)
             self._restore_home()
             rc = self.root / "openbox-rc.xml"
             rc.write_text(OPENBOX_RC)
@@ -181,7 +185,34 @@ class LocalDesktop:
             logger.debug("desktop {} up on {}", self.id, self.display)
             return self
 
-    def close(self) -> None:
+    def _connect(self, deadline: float) -> XInput:
+        # The socket file appears when Xvfb binds it, a moment before it listens: under load a
+        # first connection can be refused.
+        while True:
+            try:
+                return XInput(self.display, str(self.xauth), self.width, self.height)
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline or self._xvfb.poll() is not None:
+                    raise DesktopError(f"Xvfb {self.display} refuses connections") from None
+                time.sleep(0.05)
+
+    def close(self, wedged_after_s: float = 10.0) -> None:
+        # A call stuck in the X server (one stopped with SIGSTOP never answers) holds our locks;
+        # past ``wedged_after_s`` the server is killed, which fails that call and frees them.
+        xvfb, done = self._xvfb, threading.Event()
+
+        def watchdog() -> None:
+            if not done.wait(wedged_after_s) and xvfb is not None and xvfb.poll() is None:
+                logger.warning("desktop {}: X server {} does not answer; killing it", self.id, self.display)
+                xvfb.kill()
+
+        threading.Thread(target=watchdog, name=f"close-{self.id}", daemon=True).start()
+        try:
+            self._close()
+        finally:
+            done.set()
+
+    def _close(self) -> None:
         with self._lock:
             self.close_apps(include_wm=True)
             if self._input is not None:
@@ -247,7 +278,8 @@ class LocalDesktop:
     def run(self, argv: list[str] | str, timeout: float = 60.0, shell: bool = False) -> subprocess.CompletedProcess:
         """Run a command in the desktop session (as its user, in its HOME) and wait for it."""
         return subprocess.run(argv, env=self.env(), cwd=str(self.home), shell=shell, capture_output=True,
-                              text=True, timeout=timeout, start_new_session=True, **self._as_user())
+                              text=True, errors="replace", timeout=timeout, start_new_session=True,
+                              **self._as_user())
 
     def launch(self, argv: list[str]) -> subprocess.Popen:
         if argv and argv[0] in APPS:
@@ -268,13 +300,13 @@ class LocalDesktop:
     def _restore_home(self) -> None:
         if self.home.exists():
             # Rename first: a process that was still dying cannot write into the fresh HOME.
-            trash = self.root / f"trash-{self.resets}"
+            trash = self.root / f"trash-{secrets.token_hex(4)}"  # unique: an earlier failed reset may have left one
             self.home.rename(trash)
             shutil.rmtree(trash, ignore_errors=True)
         if self.spec.template and self.spec.template.exists():
             shutil.copytree(self.spec.template, self.home, symlinks=True)
         else:
-            self.home.mkdir(parents=True)
+            self.home.mkdir(parents=True, exist_ok=True)
         for sub in ("Documents", "Desktop", "Downloads", ".config"):
             (self.home / sub).mkdir(exist_ok=True)
         # A blinking caret makes two screenshots of one state differ at random (replay compares them).
@@ -364,11 +396,14 @@ class LocalDesktop:
 
     def resolve_path(self, path: str) -> Path:
         """A path inside this desktop's HOME ('~/x', relative, or absolute under HOME)."""
+        if not isinstance(path, str) or "\0" in path:
+            raise PermissionError(f"path {path!r} is not a valid path")
         p = Path(path.replace("~", str(self.home), 1) if path.startswith("~") else path)
         if not p.is_absolute():
             p = self.home / p
-        p = Path(os.path.normpath(p))
-        home = Path(os.path.normpath(self.home))
+        # realpath: a symlink the desktop user made in HOME must not lead the service (root) out of it
+        p = Path(os.path.realpath(p))
+        home = Path(os.path.realpath(self.home))
         if p != home and home not in p.parents:
             raise PermissionError(f"path {path!r} is outside the desktop's HOME")
         return p

@@ -99,10 +99,14 @@ def _fsync_dir(path: Path) -> None:
 def _write_atomic(table: pa.Table, target: Path) -> None:
     """temp file, fsync, rename, fsync the directory: after a crash, the whole file or none."""
     tmp = target.with_name(f".{target.name}.tmp")
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
+    try:
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:  # a full disk, say: leave no half-written file behind
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(target.parent)
 
 
@@ -118,11 +122,18 @@ def read_trajectories(path: str | Path) -> list[Trajectory]:
 
 class TrajectoryBuffer:
     def __init__(self, directory: str | Path | None, rollout_n: int, *, max_staleness: int | None = None,
-                 stale_policy: Literal["drop", "flag"] = "flag", save_screenshots: bool = True):
+                 stale_policy: Literal["drop", "flag"] = "flag", save_screenshots: bool = True,
+                 max_screenshots: int | None = None, max_ready: int | None = None):
         self.dir = Path(directory) if directory else None
         self.rollout_n = rollout_n
         self.max_staleness, self.stale_policy = max_staleness, stale_policy
         self.save_screenshots = save_screenshots and self.dir is not None
+        # Bounds for a week-long run: screenshots per trajectory attempt on disk, and complete groups
+        # held in memory for get_batch() (past it the oldest is let go: it is on disk). 0: hold none.
+        self.max_screenshots, self.max_ready = max_screenshots, max_ready
+        self._shots: dict[tuple[str, int, int], int] = {}
+        self.screenshots_skipped = 0
+        self.released_unread = 0
         self._pending: dict[str, dict[int, Trajectory]] = {}
         self._ready: asyncio.Queue[Group] | None = None
         self._done: set[tuple[str, int]] = set()
@@ -131,7 +142,8 @@ class TrajectoryBuffer:
         self.dropped_stale = 0
         self.dropped_untrainable = 0
         self.policy_version = 0
-        self.rewards: list[float] = []
+        self.reward_sum = 0.0     # running sums, not a list: memory stays flat however long the run
+        self.successes = 0
         self.statuses: dict[str, int] = {}
         if self.dir is not None:
             (self.dir / "parts").mkdir(parents=True, exist_ok=True)
@@ -161,6 +173,13 @@ class TrajectoryBuffer:
     def screenshot_path(self, traj: Trajectory, name: str, png: bytes) -> str:
         if not self.save_screenshots:
             return ""
+        if self.max_screenshots is not None:
+            k = (traj.task_id, traj.sample, traj.attempts)
+            n = self._shots.get(k, 0)
+            if n >= self.max_screenshots:
+                self.screenshots_skipped += 1
+                return ""
+            self._shots[k] = n + 1
         d = self.dir / "screenshots" / _safe(traj.task_id) / str(traj.sample)
         d.mkdir(parents=True, exist_ok=True)
         p = d / f"a{traj.attempts}-{name}.png"
@@ -179,7 +198,10 @@ class TrajectoryBuffer:
             self._write(traj)
         self._done.add(traj.key)
         self.trajectories_done += 1
-        self.rewards.append(traj.reward)
+        self.reward_sum += traj.reward
+        self.successes += traj.reward >= 1.0
+        for a in range(1, traj.attempts + 1):
+            self._shots.pop((traj.task_id, traj.sample, a), None)
         self.statuses[traj.status.value] = self.statuses.get(traj.status.value, 0) + 1
         samples = self._pending.setdefault(traj.task_id, {})
         samples[traj.sample] = traj
@@ -188,6 +210,13 @@ class TrajectoryBuffer:
         del self._pending[traj.task_id]
         group = Group(task_id=traj.task_id, trajectories=[samples[k] for k in sorted(samples)])
         self.groups_done += 1
+        if self.max_ready is not None:
+            while self.ready.qsize() >= self.max_ready and not self.ready.empty():
+                self.ready.get_nowait()  # nobody took it: it stays on disk, not in memory
+                self.released_unread += 1
+            if self.max_ready == 0:
+                self.released_unread += 1
+                return group
         self.ready.put_nowait(group)
         return group
 

@@ -27,6 +27,9 @@ from agentenv.rollout.uitars import ACTION_REGEX
 from agentenv.types import Action, Status, Step, Task, Trajectory
 
 
+MAX_INVALID_REPLY_CHARS = 1000
+
+
 def _version_zero() -> int:
     return 0
 
@@ -108,8 +111,10 @@ async def _run(traj: Trajectory, task: Task, env: AsyncDesktopEnv, r: Rollout, s
             traj.status, traj.reason = Status.LLM_ERROR, str(e)
             break
         step.policy_version = completion.policy_version if completion.policy_version is not None else version
-        agent.record_reply(state, completion.text)
         parsed = agent.parse(state, completion.text)
+        # An invalid reply stays in the history only in part: 10,000 characters of garbage must not
+        # push every later prompt past the model's context.
+        agent.record_reply(state, completion.text if parsed.valid else completion.text[:MAX_INVALID_REPLY_CHARS])
         step.text, step.thought = completion.text, parsed.thought
         step.token_ids, step.logprobs = completion.token_ids, completion.logprobs
         step.finish_reason, step.llm_latency_s = completion.finish_reason, completion.latency_s

@@ -277,7 +277,17 @@ class StreamingScheduler:
     def _finish(self, traj: Trajectory) -> None:
         if traj.status == Status.LLM_ERROR:
             self._llm_suspect = True
-        group = self.buffer.add(traj)
+        try:
+            group = self.buffer.add(traj)
+        except OSError as e:  # the disk is full or gone: what is on disk stays whole; stop here
+            if self.error is None:
+                self.error = f"cannot write trajectories to {self.buffer.dir}: {e}"
+                logger.error("{}; admission stops (a rerun with --resume finishes the rest)", self.error)
+            self.stop()
+            return
+        except ValueError as e:  # the same (task, sample) twice: a bug, never a second row
+            logger.error("{}", e)
+            return
         self._event("done", traj.task_id, traj.sample)
         if group is not None:
             self._event("group", group.task_id)
@@ -320,11 +330,11 @@ class StreamingScheduler:
     def summary(self) -> dict[str, Any]:
         elapsed = self._now() - self.stats.started if self.stats.started is not None else 0.0
         b = self.buffer
-        rewards = b.rewards
+        n = b.trajectories_done
         out = {
-            "trajectories": b.trajectories_done, "groups": b.groups_done, "statuses": dict(b.statuses),
-            "mean_reward": sum(rewards) / len(rewards) if rewards else 0.0,
-            "success_rate": sum(r >= 1.0 for r in rewards) / len(rewards) if rewards else 0.0,
+            "trajectories": n, "groups": b.groups_done, "statuses": dict(b.statuses),
+            "mean_reward": b.reward_sum / n if n else 0.0,
+            "success_rate": b.successes / n if n else 0.0,
             "steps": self.stats.steps, "elapsed_s": round(elapsed, 2),
             "steps_per_s": round(self.stats.steps / elapsed, 3) if elapsed else 0.0,
             "env_pool": self.pool.stats(), "dropped_stale": b.dropped_stale,

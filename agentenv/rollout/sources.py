@@ -38,8 +38,8 @@ def _load_path(path: Path) -> list[Item]:
                 continue
             try:
                 out.append(Task.from_dict(json.loads(line), source=str(path)))
-            except (ValueError, json.JSONDecodeError) as e:
-                out.append(BrokenTask(f"{path.name}:{i + 1}", f"{path}:{i + 1}: {e}"))
+            except (ValueError, json.JSONDecodeError, RecursionError) as e:
+                out.append(BrokenTask(f"{path.name}:{i + 1}", f"{path}:{i + 1}: {type(e).__name__}: {e}"))
         return out
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq

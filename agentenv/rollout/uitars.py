@@ -113,6 +113,8 @@ def _point(box: str | None, screen: tuple[int, int], name: str) -> tuple[float, 
 
 def to_action(action_type: str, inputs: dict[str, str], screen: tuple[int, int], wait_s: float = 5.0) -> Action:
     """One ui-tars structured action -> our Action in screen pixels. Raises ValueError if invalid."""
+    if not isinstance(action_type, str):
+        raise ValueError(f"no action name in {action_type!r}")
     t = action_type.strip()
     if t in ("click", "left_single", "left_double", "right_single", "hover"):
         x, y = _point(inputs.get("start_box"), screen, "start_box")
@@ -170,8 +172,8 @@ def parse_reply(text: str, screen: tuple[int, int], min_pixels: int = UITARS_MIN
     try:
         for p in parsed:
             actions.append(to_action(p["action_type"], p.get("action_inputs") or {}, screen, wait_s))
-    except (ValueError, TypeError) as e:
-        return ParsedReply(thought, error=str(e)[:300])
+    except (ValueError, TypeError, AttributeError) as e:  # AttributeError: no action name (``f()()``)
+        return ParsedReply(thought, error=str(e)[:300] or type(e).__name__)
     if not actions:
         return ParsedReply(thought, error="no action in the reply")
     return ParsedReply(thought, actions)

@@ -11,7 +11,6 @@ import asyncio
 import os
 import signal
 import socket
-from pathlib import Path
 
 import pytest
 
@@ -20,6 +19,7 @@ from tests.osworld.test_streaming_task_sampling import CLICK_ONLY, ROLLOUT_N, ch
 
 from agentenv.envs.client import AsyncDesktopEnv, AsyncEnvClient, EnvDeadError
 from agentenv.envs.pool import EnvPool, ServiceSpec
+from agentenv.procs import descendants
 from agentenv.rollout.buffer import read_trajectories
 from agentenv.rollout.llm import ServiceLLM
 from agentenv.types import Status
@@ -33,23 +33,6 @@ async def _wait_for(cond, timeout: float = 240.0) -> None:
     while not cond():
         assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
         await asyncio.sleep(0.05)
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
 
 
 async def test_a_garbled_answer_fails_only_its_own_trajectory(vllm_server, env_service, tmp_path, tiny_pixels):
@@ -112,7 +95,7 @@ async def test_when_every_desktop_is_lost_the_run_ends_with_an_error(vllm_server
 
     async def kill_service() -> None:
         await _wait_for(lambda: sched.stats.steps >= 1)
-        procs.extend(_descendants(svc.proc.pid))  # its X server and apps, to end after the test
+        procs.extend(descendants(svc.proc.pid))  # its X server and apps, to end after the test
         os.kill(svc.proc.pid, signal.SIGKILL)
 
     try:

@@ -50,11 +50,11 @@ CLICK_ONLY = r"Thought: [a-z ]{1,12}\nAction: click\(start_box='\([12]?\d{1,2},[
 
 
 def make_scheduler(llm, pool, out: Path | None, items, tiny_pixels, max_steps=3,
-                   regex=ACTION_REGEX) -> StreamingScheduler:
+                   regex=ACTION_REGEX, step_timeout_s: float = 120) -> StreamingScheduler:
     agent = UITarsAgent(min_pixels=tiny_pixels[0], max_pixels=tiny_pixels[1], wait_s=0.2)
     buffer = TrajectoryBuffer(out, ROLLOUT_N)
     rollout = Rollout(as_llm(llm), agent, Sampling(temperature=1.0, max_tokens=48, regex=regex),
-                      LoopConfig(max_steps=max_steps, step_timeout_s=120))
+                      LoopConfig(max_steps=max_steps, step_timeout_s=step_timeout_s))
     return StreamingScheduler(rollout, pool, buffer, TaskSource(items), SchedulerConfig(rollout_n=ROLLOUT_N, env_retries=2))
 
 
@@ -204,7 +204,7 @@ async def test_broken_task_file_and_killed_desktop_are_recorded(vllm_server, poo
 
 def test_agentenv_run_sigterm_flushes_and_a_rerun_finishes(vllm_server, env_service, tmp_path):
     """`agentenv run` on SIGTERM stops admitting, finishes what is in flight, writes the summary
-    and exits 0; the next run does only the rest."""
+    and exits 0; the next run, with --resume, does only the rest."""
     import subprocess
     import sys
     import time
@@ -228,7 +228,7 @@ def test_agentenv_run_sigterm_flushes_and_a_rerun_finishes(vllm_server, env_serv
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["stopped_early"] and 1 <= summary["trajectories"] < len(ids) * ROLLOUT_N
     first = summary["trajectories"]
-    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd + ["--resume", str(out)], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     second = json.loads(r.stdout.strip().splitlines()[-1])
     assert not second["stopped_early"] and second["trajectories"] == len(ids) * ROLLOUT_N - first

@@ -19,7 +19,7 @@ def load_task_file(path: str | Path) -> list[Task]:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: [[[[...
         raise TaskLoadError(f"{path}: {e}") from e
     items = data if isinstance(data, list) else [data]
     tasks = []

@@ -9,7 +9,9 @@ is_true, number_match. ``func``/``result``/``expected`` may be lists (combined b
 from __future__ import annotations
 
 import difflib
+import os
 import re
+import stat
 import subprocess
 import zipfile
 from typing import Any
@@ -24,12 +26,25 @@ class EvaluatorError(RuntimeError):
 
 # ----------------------------------------------------------------------------- getters
 
+# The desktop user writes the files evaluators read: a file it made huge (``truncate -s 100G``)
+# must not be read whole into the service's memory.
+MAX_READ_BYTES = 16 * 2**20
+
+
 def _vm_file(desktop: Any, spec: dict) -> str | None:
     path = desktop.resolve_path(spec["path"])
-    try:
-        return path.read_text(errors="replace")
+    try:  # O_NONBLOCK: a FIFO the agent left there must not hang the evaluator
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except (FileNotFoundError, IsADirectoryError):
         return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_READ_BYTES + 1)
+    if len(data) > MAX_READ_BYTES:
+        raise EvaluatorError(f"{spec['path']!r} is over {MAX_READ_BYTES} bytes: not read")
+    return data.decode("utf-8", "replace")
 
 
 def _file_exists(desktop: Any, spec: dict) -> bool:
@@ -67,6 +82,8 @@ def read_ods_cells(path) -> dict[str, dict[str, str]]:
     T = "{%s}" % _ODS_NS["table"]
     O = "{%s}" % _ODS_NS["office"]
     with zipfile.ZipFile(path) as z:
+        if z.getinfo("content.xml").file_size > MAX_READ_BYTES:  # a zip bomb stays packed
+            raise EvaluatorError(f"{path}: content.xml is over {MAX_READ_BYTES} bytes unpacked")
         root = ElementTree.fromstring(z.read("content.xml"))
     out: dict[str, dict[str, str]] = {}
     for sheet in root.iter(T + "table"):
@@ -102,11 +119,11 @@ def _col_name(i: int) -> str:
 
 def _spreadsheet_cell(desktop: Any, spec: dict) -> str | None:
     path = desktop.resolve_path(spec["path"])
-    if not path.exists():
+    if not path.is_file():
         return None
     try:
         sheets = read_ods_cells(path)
-    except (zipfile.BadZipFile, KeyError, ElementTree.ParseError):
+    except (zipfile.BadZipFile, KeyError, ElementTree.ParseError, OSError, ValueError):
         return None
     sheet = sheets.get(spec["sheet"]) if spec.get("sheet") else next(iter(sheets.values()), {})
     return (sheet or {}).get(spec["cell"].upper())
@@ -185,18 +202,21 @@ def _expected_value(spec: Any) -> Any:
 
 def validate_evaluator(ev: dict) -> None:
     """Check the spec names only known getters and metrics; raise EvaluatorError otherwise."""
+    if not isinstance(ev, dict):
+        raise EvaluatorError(f"evaluator must be an object, got {type(ev).__name__}")
     funcs = ev.get("func")
     if funcs is None:
         raise EvaluatorError("evaluator has no 'func'")
     for f in funcs if isinstance(funcs, list) else [funcs]:
-        if f not in METRICS and f != "infeasible":
+        if not isinstance(f, str) or (f not in METRICS and f != "infeasible"):
             raise EvaluatorError(f"unsupported metric {f!r} (supported: {sorted(METRICS)}, infeasible)")
     results = ev.get("result")
     for r in results if isinstance(results, list) else [results]:
         if r is None:
             continue
-        if r.get("type") not in GETTERS:
-            raise EvaluatorError(f"unsupported result getter {r.get('type')!r} (supported: {sorted(GETTERS)})")
+        if not isinstance(r, dict) or not isinstance(r.get("type"), str) or r["type"] not in GETTERS:
+            what = r.get("type") if isinstance(r, dict) else r
+            raise EvaluatorError(f"unsupported result getter {what!r} (supported: {sorted(GETTERS)})")
 
 
 def evaluate(desktop: Any, task: Task, last_action: str | None = None) -> float:
@@ -212,7 +232,12 @@ def evaluate(desktop: Any, task: Task, last_action: str | None = None) -> float:
         raise EvaluatorError("func, result, expected and options must have the same length")
     scores = []
     for f, r, e, o in zip(funcs, results, expecteds, options):
-        value = GETTERS[r["type"]](desktop, r)
-        scores.append(METRICS[f](value, _expected_value(e), o or {}))
+        if r is None or not isinstance(o or {}, dict):
+            raise EvaluatorError("each metric needs a result getter, and options must be objects")
+        try:
+            value = GETTERS[r["type"]](desktop, r)
+            scores.append(METRICS[f](value, _expected_value(e), o or {}))
+        except (KeyError, TypeError, AttributeError, ValueError, OverflowError) as err:  # a malformed spec
+            raise EvaluatorError(f"{f} on {r.get('type')}: {type(err).__name__}: {err}") from err
     conj = ev.get("conj", "and")
     return max(scores) if conj == "or" else min(scores)

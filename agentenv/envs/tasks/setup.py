@@ -26,20 +26,38 @@ def _step_name(i: int, step: dict[str, Any]) -> str:
 
 
 def run_setup(desktop: Any, task: Task) -> None:
+    from agentenv.envs.xvfb import DesktopError
+
     for i, step in enumerate(task.config):
         if not isinstance(step, dict) or "type" not in step:
             raise TaskSetupError(f"task {task.id}: {_step_name(i, step if isinstance(step, dict) else {})}: "
                                  "each setup step needs a 'type'")
-        fn = SETUP_STEPS.get(step["type"])
+        fn = SETUP_STEPS.get(step["type"]) if isinstance(step["type"], str) else None
         if fn is None:
             raise TaskSetupError(f"task {task.id}: {_step_name(i, step)}: unsupported setup type "
                                  f"{step['type']!r} (supported: {sorted(SETUP_STEPS)})")
+        params = step.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise TaskSetupError(f"task {task.id}: {_step_name(i, step)}: 'parameters' must be an object")
         try:
-            fn(desktop, task, step.get("parameters") or {})
+            fn(desktop, task, params)
         except TaskSetupError as e:
             raise TaskSetupError(f"task {task.id}: {_step_name(i, step)}: {e}") from e
-        except (OSError, ValueError, KeyError, subprocess.SubprocessError) as e:
+        except DesktopError as e:  # an app that is not installed; a dead X server stays a dead desktop
+            if not desktop.alive():
+                raise
+            raise TaskSetupError(f"task {task.id}: {_step_name(i, step)}: {e}") from e
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError,
+                subprocess.SubprocessError) as e:  # parameters of the wrong kind
             raise TaskSetupError(f"task {task.id}: {_step_name(i, step)}: {type(e).__name__}: {e}") from e
+
+
+def _bounded(value: Any, most: float) -> float:
+    """A duration from a task file, within [0, most]: a task must not hold a desktop for hours."""
+    v = float(value)
+    if v != v:
+        raise TaskSetupError(f"duration {value!r} is not a number")
+    return min(max(v, 0.0), most)
 
 
 def _argv(command: Any) -> list[str]:
@@ -55,10 +73,10 @@ def _launch(desktop: Any, task: Task, p: dict[str, Any]) -> None:
     before = len(desktop.window_titles())
     desktop.launch([desktop.resolve_path(a) if a.startswith("~/") else a for a in map(str, argv)])
     # Wait for the app's window so the first action lands on it, not on an empty screen.
-    if p.get("wait", True) and not desktop.wait_for_window(p.get("window"), float(p.get("timeout", 45)),
+    if p.get("wait", True) and not desktop.wait_for_window(p.get("window"), _bounded(p.get("timeout", 45), 120),
                                                            before=before):
         raise TaskSetupError(f"no window appeared for {argv[0]!r}")
-    time.sleep(float(p.get("settle", 0.3)))
+    time.sleep(_bounded(p.get("settle", 0.3), 10))
 
 
 def _open(desktop: Any, task: Task, p: dict[str, Any]) -> None:
@@ -76,13 +94,15 @@ def _open(desktop: Any, task: Task, p: dict[str, Any]) -> None:
 def _execute(desktop: Any, task: Task, p: dict[str, Any]) -> None:
     cmd = p.get("command")
     shell = bool(p.get("shell", isinstance(cmd, str)))
-    r = desktop.run(cmd if shell else _argv(cmd), timeout=float(p.get("timeout", 60)), shell=shell)
+    if shell and not isinstance(cmd, str):
+        raise TaskSetupError(f"a shell command must be a string, got {cmd!r}")
+    r = desktop.run(cmd if shell else _argv(cmd), timeout=_bounded(p.get("timeout", 60), 300), shell=shell)
     if r.returncode != 0 and not p.get("ignore_errors"):
         raise TaskSetupError(f"command exited {r.returncode}: {r.stderr.strip()[:300]}")
 
 
 def _sleep(desktop: Any, task: Task, p: dict[str, Any]) -> None:
-    time.sleep(min(float(p.get("seconds", 1)), 30.0))
+    time.sleep(_bounded(p.get("seconds", 1), 30))
 
 
 def _activate_window(desktop: Any, task: Task, p: dict[str, Any]) -> None:
@@ -95,11 +115,13 @@ def _activate_window(desktop: Any, task: Task, p: dict[str, Any]) -> None:
 
 
 def _upload_file(desktop: Any, task: Task, p: dict[str, Any]) -> None:
-    base = Path(task.source).parent if task.source else Path.cwd()
+    base = (Path(task.source).parent if task.source else Path.cwd()).resolve()
     for f in p.get("files") or []:
         local = Path(f["local_path"])
-        local = local if local.is_absolute() else base / local
-        if not local.exists():
+        local = (local if local.is_absolute() else base / local).resolve()
+        if base not in local.parents:  # a task ships its files; it does not read the host's
+            raise TaskSetupError(f"local file {f['local_path']!r} is outside the task's folder {str(base)!r}")
+        if not local.is_file():
             raise TaskSetupError(f"local file {str(local)!r} not found")
         dest = desktop.resolve_path(f["path"])
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -227,10 +227,24 @@ class ServiceLLM:
                 last = LLMError(ep.url, f"connection error: {e.__cause__ or e}")
                 self._failed(ep, down_now=True)
                 tried.add(id(ep))
+            except (ValueError, KeyError, TypeError, openai.APIResponseValidationError) as e:
+                # an answer that does not parse (not JSON, not UTF-8, no choices): a failed attempt
+                last = LLMError(ep.url, f"unreadable answer: {type(e).__name__}: {str(e)[:200]}")
+                self._failed(ep, down_now=False)
+                tried.add(id(ep))
             else:
-                ep.served += 1
-                ep.failures = 0
-                return _completion_from_openai(resp, ep.url, time.perf_counter() - t0, version)
+                try:
+                    out = _completion_from_openai(resp, ep.url, time.perf_counter() - t0, version)
+                except LLMRequestError:
+                    raise
+                except (ValueError, KeyError, TypeError, IndexError) as e:
+                    last = LLMError(ep.url, f"unreadable answer: {type(e).__name__}: {str(e)[:200]}")
+                    self._failed(ep, down_now=False)
+                    tried.add(id(ep))
+                else:
+                    ep.served += 1
+                    ep.failures = 0
+                    return out
             finally:
                 ep.in_flight -= 1
                 if ep.in_flight == 0:

@@ -1,0 +1,92 @@
+"""Child processes that cannot outlive their parent, and process trees found through /proc.
+
+``spawn_tied(argv, ...)`` starts a child that gets ``sig`` when the process that started it
+dies, whatever ends it (SIGKILL included): Linux's PR_SET_PDEATHSIG. The kernel ties the child
+to the *thread* that forked it, not the process, so every tied child is forked from one
+long-lived thread of ours: a worker thread that ends (a request handler, a thread pool shut
+down after start-up) must not take its children with it.
+
+``descendants(pid)`` is the process tree under a PID, read from /proc: tests and benchmarks use
+it to prove that nothing we started is left, without ever looking processes up by name.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+_PR_SET_PDEATHSIG = 1
+_libc: Any = None
+_spawner: ThreadPoolExecutor | None = None
+_spawner_lock = threading.Lock()
+
+
+def _set_pdeathsig(sig: int) -> None:
+    """In the child, between fork and exec: die with ``sig`` when the parent thread does."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
+def _thread() -> ThreadPoolExecutor:
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:  # never shut down: it lives as long as the process
+            _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentenv-spawner")
+        return _spawner
+
+
+def spawn_tied(argv: list[str], sig: int = signal.SIGTERM, **popen_kw: Any) -> subprocess.Popen:
+    """``subprocess.Popen(argv, **popen_kw)``, tied to this process's life (see the module doc).
+
+    The child's own children are not tied; the processes this is used for either end theirs when
+    they get ``sig`` (the vLLM server, the env service) or take them with them (an X server: its
+    clients lose their display and exit).
+    """
+    if "preexec_fn" in popen_kw:
+        raise ValueError("spawn_tied sets preexec_fn itself")
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(argv, preexec_fn=lambda: _set_pdeathsig(sig), **popen_kw)
+
+    return _thread().submit(start).result()
+
+
+def _children() -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        out.setdefault(ppid, []).append(int(d.name))
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process under ``pid`` now (children, their children...), from /proc."""
+    children = _children()
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
