@@ -34,7 +34,7 @@ def make_agent(name: str, **kwargs: Any) -> "Agent":
 @dataclass
 class Turn:
     image_url: str        # the screenshot as a data URL, encoded once and reused every turn
-    reply: str = ""       # the model's reply to it ("" until it answered)
+    reply: str | None = None  # the model's reply to it (None until it answered; "" is a reply)
 
 
 @dataclass
@@ -103,7 +103,9 @@ class UITarsAgent(Agent):
         for i, turn in enumerate(state.turns):
             if i >= first_image:
                 msgs.append({"role": "user", "content": [{"type": "image_url", "image_url": {"url": turn.image_url}}]})
-            if turn.reply:
+            # an empty reply is still a turn: leaving it out would break the token-level
+            # extension from one step's prompt to the next (sequence mode)
+            if turn.reply is not None:
                 msgs.append({"role": "assistant", "content": turn.reply})
         return msgs
 

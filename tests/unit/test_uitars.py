@@ -168,6 +168,21 @@ def test_prefix_stays_byte_identical_while_no_image_leaves(k):
     assert checked_extension == min(k - 1, 7) and checked_window == 7 - checked_extension
 
 
+def test_empty_reply_is_still_an_assistant_turn():
+    # the model can answer nothing; the next prompt must still extend the previous prompt plus
+    # that (empty) reply, or the trajectory cannot become one token sequence
+    agent = UITarsAgent(history_images=5)
+    st = agent.start("Do the thing.", (100, 100))
+    agent.observe(st, b"png0")
+    before = agent.messages(st)
+    agent.record_reply(st, "")
+    agent.observe(st, b"png1")
+    after = agent.messages(st)
+    assert after[:len(before)] == before
+    assert after[len(before)] == {"role": "assistant", "content": ""}
+    assert [m["role"] for m in after[len(before):]] == ["assistant", "user"]
+
+
 def test_prompt_has_language_and_instruction():
     p = prompt("Open the file", "Chinese")
     assert "Open the file" in p and "Use Chinese in `Thought` part." in p and "call_user()" in p
