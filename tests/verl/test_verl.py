@@ -141,6 +141,46 @@ async def test_verl_agent_loop_worker_builds_the_trainer_batch(vllm_server, env_
         # the server's logprobs on the model's tokens (0 where the action grammar left one choice), none elsewhere
         assert all(lp <= 0 for lp, m in zip(logp, mask) if m) and any(lp < 0 for lp, m in zip(logp, mask) if m)
         assert all(lp == 0 for lp, m in zip(logp, mask) if not m)
+    _each_turn_scores_as_its_own_prompt(out)
+
+
+def _each_turn_scores_as_its_own_prompt(out) -> None:
+    """What the actor computes for the PPO ratio: one forward pass of the model over the whole sample
+    (the batch's M-RoPE positions, every screenshot) must score each reply as the model scored it on
+    that turn's own prompt (that prefix, with only the screenshots it showed). A prompt that did not
+    extend the previous turn, a lost reply or images out of order would show as a large difference.
+    (Not compared with the server's logprobs: the tiny model decodes under the action grammar, so those
+    are the constrained distribution's; an unconstrained model's match the forward pass.)"""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(TINY_MODEL, dtype=torch.float32).eval()
+    vision_start = model.config.vision_start_token_id
+    b, nt = out.batch, out.non_tensor_batch
+    P = b["prompts"].shape[1]
+    checked = 0
+    for i in range(len(out)):
+        am = b["attention_mask"][i].bool()
+        mm = nt["multi_modal_inputs"][i]
+        ids = b["input_ids"][i][am]
+        plen, rlen = int(b["attention_mask"][i, :P].sum()), int(b["attention_mask"][i, P:].sum())
+        with torch.no_grad():
+            whole = model(input_ids=ids[None], position_ids=b["position_ids"][i][:, am].unsqueeze(1),
+                          pixel_values=mm["pixel_values"].float(), image_grid_thw=mm["image_grid_thw"]).logits[0]
+        whole = torch.log_softmax(whole.float(), -1)
+        patches = mm["image_grid_thw"].prod(-1).tolist()
+        for s, e in _runs(b["response_mask"][i, :rlen].tolist()):
+            start, end = plen + s, plen + e
+            shown = int((ids[:start] == vision_start).sum())
+            with torch.no_grad():
+                turn = model(input_ids=ids[None, :end], pixel_values=mm["pixel_values"][:sum(patches[:shown])].float(),
+                             image_grid_thw=mm["image_grid_thw"][:shown]).logits[0]
+            turn = torch.log_softmax(turn.float(), -1)
+            at, tok = start - 1 + torch.arange(e - s), ids[start:end]
+            diff = (whole[at, tok] - turn[at, tok]).abs()
+            assert float(diff.max()) < 0.1, (i, (s, e), float(diff.max()))
+            checked += 1
+    assert checked >= len(out)
 
 
 async def test_streaming_mode_feeds_complete_groups_in_step_mode(vllm_server, env_service, tmp_path, tiny_pixels):
