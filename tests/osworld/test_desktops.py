@@ -140,11 +140,15 @@ def test_bad_actions_are_errors_in_info_not_failures(env_service):
     base = f"{env_service.url}/envs/{env_id}"
     for action, needle in [({"type": "click", "x": 5000, "y": 10}, "outside"),
                            ({"type": "hotkey", "keys": ["ctrl", "nosuchkey"]}, "unknown key"),
-                           ({"type": "scroll", "direction": "sideways"}, "direction"),
-                           ({"type": "pyautogui", "code": "import os"}, "refused")]:
+                           ({"type": "scroll", "direction": "sideways"}, "direction")]:
         r = httpx.post(base + "/step", headers=h, json={"action": action})
         assert r.status_code == 200, r.text
         assert needle in r.json()["info"]["error"]
+    # code the allow-list refuses is refused whole before any of it acts, as a bad request (the
+    # agent loop records it as an invalid step)
+    r = httpx.post(base + "/step", headers=h, json={"action": {"type": "pyautogui", "code": "import os"}})
+    assert r.status_code == 422 and "refused pyautogui code" in r.json()["detail"], r.text
+    assert httpx.get(base + "/alive", headers=h).json()["alive"]
 
 
 def test_paths_outside_home_are_refused(env_service):
