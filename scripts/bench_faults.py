@@ -243,7 +243,8 @@ def fuzz_http(inputs: int, seeds: int, port: int) -> dict:
     finally:
         svc.stop()
     return {"inputs": tally.total, "seeds": seeded, "mutated_by": "random edits (8 threads)", "counts": tally.counts,
-            "examples": tally.examples, "mutation_s": round(time.monotonic() - t0), "desktop_alive_after": alive}
+            "examples": tally.examples, "mutation_s": round(time.monotonic() - t0), "desktop_alive_after": alive,
+            "dropped_once_then_answered": tally.transient}
 
 
 def fuzz_campaign(inputs: int, seeds: int, port: int, targets: list[str]) -> dict:

@@ -30,6 +30,7 @@ import ipaddress
 import os
 import secrets
 import shlex
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -157,7 +158,10 @@ class DesktopHost:
             did = f"d{self._n}-{secrets.token_hex(3)}"
         spec = DesktopSpec(width=width or self.spec.width, height=height or self.spec.height,
                            scratch=self.spec.scratch, template=self.spec.template)
-        d = LocalDesktop(did, spec).start()
+        try:
+            d = LocalDesktop(did, spec).start()
+        except (OSError, subprocess.SubprocessError) as e:  # answered 503 like any desktop that is not up
+            raise DesktopError(f"could not start a desktop: {type(e).__name__}: {e}") from e
         with self._lock:
             self.desktops[did] = d
         self.m_desktops.set(len(self.desktops))

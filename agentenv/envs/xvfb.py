@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import Xlib.error
 from loguru import logger
 
 from agentenv.envs.actions import ActionError, XInput
@@ -146,6 +147,13 @@ class LocalDesktop:
         return f":{self.display_num}"
 
     def start(self) -> "LocalDesktop":
+        try:
+            return self._start()
+        except BaseException:
+            self._close()  # a desktop that did not come up leaves no process or folder behind
+            raise
+
+    def _start(self) -> "LocalDesktop":
         with self._lock:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root.mkdir(parents=True)
@@ -191,7 +199,7 @@ class LocalDesktop:
         while True:
             try:
                 return XInput(self.display, str(self.xauth), self.width, self.height)
-            except ConnectionRefusedError:
+            except (ConnectionRefusedError, Xlib.error.DisplayConnectionError):  # python-xlib wraps it
                 if time.monotonic() > deadline or self._xvfb.poll() is not None:
                     raise DesktopError(f"Xvfb {self.display} refuses connections") from None
                 time.sleep(0.05)

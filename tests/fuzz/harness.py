@@ -37,6 +37,7 @@ OUTCOMES = ("ok", "refused", "escape", "crash", "hang")
 class Tally:
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
     examples: dict[str, list[str]] = field(default_factory=dict)
+    transient: int = 0  # connections dropped once, the request then answered (counted by its answer)
 
     def add(self, outcome: str, example: Any = None) -> str:
         self.counts[outcome] += 1
@@ -448,12 +449,20 @@ def check_request(http: Any, req: Req, outside: Outside, tally: Tally, timeout: 
     elif req.json is not None or req.method == "POST":
         kw["content"] = json.dumps(req.json, allow_nan=True)
         kw["headers"] = {"content-type": "application/json"}
-    try:
-        r = http.request(req.method, req.path, **kw)
-    except httpx.TimeoutException:
-        return tally.add("hang", req)
-    except httpx.TransportError as e:
-        return tally.add("crash", (req, f"the service dropped the connection: {e}"))
+    r = None
+    for attempt in (1, 2):
+        try:
+            r = http.request(req.method, req.path, **kw)
+            break
+        except httpx.TimeoutException:
+            return tally.add("hang", req)
+        except httpx.TransportError as e:
+            # A connection reset once under heavy load is the network stack, not this input: the
+            # same request again on a fresh connection tells. Dropped twice is a crash.
+            if attempt == 2:
+                return tally.add("crash", (req, f"the service dropped the connection twice: {e}"))
+            tally.transient += 1
+            tally.examples.setdefault("transient", []).append(repr((req, str(e)))[:300])
     if not outside.untouched():
         return tally.add("escape", (req, "a file outside HOME was written"))
     if r.status_code == 200 and req.path.endswith("/file") and outside.secret.encode() in r.content:
