@@ -16,7 +16,6 @@ Each failure raises ``PreflightError`` with a message that says what to fix.
 from __future__ import annotations
 
 import asyncio
-import collections
 import os
 import time
 from pathlib import Path
@@ -44,11 +43,7 @@ def check_tasks(t: TaskConfig) -> list[Any]:
                              "file, a folder, .jsonl or .parquet)") from e
     if not items:
         raise PreflightError(f"task source {t.source!r} holds no task")
-    by_id = collections.Counter(i.id for i in items)
-    twice = sorted(k for k, n in by_id.items() if n > 1)
-    if twice:
-        raise PreflightError(f"task source {t.source!r}: task ids appear more than once: {twice[:10]} "
-                             "(an id names one group of trajectories on disk)")
+    by_id = {i.id for i in items}  # unique: load_items renames duplicates (sources.dedupe_ids)
     if t.ids:
         unknown = sorted(set(t.ids) - set(by_id))
         if unknown:
