@@ -177,7 +177,6 @@ def check_tasks(root: str | Path, cache: DownloadCache | None = None) -> list[Ta
     root = Path(root)
     cache = cache or DownloadCache.from_config()
     reports: list[TaskReport] = []
-    ids: dict[str, str] = {}
     for f in iter_files(root):
         try:
             tasks = load_task_file(f)
@@ -188,11 +187,24 @@ def check_tasks(root: str | Path, cache: DownloadCache | None = None) -> list[Ta
             reports.append(TaskReport(str(f), f.stem, _domain(f, root, None), "broken", [f"load: {e}"]))
             continue
         for t in tasks:
-            reports.append(check_task(t, f, root, cache, ids))
+            reports.append(check_task(t, f, root, cache))
+    _note_duplicates(reports)
     return reports
 
 
-def check_task(t: Task, f: Path, root: Path, cache: DownloadCache, ids: dict[str, str]) -> TaskReport:
+def _note_duplicates(reports: list[TaskReport]) -> None:
+    """The ids the loader gives (``sources.dedupe_ids``): the file nearest the root keeps the id."""
+    groups: dict[str, list[TaskReport]] = defaultdict(list)
+    for r in reports:
+        if r.status not in ("broken", "skipped"):
+            groups[r.id].append(r)
+    for tid, rs in groups.items():
+        rs = sorted(rs, key=lambda r: (len(Path(r.file).parts), r.file))
+        for k, r in enumerate(rs[1:], start=2):
+            r.note = f"duplicate id of {rs[0].file}: loaded as {tid}~{k}"
+
+
+def check_task(t: Task, f: Path, root: Path, cache: DownloadCache) -> TaskReport:
     urls: list[str] = []
     try:
         missing = ["Windows (the task's paths are Windows paths)"] if _WINDOWS_PATH.search(
@@ -205,12 +217,8 @@ def check_task(t: Task, f: Path, root: Path, cache: DownloadCache, ids: dict[str
                 missing.append(f"app: {prog} ({app})")
     except Exception as e:  # a quirk nobody foresaw: reported, never a crash of the whole check
         missing = [f"check failed: {type(e).__name__}: {e}"]
-    note = ""
-    if t.id in ids:
-        note = f"duplicate id of {ids[t.id]}: loaded as {t.id}~2 (or later)"
-    else:
-        ids[t.id] = str(f)
-    missing = list(dict.fromkeys(missing))
+    # one line per missing thing: "app: code" and "app: code (vs_code)" are the same app
+    missing = list({(m.split(" (")[0] if m.startswith("app: ") else m): m for m in reversed(missing)}.values())[::-1]
     uncached = [u for u in dict.fromkeys(urls) if not cache.cached(u)]
     if missing:
         status = "missing"
@@ -221,7 +229,7 @@ def check_task(t: Task, f: Path, root: Path, cache: DownloadCache, ids: dict[str
     if uncached:
         missing.append(f"{'cached file' if cache.offline else 'network or cached file'}: "
                        f"{len(uncached)} URL(s) not cached, e.g. {uncached[0]}")
-    return TaskReport(str(f), t.id, _domain(f, root, t), status, missing, list(dict.fromkeys(urls)), note)
+    return TaskReport(str(f), t.id, _domain(f, root, t), status, missing, list(dict.fromkeys(urls)))
 
 
 def summarize(reports: list[TaskReport]) -> dict[str, Any]:

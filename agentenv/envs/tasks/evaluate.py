@@ -7,7 +7,8 @@ agent gave up on scores 0; ``func``/``result``/``expected``/``options`` may be l
 ``conj`` ("and": 0 as soon as one is 0, else the mean; "or": 1 as soon as one is 1, else the max).
 
 Which dialect (getters.py says how they differ): ``evaluator.dialect`` when given, else OSWorld's
-for a task with a ``snapshot`` field (every OSWorld task file has one), else agentenv's.
+for a task with a ``snapshot`` field (every OSWorld task file names its VM snapshot: "os",
+"libreoffice_calc", ...) other than our own "agentenv-*", else agentenv's.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def dialect(task: Task) -> str:
     d = ev.get("dialect")
     if d in ("osworld", "agentenv"):
         return d
-    return "osworld" if "snapshot" in task.extra else "agentenv"
+    snapshot = task.extra.get("snapshot")
+    return "osworld" if isinstance(snapshot, str) and not snapshot.startswith("agentenv") else "agentenv"
 
 
 def _as_list(v: Any) -> list[Any]:
