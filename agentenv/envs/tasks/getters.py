@@ -146,7 +146,8 @@ def terminal_text(desktop: Any) -> str | None:
     Ctrl+Shift+A, Ctrl+Shift+C) and the clipboard is read: it changes the selection, nothing else."""
     if hasattr(desktop, "terminal_output"):
         return desktop.terminal_output()
-    r = desktop.run(["xdotool", "search", "--limit", "1", "--class", "xfce4-terminal", "windowactivate", "--sync"],
+    r = desktop.run(["xdotool", "search", "--onlyvisible", "--limit", "1", "--class", "xfce4-terminal",
+                     "windowactivate", "--sync"],
                     timeout=10)
     if r.returncode != 0:
         return None

@@ -210,7 +210,7 @@ def _xdotool_search(p: dict[str, Any]) -> list[str]:
         raise TaskSetupError("window_name must be a non-empty string")
     pattern = "^" + name + "$" if commands.shell_flag(p.get("strict"), None) else name
     by = "--class" if commands.shell_flag(p.get("by_class"), None) else "--name"
-    return ["xdotool", "search", "--limit", "1", by, pattern]
+    return ["xdotool", "search", "--onlyvisible", "--limit", "1", by, pattern]
 
 
 def _activate_window(desktop: Any, task: Task, p: dict[str, Any]) -> None:

@@ -1,0 +1,127 @@
+"""OSWorld-format tasks (our own samples, tests/tasks/samples) on a real desktop: the setup runs
+(downloads through the cache from a local HTTP server, ``sudo -S``, ``python -c "import pyautogui"``,
+``/home/user`` paths), a no-op scores 0, a solution done through desktop actions scores 1, and
+``evaluator.postconfig`` saves the file before it is scored."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from agentenv.envs.tasks.evaluate import evaluate
+from agentenv.envs.tasks.setup import TaskSetupError
+from agentenv.envs.xvfb import DesktopSpec, LocalDesktop
+from agentenv.types import Action, Task
+from tests.tasks.conftest import load_sample
+
+
+@pytest.fixture(scope="module")
+def desktop():
+    # the default scratch folder: the desktop user must reach its HOME (pytest's tmp is root's, 700)
+    d = LocalDesktop(f"tasks-test-{os.getpid()}", DesktopSpec(width=1280, height=800)).start()
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+def act(d: LocalDesktop, *actions: Action, settle: float = 0.4) -> None:
+    for a in actions:
+        assert d.execute(a) == {}, a
+    time.sleep(settle)
+
+
+def wait_for(pred, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_sudo_python_and_home_user_setup_then_vm_command_line(desktop, samples, agentenv_home):
+    task = load_sample(samples, "b7d2e9a4-sudo-project")
+    desktop.reset(task)  # echo password | sudo -S mkdir /home/user/..., python -c "import pyautogui...", a terminal
+    assert (desktop.home / "Desktop" / "project").is_dir()
+    assert evaluate(desktop, task) == 0.0
+    act(desktop, Action("type", text="touch ~/Desktop/project/README.md\n"))
+    assert wait_for(lambda: (desktop.home / "Desktop" / "project" / "README.md").exists())
+    assert evaluate(desktop, task) == 1.0
+
+
+def test_terminal_output_is_read_from_the_terminal(desktop, samples, agentenv_home):
+    task = load_sample(samples, "c3e81f05-terminal-product")
+    desktop.reset(task)
+    assert evaluate(desktop, task) == 0.0
+    act(desktop, Action("type", text="echo $((6*9))\n"), settle=1.0)
+    assert evaluate(desktop, task) == 1.0
+
+
+def test_postconfig_saves_the_file_before_it_is_scored(desktop, samples, file_server, agentenv_home):
+    task = load_sample(samples, "f61b2d7e-notes-append")
+    desktop.reset(task)  # notes.txt downloaded through the cache, opened in the editor
+    assert (desktop.home / "notes.txt").read_text() == "meeting at noon\n"
+    assert evaluate(desktop, task) == 0.0  # postconfig saved an unchanged file; the gold was fetched
+    act(desktop, Action("hotkey", keys=["ctrl", "End"]), Action("type", text="bring the report\n"))
+    assert (desktop.home / "notes.txt").read_text() == "meeting at noon\n"  # typed, not saved yet
+    assert evaluate(desktop, task) == 1.0  # postconfig pressed ctrl+s (through the allow-list)
+    assert file_server.hits.count("/notes.txt") == 1 and file_server.hits.count("/notes_gold.txt") == 1
+    desktop.reset(task)  # the second reset reads the cache: nothing fetched again
+    assert file_server.hits.count("/notes.txt") == 1
+
+
+def test_calc_task_scored_by_compare_table_against_a_served_gold_file(desktop, samples, agentenv_home):
+    task = load_sample(samples, "a1f0c6e2-sales-total")
+    desktop.reset(task)  # sales.xlsx downloaded to /home/user/Desktop and opened in LibreOffice Calc
+    assert any("sales.xlsx" in t for t in desktop.window_titles())
+    assert evaluate(desktop, task) == 0.0  # postconfig: ctrl+s, Enter (keep the format); B5 is empty
+    # the Name Box (top left), as a user would: go to B5, type the total
+    act(desktop, Action("click", x=60, y=107), Action("hotkey", keys=["ctrl", "a"]), Action("type", text="B5\n"))
+    act(desktop, Action("type", text="60\n"))
+    assert evaluate(desktop, task) == 1.0
+    import openpyxl
+
+    assert openpyxl.load_workbook(desktop.home / "Desktop" / "sales.xlsx")["Sales"]["B5"].value == 60
+
+
+def test_vscode_task_names_the_missing_app_and_its_metric_scores_files(desktop, samples, agentenv_home):
+    task = load_sample(samples, "e5f2c8d3-font-size")
+    with pytest.raises(TaskSetupError, match="'code'.*not installed"):
+        desktop.reset(task)
+    bare = Task.from_dict({**task.to_dict(), "config": []})  # the metric alone, on files written directly
+    desktop.reset(bare)
+    assert evaluate(desktop, bare) == 0.0  # no settings file
+    settings = desktop.home / ".config" / "Code" / "User" / "settings.json"
+    settings.parent.mkdir(parents=True)
+    settings.write_text(json.dumps({"editor.fontSize": 14}))
+    assert evaluate(desktop, bare) == 0.0
+    settings.write_text(json.dumps({"editor.fontSize": 16, "workbench.colorTheme": "Default Dark+"}))
+    assert evaluate(desktop, bare) == 1.0
+
+
+def test_infeasible_task_scores_only_giving_up(desktop, samples, agentenv_home):
+    task = load_sample(samples, "d90a7b11-infeasible-kernel")
+    desktop.reset(task)
+    assert evaluate(desktop, task, None) == 0.0
+    assert evaluate(desktop, task, "finished") == 0.0
+    assert evaluate(desktop, task, "call_user") == 1.0
+
+
+def test_pyautogui_setup_code_goes_through_the_allow_list(desktop, agentenv_home):
+    marker = desktop.home / "ran.txt"
+    bad = Task(id="bad", instruction="-", extra={"snapshot": "os"}, config=[
+        {"type": "execute", "parameters": {"command": ["python", "-c",
+                                                       "import pyautogui, os; os.system('touch ~/ran.txt')"]}}])
+    with pytest.raises(TaskSetupError, match="refused pyautogui code"):
+        desktop.reset(bad)
+    assert not marker.exists()
+    typed = Task(id="typed", instruction="-", extra={"snapshot": "os"}, config=[
+        {"type": "launch", "parameters": {"command": ["xfce4-terminal", "--disable-server"]}},
+        {"type": "execute", "parameters": {"command": "python -c \"import pyautogui; "
+                                                      "pyautogui.typewrite('touch ~/ran.txt'); pyautogui.press('enter')\""}}])
+    desktop.reset(typed)  # the same code, as actions: typed into the terminal, which runs it
+    assert wait_for(lambda: marker.exists())
