@@ -98,3 +98,44 @@ def test_tasks_check_and_fetch_on_the_samples(samples, file_server, agentenv_hom
     assert cli(["tasks", "check", str(samples), "--quiet", "--offline"]) == 0
     after = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert after["runs"] == 5 and after["needs_fetch"] == 0 and after["missing"] == 2
+
+
+def test_tasks_check_never_crashes_on_odd_task_files(tmp_path, agentenv_home):
+    """hypothesis: task files of any shape (the fuzz harness's, and OSWorld-shaped ones with steps and
+    evaluators of every kind and wrong types) give a report per file, never an exception."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from tests.fuzz import harness as h
+
+    any_json = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=8), st.lists(st.text(max_size=5), max_size=3),
+                         st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=2))
+    step = st.fixed_dictionaries({"type": st.sampled_from(["download", "open", "execute", "command", "launch", "sleep",
+                                                           "activate_window", "chrome_open_tabs", "googledrive", "x", 5]),
+                                  "parameters": st.one_of(any_json, st.fixed_dictionaries({
+                                      "command": any_json, "shell": any_json, "files": any_json, "path": any_json,
+                                      "urls_to_open": any_json}))})
+    getter = st.one_of(any_json, st.fixed_dictionaries({"type": st.sampled_from(
+        ["vm_file", "cloud_file", "rule", "vm_command_line", "accessibility_tree", "nope", None]),
+        "path": any_json, "rules": any_json, "command": any_json}))
+    evaluator = st.one_of(any_json, st.fixed_dictionaries({
+        "func": st.one_of(any_json, st.sampled_from(["compare_table", "infeasible", "exact_match", "", "compare_pptx_files"]),
+                          st.lists(st.sampled_from(["exact_match", "x"]), max_size=3)),
+        "result": st.one_of(getter, st.lists(getter, max_size=3)), "expected": st.one_of(getter, st.lists(getter, max_size=3)),
+        "postconfig": st.one_of(any_json, st.lists(step, max_size=3)), "conj": any_json}))
+    osworld_like = st.fixed_dictionaries({"id": st.text(min_size=1, max_size=6), "instruction": st.just("do"),
+                                          "snapshot": st.just("os"), "config": st.lists(step, max_size=4),
+                                          "evaluator": evaluator, "related_apps": st.lists(any_json, max_size=2)})
+    files = st.one_of(h.task_file_bytes, osworld_like.map(lambda d: json.dumps(d).encode()))
+    folder = tmp_path / "odd"
+    folder.mkdir()
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(files)
+    def run(data: bytes):
+        (folder / "t.json").write_bytes(data)
+        reports = check_tasks(folder)
+        assert reports and all(r.status in ("runs", "needs_fetch", "missing", "broken", "skipped") for r in reports)
+        assert not any(m.startswith("check failed") for r in reports for m in r.missing), reports
+
+    run()

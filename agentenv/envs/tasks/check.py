@@ -85,8 +85,9 @@ def _steps_needs(steps: Any, where: str, urls: list[str]) -> list[str]:
     for s in steps:
         kind = s.get("type") if isinstance(s, dict) else None
         p = s.get("parameters") if isinstance(s, dict) and isinstance(s.get("parameters"), dict) else {}
-        if kind not in SETUP_STEPS:
-            out.append(f"setup type: {kind} ({UNSUPPORTED[kind]})" if kind in UNSUPPORTED else f"setup type: {kind}")
+        if not isinstance(kind, str) or kind not in SETUP_STEPS:
+            out.append(f"setup type: {kind} ({UNSUPPORTED[kind]})" if isinstance(kind, str) and kind in UNSUPPORTED
+                       else f"setup type: {kind!r}")
             continue
         try:
             if kind == "download":
@@ -97,12 +98,15 @@ def _steps_needs(steps: Any, where: str, urls: list[str]) -> list[str]:
                 if code is not None:
                     parse_pyautogui(code)
                     continue
+                if not isinstance(cmd, (str, list)) or not cmd:
+                    out.append(f"{where}: malformed {kind} step (no command)")
+                    continue
                 shell = commands.shell_flag(p.get("shell"), cmd)
                 if shell and isinstance(cmd, str):
                     prog = commands.program(cmd, True)
                     need = _program_need([prog]) if prog else None
                 else:
-                    argv = commands.adapt_argv(cmd if isinstance(cmd, list) else
+                    argv = commands.adapt_argv([str(c) for c in cmd] if isinstance(cmd, list) else
                                                shlex.split(cmd), commands.OSWORLD_HOME)
                     need = _program_need(argv)
                 if need:
@@ -186,6 +190,8 @@ def check_tasks(root: str | Path, cache: DownloadCache | None = None) -> list[Ta
         except TaskLoadError as e:
             reports.append(TaskReport(str(f), f.stem, _domain(f, root, None), "broken", [f"load: {e}"]))
             continue
+        if not tasks:
+            reports.append(TaskReport(str(f), f.stem, _domain(f, root, None), "skipped", note="holds no task"))
         for t in tasks:
             reports.append(check_task(t, f, root, cache))
     _note_duplicates(reports)

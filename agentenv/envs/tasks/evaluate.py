@@ -102,7 +102,7 @@ def _run_postconfig(desktop: Any, task: Task) -> None:
     steps = task.evaluator.get("postconfig") or []
     for s in steps if isinstance(steps, list) else []:
         kind = s.get("type") if isinstance(s, dict) else None
-        if kind not in SETUP_STEPS:
+        if not isinstance(kind, str) or kind not in SETUP_STEPS:
             raise EvaluatorError(f"postconfig step {kind!r} cannot run here")
     try:
         run_postconfig(desktop, task)
