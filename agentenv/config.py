@@ -98,8 +98,9 @@ class TaskConfig(_Strict):
 
 class DownloadConfig(_Strict):
     """Files OSWorld tasks fetch (``download`` steps, ``cloud_file`` gold files): a cache keyed by URL
-    (``agentenv.envs.tasks.cache``). The env service reads this from its environment
-    (``AGENTENV_HOME``, ``AGENTENV_OFFLINE=1``), since setup steps run there."""
+    (``agentenv.envs.tasks.cache``). Setup steps run in the env service, which reads this from its
+    environment (``AGENTENV_CACHE_DIR`` or ``AGENTENV_HOME``, ``AGENTENV_OFFLINE=1``); `agentenv run`
+    sets those for the service it starts."""
 
     cache_dir: str | None = None     # None: $AGENTENV_HOME/cache/downloads
     offline: bool = False            # fetch nothing: a URL not in the cache is an error naming it
@@ -110,7 +111,11 @@ class DownloadConfig(_Strict):
     def from_env(cls, environ: dict[str, str] | None = None) -> "DownloadConfig":
         env = os.environ if environ is None else environ
         return cls(offline=env.get("AGENTENV_OFFLINE", "").strip().lower() in ("1", "true", "yes"),
-                   cache_dir=cls().resolved_dir(env))
+                   cache_dir=env.get("AGENTENV_CACHE_DIR") or cls().resolved_dir(env))
+
+    def to_env(self) -> dict[str, str]:
+        """What an env service started by `agentenv run` reads (``from_env``)."""
+        return {"AGENTENV_OFFLINE": "1" if self.offline else "", "AGENTENV_CACHE_DIR": self.resolved_dir()}
 
     def resolved_dir(self, environ: dict[str, str] | None = None) -> str:
         env = os.environ if environ is None else environ
