@@ -63,6 +63,9 @@ def _tasks(argv: list[str]) -> int:
     c.add_argument("--quiet", action="store_true", help="only the table and the summary, no line per task")
     c.add_argument("--json-out", default=None, help="also write every task's report to this JSON file")
     c.add_argument("--offline", action="store_true", help="as AGENTENV_OFFLINE=1: an uncached URL is missing")
+    c.add_argument("--osworld-like", action="store_true",
+                   help="the desktops look like OSWorld's VM from inside (sandboxed): GNOME settings, sudo, "
+                        "Ctrl+Alt+T... are not missing")
     f = sub.add_parser("fetch", help="download every file the tasks fetch (download steps, cloud_file) into "
                                      "the cache ($AGENTENV_HOME/cache/downloads); the last line is JSON")
     f.add_argument("dir")
@@ -89,7 +92,7 @@ def _tasks(argv: list[str]) -> int:
         print(json.dumps(out))
         return 1 if out["failed"] else 0
     cache = DownloadCache.from_config(cfg.model_copy(update={"offline": cfg.offline or a.offline}))
-    reports = check_tasks(a.dir, cache)
+    reports = check_tasks(a.dir, cache, osworld_like=a.osworld_like)
     print(render(reports, verbose=not a.quiet))
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(reports_json(reports), indent=1))

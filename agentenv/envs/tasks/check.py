@@ -35,6 +35,17 @@ PROGRAM_ALIASES = {"google-chrome": "chromium", "editor": "mousepad", "terminal"
                    "calculator": "galculator", "files": "pcmanfm", "spreadsheet": "localc", "browser": "chromium",
                    "gnome-terminal": "xfce4-terminal"}
 _WINDOWS_PATH = re.compile(r'"[A-Za-z]:\\\\')  # "c:\\users\\..." as json.dumps writes it
+# What a task's commands need that only a desktop looking like OSWorld's VM from inside has (the
+# sandboxed desktop: desktop.osworld_like); a plain desktop lacks them.
+OSWORLD_VM_NEEDS = [
+    (re.compile(r"gsettings\s+(?:get|set|reset)\s+org\.gnome"), "GNOME settings schemas (gsettings org.gnome.*)"),
+    (re.compile(r"xdg-settings"), "xdg-settings with a desktop environment"),
+    (re.compile(r"(?:^|[\s;&|\"])su\s|useradd|usermod|chpasswd"), "other users (su, useradd)"),
+    (re.compile(r"timedatectl|systemctl"), "systemd (timedatectl, systemctl)"),
+    (re.compile(r"'ctrl',\s*'alt',\s*'t'"), "Ctrl+Alt+T opening a terminal"),
+    (re.compile(r"\bpactl\b"), "audio (pactl)"),
+    (re.compile(r"sudo[^\"]*\b(?:apt-get|apt|dpkg)\s"), "root (sudo apt-get)"),
+]
 _OFFICE_MODULE = {"--writer": "lowriter", "--calc": "localc", "--impress": "loimpress"}
 
 
@@ -177,7 +188,9 @@ def iter_files(root: Path) -> Iterator[Path]:
         yield from sorted(root.rglob("*.json"))
 
 
-def check_tasks(root: str | Path, cache: DownloadCache | None = None) -> list[TaskReport]:
+def check_tasks(root: str | Path, cache: DownloadCache | None = None, osworld_like: bool = False) -> list[TaskReport]:
+    """``osworld_like``: the desktops that will run the tasks look like OSWorld's VM from inside
+    (the sandboxed desktop), so what only such a desktop has is not missing."""
     root = Path(root)
     cache = cache or DownloadCache.from_config()
     reports: list[TaskReport] = []
@@ -193,7 +206,7 @@ def check_tasks(root: str | Path, cache: DownloadCache | None = None) -> list[Ta
         if not tasks:
             reports.append(TaskReport(str(f), f.stem, _domain(f, root, None), "skipped", note="holds no task"))
         for t in tasks:
-            reports.append(check_task(t, f, root, cache))
+            reports.append(check_task(t, f, root, cache, osworld_like))
     _note_duplicates(reports)
     return reports
 
@@ -210,11 +223,13 @@ def _note_duplicates(reports: list[TaskReport]) -> None:
             r.note = f"duplicate id of {rs[0].file}: loaded as {tid}~{k}"
 
 
-def check_task(t: Task, f: Path, root: Path, cache: DownloadCache) -> TaskReport:
+def check_task(t: Task, f: Path, root: Path, cache: DownloadCache, osworld_like: bool = False) -> TaskReport:
     urls: list[str] = []
     try:
-        missing = ["Windows (the task's paths are Windows paths)"] if _WINDOWS_PATH.search(
-            json.dumps([t.config, t.evaluator])) else []
+        text = json.dumps([t.config, t.evaluator])
+        missing = ["Windows (the task's paths are Windows paths)"] if _WINDOWS_PATH.search(text) else []
+        if not osworld_like:
+            missing += [f"OSWorld-like desktop: {why}" for rx, why in OSWORLD_VM_NEEDS if rx.search(text)]
         missing += _steps_needs(t.config, "config", urls)
         missing += _evaluator_needs(t, urls)
         for app in t.related_apps:

@@ -13,6 +13,8 @@ for a task with a ``snapshot`` field (every OSWorld task file names its VM snaps
 
 from __future__ import annotations
 
+import contextlib
+import io
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -154,11 +156,12 @@ def _score(ctx: EvalContext, dia: str, f: str, r: dict, e: Any, o: dict, has_exp
         if dia == "agentenv":
             return float(metrics.AGENTENV_METRICS[f](value, _expected_value_agentenv(e), o))
         fn = metrics.osworld_metric(f)
-        if has_expected and e is not None:
-            expected = getter_for(e.get("type"), dia, "expected")(ctx, e)
-            out = fn(value, expected, **o)
-        else:
-            out = fn(value, **o)
+        expected = getter_for(e.get("type"), dia, "expected")(ctx, e) if has_expected and e is not None else _UNSET
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):  # OSWorld's metrics print what they compare
+            out = fn(value, **o) if expected is _UNSET else fn(value, expected, **o)
+        if printed.getvalue():
+            logger.debug("task {}: {} printed: {}", ctx.task.id, f, printed.getvalue()[:2000])
         return float(out or 0.0)
     except EvaluatorError:
         raise
