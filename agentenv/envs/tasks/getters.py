@@ -31,7 +31,7 @@ class EvaluatorError(RuntimeError):
 
 # The desktop user writes the files evaluators read: a file it made huge (``truncate -s 100G``)
 # must not be read whole into the service's memory.
-MAX_READ_BYTES = 64 * 2**20
+MAX_READ_BYTES = 16 * 2**20
 
 
 @dataclass
