@@ -125,3 +125,48 @@ def test_pyautogui_setup_code_goes_through_the_allow_list(desktop, agentenv_home
                                                       "pyautogui.typewrite('touch ~/ran.txt'); pyautogui.press('enter')\""}}])
     desktop.reset(typed)  # the same code, as actions: typed into the terminal, which runs it
     assert wait_for(lambda: marker.exists())
+
+
+def test_list_directory_and_close_window(desktop, agentenv_home):
+    task = Task(id="photos", instruction="Copy b.jpg next to a.jpg in ~/Desktop/photos.", extra={"snapshot": "os"},
+                config=[{"type": "execute", "parameters": {
+                    "command": "mkdir -p /home/user/Desktop/photos /home/user/in && touch /home/user/Desktop/photos/a.jpg "
+                               "/home/user/in/b.jpg", "shell": True}},
+                        {"type": "launch", "parameters": {"command": ["xfce4-terminal", "--disable-server"]}}],
+                evaluator={"func": "check_moved_jpgs",
+                           "result": {"type": "list_directory", "path": "/home/user/Desktop/photos"},
+                           "expected": {"type": "rule", "rules": {"expected": ["a.jpg", "b.jpg"]}}})
+    desktop.reset(task)
+    assert evaluate(desktop, task) == 0.0
+    act(desktop, Action("type", text="cp ~/in/b.jpg ~/Desktop/photos/\n"))
+    assert wait_for(lambda: (desktop.home / "Desktop" / "photos" / "b.jpg").exists())
+    assert evaluate(desktop, task) == 1.0
+    closing = Task(id="close", instruction="-", extra={"snapshot": "os"}, config=[
+        {"type": "launch", "parameters": {"command": ["mousepad"]}},
+        {"type": "close_window", "parameters": {"window_name": "Mousepad"}}])
+    desktop.reset(closing)
+    assert wait_for(lambda: not any("Mousepad" in t for t in desktop.window_titles()))
+
+
+def test_osworld_task_over_the_env_service(env_service, samples):
+    """The same sample through HTTP: the task's snapshot travels with it, so the service scores it
+    as OSWorld does (vm_command_line output compared exactly)."""
+    import asyncio
+
+    from agentenv.envs.client import AsyncEnvClient
+
+    task = load_sample(samples, "b7d2e9a4-sudo-project")
+
+    async def go() -> tuple[float, float]:
+        client = AsyncEnvClient(env_service.url, env_service.token)
+        try:
+            env_id = (await client.list())[0]["id"]
+            await client.reset(env_id, task)
+            idle = await client.evaluate(env_id, task, None)
+            await client.step(env_id, Action("type", text="touch ~/Desktop/project/README.md\n"))
+            await asyncio.sleep(1.0)
+            return idle, await client.evaluate(env_id, task, None)
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(go()) == (0.0, 1.0)
