@@ -71,7 +71,6 @@ def _tasks(argv: list[str]) -> int:
     f.add_argument("dir")
     a = ap.parse_args(argv)
     import json
-    import os
     from pathlib import Path
 
     from agentenv.config import DownloadConfig

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 from agentenv.envs.tasks import NotATask, TaskLoadError, commands, load_task_file
 from agentenv.envs.tasks.cache import DownloadCache
+from agentenv.envs.tasks.setup import OFFICE_MODULES, OFFICE_PROGRAMS, SETUP_STEPS, UNSUPPORTED
 from agentenv.types import Task
 
 DESKTOP_PATH = "/usr/local/bin:/usr/bin:/bin"  # a desktop's PATH (xvfb.LocalDesktop.env)
@@ -46,7 +47,7 @@ OSWORLD_VM_NEEDS = [
     (re.compile(r"\bpactl\b"), "audio (pactl)"),
     (re.compile(r"sudo[^\"]*\b(?:apt-get|apt|dpkg)\s"), "root (sudo apt-get)"),
 ]
-_OFFICE_MODULE = {"--writer": "lowriter", "--calc": "localc", "--impress": "loimpress"}
+
 
 
 @dataclass
@@ -79,16 +80,15 @@ def _program_need(argv: list[str]) -> str | None:
     prog = Path(argv[0]).name
     if prog in ("libreoffice", "soffice"):
         for a in argv[1:]:
-            if a in _OFFICE_MODULE and not _installed(_OFFICE_MODULE[a]):
-                return f"app: {_OFFICE_MODULE[a]} (LibreOffice {a[2:]})"
+            if a in OFFICE_PROGRAMS and not _installed(OFFICE_PROGRAMS[a]):
+                return f"app: {OFFICE_PROGRAMS[a]} (LibreOffice {a[2:]})"
     if prog and not _installed(prog):
         return f"app: {prog}"
     return None
 
 
-def _steps_needs(steps: Any, where: str, urls: list[str]) -> list[str]:
+def _steps_needs(steps: Any, where: str, urls: list[str], osworld_like: bool = False) -> list[str]:
     from agentenv.envs.actions import ActionError, parse_pyautogui
-    from agentenv.envs.tasks.setup import _OFFICE, SETUP_STEPS, UNSUPPORTED
 
     out: list[str] = []
     if not isinstance(steps, list):
@@ -124,24 +124,26 @@ def _steps_needs(steps: Any, where: str, urls: list[str]) -> list[str]:
                     out.append(need)
             elif kind == "open":
                 suffix = Path(str(p.get("path", ""))).suffix.lower()
-                if suffix in _OFFICE and not _installed(_OFFICE_MODULE[_OFFICE[suffix]]):
-                    out.append(f"app: {_OFFICE_MODULE[_OFFICE[suffix]]} (opens {suffix} files)")
+                if suffix in OFFICE_MODULES and not _installed(OFFICE_PROGRAMS[OFFICE_MODULES[suffix]]):
+                    out.append(f"app: {OFFICE_PROGRAMS[OFFICE_MODULES[suffix]]} (opens {suffix} files)")
             elif kind == "chrome_open_tabs":
                 urls_open = [u for u in p.get("urls_to_open") or [] if isinstance(u, str)]
                 if any(u.startswith(("http://", "https://")) for u in urls_open):
                     out.append("network: web pages in chrome_open_tabs")
         except ActionError as e:
-            out.append(f"{where}: pyautogui code the allow-list refuses ({e})")
+            if not osworld_like:  # an OSWorld-like desktop runs it as code, as OSWorld does
+                out.append(f"{where}: pyautogui code the allow-list refuses ({e})")
         except (ValueError, TypeError, AttributeError) as e:
             out.append(f"{where}: malformed {kind} step ({type(e).__name__}: {e})")
     return out
 
 
-def _evaluator_needs(task: Task, urls: list[str]) -> list[str]:
+def _evaluator_needs(task: Task, urls: list[str], osworld_like: bool = False) -> list[str]:
     from agentenv.envs.tasks.evaluate import EvaluatorError, getter_for, dialect, validate_evaluator
 
     ev = task.evaluator
-    out = _steps_needs(ev.get("postconfig") or [], "evaluator.postconfig", urls) if isinstance(ev, dict) else []
+    out = _steps_needs(ev.get("postconfig") or [], "evaluator.postconfig", urls, osworld_like) \
+        if isinstance(ev, dict) else []
     dia = dialect(task)
     funcs = ev.get("func") if isinstance(ev, dict) else None
     if funcs in (None, "", []):
@@ -230,8 +232,8 @@ def check_task(t: Task, f: Path, root: Path, cache: DownloadCache, osworld_like:
         missing = ["Windows (the task's paths are Windows paths)"] if _WINDOWS_PATH.search(text) else []
         if not osworld_like:
             missing += [f"OSWorld-like desktop: {why}" for rx, why in OSWORLD_VM_NEEDS if rx.search(text)]
-        missing += _steps_needs(t.config, "config", urls)
-        missing += _evaluator_needs(t, urls)
+        missing += _steps_needs(t.config, "config", urls, osworld_like)
+        missing += _evaluator_needs(t, urls, osworld_like)
         for app in t.related_apps:
             prog = APP_PROGRAMS.get(str(app))
             if prog and not _installed(prog):

@@ -129,8 +129,9 @@ def _launch(desktop: Any, task: Task, p: dict[str, Any]) -> None:
 
 
 # Extensions OSWorld opens that our desktop's OPENERS do not list: the LibreOffice module for each.
-_OFFICE = {".docx": "--writer", ".doc": "--writer", ".odt": "--writer", ".rtf": "--writer",
+OFFICE_MODULES = {".docx": "--writer", ".doc": "--writer", ".odt": "--writer", ".rtf": "--writer",
            ".xls": "--calc", ".pptx": "--impress", ".odp": "--impress"}
+OFFICE_PROGRAMS = {"--writer": "lowriter", "--calc": "localc", "--impress": "loimpress"}
 
 
 def _open(desktop: Any, task: Task, p: dict[str, Any]) -> None:
@@ -140,12 +141,18 @@ def _open(desktop: Any, task: Task, p: dict[str, Any]) -> None:
     if not path.exists():
         raise TaskSetupError(f"file {p['path']!r} does not exist")
     suffix = path.suffix.lower()
+    if suffix == ".csv" and task.extra.get("snapshot") not in (None, "agentenv-local"):
+        suffix = ".ods"  # OSWorld's VM opens .csv files in LibreOffice Calc
     if p.get("app"):
         argv = [p["app"], str(path)]
     elif suffix in OPENERS:
         argv = [OPENERS[suffix], str(path)]
-    elif suffix in _OFFICE:
-        argv = ["libreoffice", _OFFICE[suffix], "--norestore", str(path)]
+    elif suffix in OFFICE_MODULES:
+        module = OFFICE_MODULES[suffix]
+        if shutil.which(OFFICE_PROGRAMS[module], path="/usr/local/bin:/usr/bin:/bin") is None:
+            raise TaskSetupError(f"{path.name} needs LibreOffice {module[2:]} ({OFFICE_PROGRAMS[module]}), "
+                                 "which is not installed")
+        argv = ["libreoffice", module, "--norestore", str(path)]
     else:
         raise TaskSetupError(f"no app opens {suffix!r} files")
     _launch(desktop, task, {**p, "command": argv, "shell": False, "wait": p.get("wait", True),
@@ -179,8 +186,14 @@ def _execute(desktop: Any, task: Task, p: dict[str, Any]) -> None:
     cmd = p.get("command")
     code = commands.pyautogui_code(cmd)
     if code is not None:
-        run_pyautogui(desktop, code)
-        return
+        try:
+            run_pyautogui(desktop, code)
+            return
+        except TaskSetupError:
+            # Code the allow-list refuses runs as code only where that is harmless: inside a desktop
+            # that looks like OSWorld's VM (the sandbox), as OSWorld runs it.
+            if not commands.osworld_like(desktop):
+                raise
     # A string without "shell" is a shell command in our own files; OSWorld's server splits it,
     # which for the commands its files hold is the same thing.
     shell = commands.shell_flag(p.get("shell"), cmd) if "shell" in p else isinstance(cmd, str)
