@@ -227,3 +227,34 @@ def test_commands_are_adapted_unless_the_desktop_looks_like_osworld():
     assert commands.pyautogui_code(["python", "-c", "print(1)"]) is None
     assert commands.shell_flag("true", "x") is True and commands.shell_flag("false", "x") is False
     assert commands.program("echo password | sudo -S apt-get install -y x", True) == "apt-get"
+
+
+class _Recorder:
+    """A stand-in desktop that records the commands it is asked to run (pure logic of the step)."""
+
+    width, height = 1280, 800
+    home = Path("/tmp/agentenv-desktops/d1/home")
+
+    def __init__(self, osworld_like: bool):
+        self.osworld_like = osworld_like
+        self.ran: list = []
+
+    def run(self, argv, timeout=60.0, shell=False):
+        import subprocess
+
+        self.ran.append(argv)
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+
+def test_refused_pyautogui_code_runs_as_code_only_on_an_osworld_like_desktop():
+    from agentenv.envs.tasks.setup import TaskSetupError, run_setup
+
+    code = "import pyautogui; import os; os.system('ls')"
+    task = Task(id="t", instruction="-", config=[{"type": "execute", "parameters": {"command": ["python", "-c", code]}}])
+    plain = _Recorder(osworld_like=False)
+    with pytest.raises(TaskSetupError, match="refused pyautogui code"):
+        run_setup(plain, task)
+    assert plain.ran == []
+    vm = _Recorder(osworld_like=True)
+    run_setup(vm, task)
+    assert vm.ran == [["python", "-c", code]]  # unchanged: `python`, as OSWorld's VM runs it

@@ -170,3 +170,10 @@ def test_osworld_task_over_the_env_service(env_service, samples):
             await client.aclose()
 
     assert asyncio.run(go()) == (0.0, 1.0)
+
+
+def test_writer_task_names_the_missing_module(desktop, samples, agentenv_home):
+    task = load_sample(samples, "a7c4d1e9-title-case")
+    with pytest.raises(TaskSetupError, match=r"report.docx needs LibreOffice writer \(lowriter\)"):
+        desktop.reset(task)
+    assert (desktop.home / "Desktop" / "report.docx").is_file()  # the download step before it ran
