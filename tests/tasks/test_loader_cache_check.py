@@ -139,3 +139,21 @@ def test_tasks_check_never_crashes_on_odd_task_files(tmp_path, agentenv_home):
         assert not any(m.startswith("check failed") for r in reports for m in r.missing), reports
 
     run()
+
+
+def test_what_only_an_osworld_like_desktop_has_is_missing_on_a_plain_one(tmp_path, agentenv_home):
+    write_json(tmp_path / "os" / "gnome.json", {**TASK, "id": "gnome", "config": [
+        {"type": "execute", "parameters": {"command": "gsettings set org.gnome.desktop.interface text-scaling-factor 1.5",
+                                           "shell": True}},
+        {"type": "execute", "parameters": {"command": ["python", "-c",
+                                                       "import pyautogui; pyautogui.hotkey('ctrl', 'alt', 't')"]}}]})
+    write_json(tmp_path / "os" / "etc.json", {**TASK, "id": "etc", "evaluator": {
+        "func": "compare_text_file", "result": {"type": "vm_file", "path": "/etc/hosts", "dest": "hosts"},
+        "expected": {"type": "vm_file", "path": "/home/user/hosts", "dest": "h2"}}})
+    plain = {r.id: r for r in check_tasks(tmp_path)}
+    assert plain["gnome"].status == "missing" and plain["etc"].status == "missing"
+    assert any("GNOME settings" in m for m in plain["gnome"].missing)
+    assert any("Ctrl+Alt+T" in m for m in plain["gnome"].missing)
+    assert plain["etc"].missing == ["OSWorld-like desktop: a file outside HOME (/etc/hosts)"]
+    sandboxed = {r.id: r for r in check_tasks(tmp_path, osworld_like=True)}
+    assert sandboxed["gnome"].status == "runs" and sandboxed["etc"].status == "runs"

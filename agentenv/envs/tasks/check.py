@@ -87,6 +87,14 @@ def _program_need(argv: list[str]) -> str | None:
     return None
 
 
+def _outside_home(path: Any) -> bool:
+    """A path a plain desktop cannot reach: only its HOME (``/home/user``, ``~``, relative) is there."""
+    if not isinstance(path, str) or not path:
+        return False
+    p = path.replace("\\", "/")
+    return p.startswith("/") and not (p == commands.OSWORLD_HOME or p.startswith(commands.OSWORLD_HOME + "/"))
+
+
 def _steps_needs(steps: Any, where: str, urls: list[str], osworld_like: bool = False) -> list[str]:
     from agentenv.envs.actions import ActionError, parse_pyautogui
 
@@ -101,6 +109,11 @@ def _steps_needs(steps: Any, where: str, urls: list[str], osworld_like: bool = F
                        else f"setup type: {kind!r}")
             continue
         try:
+            if kind in ("download", "upload_file", "open"):
+                paths = [f.get("path") for f in p.get("files") or [] if isinstance(f, dict)] + [p.get("path")]
+                outside = [x for x in paths if _outside_home(x)]
+                if outside and not osworld_like:
+                    out.append(f"OSWorld-like desktop: a file outside HOME ({outside[0]})")
             if kind == "download":
                 urls.extend(str(f.get("url")) for f in p.get("files") or [] if isinstance(f, dict))
             elif kind in ("execute", "command", "launch"):
@@ -168,6 +181,11 @@ def _evaluator_needs(task: Task, urls: list[str], osworld_like: bool = False) ->
                     out.append("app: code (vscode_config runs a VS Code command)")
             except EvaluatorError as e:
                 out.append(f"evaluator: {e}")
+            if r.get("type") in ("vm_file", "list_directory") and not osworld_like:
+                paths = r.get("path") if isinstance(r.get("path"), list) else [r.get("path")]
+                outside = [x for x in paths if _outside_home(x)]
+                if outside:
+                    out.append(f"OSWorld-like desktop: a file outside HOME ({outside[0]})")
             if r.get("type") == "cloud_file":
                 paths = r.get("path")
                 urls.extend(str(u) for u in (paths if isinstance(paths, list) else [paths]))
