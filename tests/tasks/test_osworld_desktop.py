@@ -177,3 +177,12 @@ def test_writer_task_names_the_missing_module(desktop, samples, agentenv_home):
     with pytest.raises(TaskSetupError, match=r"report.docx needs LibreOffice writer \(lowriter\)"):
         desktop.reset(task)
     assert (desktop.home / "Desktop" / "report.docx").is_file()  # the download step before it ran
+
+
+def test_offline_download_step_fails_naming_the_url(desktop, samples, file_server, agentenv_home, monkeypatch):
+    task = load_sample(samples, "f61b2d7e-notes-append")
+    monkeypatch.setenv("AGENTENV_OFFLINE", "1")
+    with pytest.raises(TaskSetupError, match=r"config\[0\] \(download\): offline and not cached: "
+                                             + f"{file_server.base}/notes.txt"):
+        desktop.reset(task)
+    assert file_server.hits == []

@@ -49,7 +49,6 @@ OSWORLD_VM_NEEDS = [
 ]
 
 
-
 @dataclass
 class TaskReport:
     file: str
