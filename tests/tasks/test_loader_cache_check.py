@@ -157,3 +157,20 @@ def test_what_only_an_osworld_like_desktop_has_is_missing_on_a_plain_one(tmp_pat
     assert plain["etc"].missing == ["OSWorld-like desktop: a file outside HOME (/etc/hosts)"]
     sandboxed = {r.id: r for r in check_tasks(tmp_path, osworld_like=True)}
     assert sandboxed["gnome"].status == "runs" and sandboxed["etc"].status == "runs"
+
+
+def test_a_run_names_the_tasks_that_miss_something_before_it_starts(samples, agentenv_home):
+    from loguru import logger
+
+    from agentenv.config import TaskConfig
+    from agentenv.preflight import check_tasks as preflight
+
+    seen: list[str] = []
+    sink = logger.add(lambda m: seen.append(str(m)), level="WARNING")
+    try:
+        items = preflight(TaskConfig(source=str(samples)))
+    finally:
+        logger.remove(sink)
+    assert len(items) == 7
+    warning = next(m for m in seen if "miss something" in m)
+    assert "2 of 7 tasks" in warning and "e5f2c8d3-font-size: app: code" in warning and "lowriter" in warning
