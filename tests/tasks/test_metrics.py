@@ -258,3 +258,37 @@ def test_refused_pyautogui_code_runs_as_code_only_on_an_osworld_like_desktop():
     vm = _Recorder(osworld_like=True)
     run_setup(vm, task)
     assert vm.ran == [["python", "-c", code]]  # unchanged: `python`, as OSWorld's VM runs it
+
+
+def test_docx_tables_spacing_and_new_lines_on_osworld_rules(tmp_path):
+    import docx
+
+    def d(name: str, paras: list[str], table: list[list[str]] | None = None, spacing: float | None = None) -> str:
+        doc = docx.Document()
+        for p in paras:
+            para = doc.add_paragraph(p)
+            if spacing is not None:
+                para.paragraph_format.line_spacing = spacing
+        if table:
+            t = doc.add_table(rows=len(table), cols=len(table[0]))
+            for i, row in enumerate(table):
+                for j, v in enumerate(row):
+                    t.cell(i, j).text = v
+        doc.save(tmp_path / name)
+        return str(tmp_path / name)
+
+    m = metrics.osworld_metric
+    gold = d("g.docx", ["Sales"], [["a", "1"], ["b", "2"]])
+    assert m("compare_docx_tables")(d("r1.docx", ["other text"], [["a ", "1"], ["b", "2"]]), gold) == 1.0
+    assert m("compare_docx_tables")(d("r2.docx", ["Sales"], [["a", "1"], ["b", "3"]]), gold) == 0.0
+    assert m("compare_docx_tables")(d("r3.docx", ["Sales"], [["a", "1", "x"], ["b", "2", "y"]]), gold) == 0.0
+    assert m("compare_docx_tables")(None, gold) == 0.0
+    double = d("s2.docx", ["One", "Two"], spacing=2.0)
+    assert m("compare_line_spacing")(d("s2b.docx", ["One", "Two"], spacing=2.0), double) == 1.0
+    assert m("compare_line_spacing")(d("s1.docx", ["One", "Two"], spacing=1.0), double) == 0.0
+    assert m("compare_line_spacing")(d("s2c.docx", ["One", "Three"], spacing=2.0), double) == 0.0
+    lines = d("l.docx", ["One", "", "Two"])
+    assert m("compare_docx_files_and_ignore_new_lines")(d("l2.docx", ["One", "Two"]), lines) == 1.0
+    assert m("compare_docx_files_and_ignore_new_lines")(d("l3.docx", ["One", "Two!"]), lines) == 0.0
+    assert m("compare_docx_files_and_ignore_new_lines")(d("l4.docx", ["One  Two"]), lines) == 1.0
+    assert m("compare_docx_files_and_ignore_new_lines")(d("l5.docx", ["One  Two"]), lines, ignore_blanks=False) == 0.0

@@ -2,8 +2,9 @@
 
 OSWorld's task files are scored by OSWorld's own functions (``osworld_lib``: desktop-env's
 table.py, general.py, vscode.py, basic_os.py, libreoffice.py), plus ours written from their rules
-where their module does not load here (``compare_docx_files``: desktop-env's docs.py imports easyocr
-and torch). The built-in suite's metrics (agentenv's dialect) strip and normalise text.
+where their module does not load here (``compare_docx_files``, ``compare_docx_tables``,
+``compare_line_spacing``, ``compare_docx_files_and_ignore_new_lines``: desktop-env's docs.py imports
+easyocr and torch). The built-in suite's metrics (agentenv's dialect) strip and normalise text.
 """
 
 from __future__ import annotations
@@ -68,7 +69,62 @@ def compare_docx_files(file1: Any, file2: Any, **options: Any) -> float:
     return float(p1 == p2)
 
 
-OURS: dict[str, Callable[..., float]] = {"compare_docx_files": compare_docx_files}
+def _docx(path: Any):
+    from docx import Document
+
+    if not path or not str(path).endswith(".docx"):
+        return None
+    try:
+        return Document(path)
+    except Exception:  # not a document (anymore): the task is not done
+        return None
+
+
+def compare_docx_tables(file1: Any, file2: Any) -> float:
+    """desktop-env's docs.compare_docx_tables: same number of tables, of the same shape, with the
+    same text in each cell (stripped)."""
+    d1, d2 = _docx(file1), _docx(file2)
+    if d1 is None or d2 is None or len(d1.tables) != len(d2.tables):
+        return 0.0
+    for t1, t2 in zip(d1.tables, d2.tables):
+        if len(t1.rows) != len(t2.rows) or len(t1.columns) != len(t2.columns):
+            return 0.0
+        for i in range(len(t1.rows)):
+            for j in range(len(t1.columns)):
+                if t1.cell(i, j).text.strip() != t2.cell(i, j).text.strip():
+                    return 0.0
+    return 1.0
+
+
+def compare_line_spacing(file1: Any, file2: Any) -> float:
+    """desktop-env's docs.compare_line_spacing: the same text (compare_docx_files) and the same line
+    spacing, paragraph by paragraph."""
+    if not compare_docx_files(file1, file2):
+        return 0.0
+    d1, d2 = _docx(file1), _docx(file2)
+    if d1 is None or d2 is None or len(d1.paragraphs) != len(d2.paragraphs):
+        return 0.0
+    return float(all(a.paragraph_format.line_spacing == b.paragraph_format.line_spacing
+                     for a, b in zip(d1.paragraphs, d2.paragraphs)))
+
+
+def compare_docx_files_and_ignore_new_lines(file1: Any, file2: Any, **options: Any) -> float:
+    """desktop-env's docs.compare_docx_files_and_ignore_new_lines: empty paragraphs dropped, then the
+    text compared (whitespace collapsed unless ``ignore_blanks`` is false)."""
+    d1, d2 = _docx(file1), _docx(file2)
+    if d1 is None or d2 is None:
+        return 0.0
+    p1 = [p.text for p in d1.paragraphs if p.text != ""]
+    p2 = [p.text for p in d2.paragraphs if p.text != ""]
+    if options.get("ignore_blanks", True):
+        return float(re.sub(r"\s+", " ", "\n".join(p1)).strip() == re.sub(r"\s+", " ", "\n".join(p2)).strip())
+    return float(p1 == p2)
+
+
+OURS: dict[str, Callable[..., float]] = {
+    "compare_docx_files": compare_docx_files, "compare_docx_tables": compare_docx_tables,
+    "compare_line_spacing": compare_line_spacing,
+    "compare_docx_files_and_ignore_new_lines": compare_docx_files_and_ignore_new_lines}
 
 
 def osworld_metric(name: str) -> Callable[..., float]:

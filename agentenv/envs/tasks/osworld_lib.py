@@ -33,7 +33,8 @@ NOT_OFFERED = {
 # pinned stack).
 MODULE_NEEDS = {
     "chrome": "Google Chrome (its profile and DevTools protocol) and PyMuPDF/borb",
-    "docs": "easyocr with torch (desktop-env's docs.py imports it); compare_docx_files is ours",
+    "docs": "easyocr with torch (desktop-env's docs.py imports it; agentenv has its own compare_docx_files, "
+            "compare_docx_tables, compare_line_spacing, compare_docx_files_and_ignore_new_lines)",
     "gimp": "GIMP and OpenCV",
     "slides": "LibreOffice Impress and python-pptx",
     "thunderbird": "Thunderbird",
