@@ -186,3 +186,28 @@ def test_offline_download_step_fails_naming_the_url(desktop, samples, file_serve
                                              + f"{file_server.base}/notes.txt"):
         desktop.reset(task)
     assert file_server.hits == []
+
+
+def test_until_command_error_last_row_and_screen_size(desktop, agentenv_home):
+    import openpyxl
+
+    task = Task(id="misc", instruction="-", extra={"snapshot": "os"}, config=[
+        # `until`: retried until the condition holds (the second try finds the file the first made)
+        {"type": "execute", "parameters": {"command": "test -f ~/flag || { touch ~/flag; exit 3; }", "shell": True,
+                                           "until": {"returncode": 0}}}],
+        evaluator={"func": ["check_include_exclude", "exact_match", "check_direct_json_object"], "conj": "and",
+                   "result": [{"type": "vm_command_error", "command": "ls /home/user/nothing-here", "shell": True},
+                              {"type": "content_from_vm_file", "path": "/home/user/t.xlsx", "file_type": "xlsx",
+                               "file_content": "last_row"},
+                              {"type": "vm_screen_size"}],
+                   "expected": [{"type": "rule", "rules": {"include": ["No such file"], "exclude": []}},
+                                {"type": "rule", "rules": {"expected": ["total", "60"]}},
+                                {"type": "rule", "rules": {"expected": {"width": 1280, "height": 800}}}]})
+    desktop.reset(task)
+    assert (desktop.home / "flag").exists()
+    assert evaluate(desktop, task) == 0.0  # no t.xlsx yet
+    wb = openpyxl.Workbook()
+    for row in (("region", "amount"), ("north", 60), ("total", 60)):
+        wb.active.append(list(row))
+    wb.save(desktop.home / "t.xlsx")
+    assert evaluate(desktop, task) == 1.0
