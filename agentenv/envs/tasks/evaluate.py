@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,7 @@ def evaluate(desktop: Any, task: Task, last_action: str | None = None) -> float:
 
 
 _UNSET = object()
+_PRINTS = threading.Lock()
 
 
 def _score(ctx: EvalContext, dia: str, f: str, r: dict, e: Any, o: dict, has_expected: bool) -> float:
@@ -158,7 +160,9 @@ def _score(ctx: EvalContext, dia: str, f: str, r: dict, e: Any, o: dict, has_exp
         fn = metrics.osworld_metric(f)
         expected = getter_for(e.get("type"), dia, "expected")(ctx, e) if has_expected and e is not None else _UNSET
         printed = io.StringIO()
-        with contextlib.redirect_stdout(printed):  # OSWorld's metrics print what they compare
+        # OSWorld's metrics print what they compare: into the debug log. sys.stdout is one for the
+        # process, so desktops scoring at once take turns (a metric takes milliseconds to a second).
+        with _PRINTS, contextlib.redirect_stdout(printed):
             out = fn(value, **o) if expected is _UNSET else fn(value, expected, **o)
         if printed.getvalue():
             logger.debug("task {}: {} printed: {}", ctx.task.id, f, printed.getvalue()[:2000])
