@@ -115,7 +115,7 @@ def _launch(desktop: Any, task: Task, p: dict[str, Any]) -> None:
     cmd = p.get("command")
     if commands.shell_flag(p.get("shell"), cmd) and isinstance(cmd, str):
         argv = ["bash", "-c", commands.adapt(desktop, cmd, True)]
-        prog = "bash"
+        prog = Path(commands.program(cmd, True) or "bash").name  # `gedit x &` waits for gedit's window
     else:
         argv = commands.adapt(desktop, _argv(cmd), False)
         prog = Path(argv[0]).name
