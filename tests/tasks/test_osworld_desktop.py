@@ -211,3 +211,12 @@ def test_until_command_error_last_row_and_screen_size(desktop, agentenv_home):
         wb.active.append(list(row))
     wb.save(desktop.home / "t.xlsx")
     assert evaluate(desktop, task) == 1.0
+
+
+def test_chrome_open_tabs_opens_the_pages(desktop, agentenv_home):
+    task = Task(id="tabs", instruction="-", extra={"snapshot": "chrome"}, config=[
+        {"type": "execute", "parameters": {"command": "echo '<title>Hello page</title>' > /home/user/p.html",
+                                           "shell": True}},
+        {"type": "chrome_open_tabs", "parameters": {"urls_to_open": ["file:///home/user/p.html"]}}])
+    desktop.reset(task)
+    assert wait_for(lambda: any("Hello page" in t for t in desktop.window_titles()), 20)
