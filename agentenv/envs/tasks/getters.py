@@ -65,7 +65,8 @@ def read_desktop_file(desktop: Any, path: str) -> bytes | None:
     return data
 
 
-def _local_copy(ctx: EvalContext, name: str, data: bytes) -> str:
+def _local_copy(ctx: EvalContext, name: str, data: bytes | Path) -> str:
+    """``data`` (bytes, or a file to copy) as ``ctx.tmp/<name>``: metrics read the extension."""
     # dest names come from the task file: keep only the last component, and never one used twice
     base = Path(str(name)).name or "file"
     dest = ctx.tmp / base
@@ -74,7 +75,10 @@ def _local_copy(ctx: EvalContext, name: str, data: bytes) -> str:
         n += 1
         dest = ctx.tmp / f"{n}-{base}"
     ctx.names.add(dest.name)
-    dest.write_bytes(data)
+    if isinstance(data, Path):
+        shutil.copyfile(data, dest)
+    else:
+        dest.write_bytes(data)
     return str(dest)
 
 
@@ -113,7 +117,7 @@ def os_cloud_file(ctx: EvalContext, spec: dict) -> Any:
             src = cache.get(url)
         except DownloadError as e:
             raise EvaluatorError(f"cloud_file: {e}") from e
-        values.append(_local_copy(ctx, dest, src.read_bytes()))
+        values.append(_local_copy(ctx, dest, src))
     return _gives(spec, values)
 
 
