@@ -220,3 +220,23 @@ def test_chrome_open_tabs_opens_the_pages(desktop, agentenv_home):
         {"type": "chrome_open_tabs", "parameters": {"urls_to_open": ["file:///home/user/p.html"]}}])
     desktop.reset(task)
     assert wait_for(lambda: any("Hello page" in t for t in desktop.window_titles()), 20)
+
+
+def test_postconfig_download_and_diff_into_cache_file(desktop, file_server, agentenv_home):
+    """As OSWorld's multi_apps tasks do: postconfig downloads a reference, diffs it with the agent's
+    file into the task cache (`stdout`), and check_list reads that through `cache_file`."""
+    task = Task(id="diff", instruction="-", extra={"snapshot": "multi_apps"}, config=[
+        {"type": "execute", "parameters": {"command": "printf 'meeting at noon\\n' > /home/user/notes.txt", "shell": True}},
+        {"type": "launch", "parameters": {"command": ["xfce4-terminal", "--disable-server"]}}],
+        evaluator={"postconfig": [
+            {"type": "download", "parameters": {"files": [{"url": f"{file_server.base}/notes_gold.txt",
+                                                           "path": "/home/user/.gold.txt"}]}},
+            {"type": "execute", "parameters": {"command": ["diff", ".gold.txt", "/home/user/notes.txt"],
+                                               "stdout": "diff.out"}}],
+            "func": "check_list", "result": {"type": "cache_file", "path": "diff.out"},
+            "expected": {"type": "rule", "rules": {"unexpect": [".+"]}}})
+    desktop.reset(task)
+    assert evaluate(desktop, task) == 0.0  # diff exits 1 and says how they differ
+    act(desktop, Action("type", text="echo 'bring the report' >> ~/notes.txt\n"))
+    assert wait_for(lambda: (desktop.home / "notes.txt").read_text().count("\n") == 2)
+    assert evaluate(desktop, task) == 1.0

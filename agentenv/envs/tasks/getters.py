@@ -225,11 +225,20 @@ def os_vscode_config(ctx: EvalContext, spec: dict) -> Any:
     return os_vm_file(ctx, {"path": spec["path"], "dest": spec["dest"]})
 
 
+def os_cache_file(ctx: EvalContext, spec: dict) -> str | None:
+    """A file an ``execute`` step with ``stdout``/``stderr`` saved (setup.task_cache_dir)."""
+    from agentenv.envs.tasks.setup import task_cache_dir
+
+    p = task_cache_dir(ctx.desktop) / Path(str(spec["path"])).name
+    return _local_copy(ctx, p.name, p) if p.is_file() else None
+
+
 OSWORLD_GETTERS: dict[str, Callable[[EvalContext, dict], Any]] = {
     "vm_file": os_vm_file, "cloud_file": os_cloud_file, "vm_command_line": os_vm_command_line,
     "vm_command_error": os_vm_command_error, "vm_terminal_output": os_vm_terminal_output,
     "list_directory": os_list_directory, "rule": os_rule, "vm_screen_size": os_vm_screen_size,
     "content_from_vm_file": os_content_from_vm_file, "vscode_config": os_vscode_config,
+    "cache_file": os_cache_file,
 }
 # OSWorld getters this machine cannot run: name -> what is missing.
 GETTER_NEEDS: dict[str, str] = {
@@ -243,7 +252,7 @@ GETTER_NEEDS: dict[str, str] = {
     "googledrive_file": "network and a Google Drive account",
     "info_from_website": "network", "page_info": "network", "pdf_from_url": "network",
     "number_of_search_results": "network", "gotoRecreationPage_and_get_html_content": "network",
-    "replay": "an OSWorld replay trajectory", "cache_file": "OSWorld's VM cache directory",
+    "replay": "an OSWorld replay trajectory",
     "conference_city_in_order": "network",
 }
 for _n in ("default_search_engine", "cookie_data", "bookmarks", "open_tabs_info", "shortcuts_on_desktop",

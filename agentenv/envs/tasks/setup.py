@@ -14,6 +14,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -49,7 +50,17 @@ def _step_name(where: str, i: int, step: dict[str, Any]) -> str:
     return f"{where}[{i}] ({step.get('type', '?')})"
 
 
+def task_cache_dir(desktop: Any) -> Path:
+    """OSWorld's per-task cache folder, outside the desktop's reach: ``execute`` steps with
+    ``stdout``/``stderr`` write there and the ``cache_file`` getter reads it. Emptied at each setup."""
+    base = getattr(desktop, "root", None)
+    return Path(base) / "task-cache" if base else Path(tempfile.gettempdir()) / f"agentenv-task-cache-{desktop.id}"
+
+
 def run_setup(desktop: Any, task: Task) -> None:
+    cache = task_cache_dir(desktop)
+    shutil.rmtree(cache, ignore_errors=True)
+    cache.mkdir(parents=True, mode=0o700)
     run_steps(desktop, task, task.config, "config")
 
 
@@ -209,7 +220,15 @@ def _execute(desktop: Any, task: Task, p: dict[str, Any]) -> None:
         time.sleep(1.0)
     else:
         raise TaskSetupError(f"command never met its 'until' condition {until!r} in {tries} tries")
-    if r.returncode != 0 and not p.get("ignore_errors"):
+    saved = False
+    for stream in ("stdout", "stderr"):  # OSWorld keeps a command's output for the cache_file getter
+        name = p.get(stream)
+        if isinstance(name, str) and name:
+            dest = task_cache_dir(desktop) / Path(name).name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(getattr(r, stream))
+            saved = True
+    if r.returncode != 0 and not p.get("ignore_errors") and not saved:  # `diff` exits 1 and is scored
         raise TaskSetupError(f"command exited {r.returncode}: {r.stderr.strip()[:300]}")
 
 
