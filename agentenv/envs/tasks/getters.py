@@ -229,7 +229,7 @@ def os_cache_file(ctx: EvalContext, spec: dict) -> str | None:
     """A file an ``execute`` step with ``stdout``/``stderr`` saved (setup.task_cache_dir)."""
     from agentenv.envs.tasks.setup import task_cache_dir
 
-    p = task_cache_dir(ctx.desktop) / Path(str(spec["path"])).name
+    p = task_cache_dir(ctx.desktop, ctx.task) / Path(str(spec["path"])).name
     return _local_copy(ctx, p.name, p) if p.is_file() else None
 
 

@@ -10,6 +10,7 @@ what is missing (``UNSUPPORTED``).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import shutil
@@ -50,17 +51,17 @@ def _step_name(where: str, i: int, step: dict[str, Any]) -> str:
     return f"{where}[{i}] ({step.get('type', '?')})"
 
 
-def task_cache_dir(desktop: Any) -> Path:
+def task_cache_dir(desktop: Any, task: Task) -> Path:
     """OSWorld's per-task cache folder, outside the desktop's reach: ``execute`` steps with
-    ``stdout``/``stderr`` write there and the ``cache_file`` getter reads it. Emptied at each setup."""
+    ``stdout``/``stderr`` write there and the ``cache_file`` getter reads it. Emptied when the task
+    is set up (a route that runs one setup step, /setup/open_file, has a task of its own)."""
     base = getattr(desktop, "root", None)
-    return Path(base) / "task-cache" if base else Path(tempfile.gettempdir()) / f"agentenv-task-cache-{desktop.id}"
+    base = Path(base) if base else Path(tempfile.gettempdir()) / f"agentenv-task-cache-{desktop.id}"
+    return base / "task-cache" / hashlib.sha256(task.id.encode()).hexdigest()[:16]
 
 
 def run_setup(desktop: Any, task: Task) -> None:
-    cache = task_cache_dir(desktop)
-    shutil.rmtree(cache, ignore_errors=True)
-    cache.mkdir(parents=True, mode=0o700)
+    shutil.rmtree(task_cache_dir(desktop, task), ignore_errors=True)  # made again by a step that writes
     run_steps(desktop, task, task.config, "config")
 
 
@@ -224,8 +225,8 @@ def _execute(desktop: Any, task: Task, p: dict[str, Any]) -> None:
     for stream in ("stdout", "stderr"):  # OSWorld keeps a command's output for the cache_file getter
         name = p.get(stream)
         if isinstance(name, str) and name:
-            dest = task_cache_dir(desktop) / Path(name).name
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest = task_cache_dir(desktop, task) / Path(name).name
+            dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             dest.write_text(getattr(r, stream))
             saved = True
     if r.returncode != 0 and not p.get("ignore_errors") and not saved:  # `diff` exits 1 and is scored
