@@ -56,7 +56,7 @@ def task_cache_dir(desktop: Any, task: Task) -> Path:
     ``stdout``/``stderr`` write there and the ``cache_file`` getter reads it. Emptied when the task
     is set up (a route that runs one setup step, /setup/open_file, has a task of its own)."""
     base = getattr(desktop, "root", None)
-    base = Path(base) if base else Path(tempfile.gettempdir()) / f"agentenv-task-cache-{desktop.id}"
+    base = Path(base) if base else Path(tempfile.gettempdir()) / f"agentenv-{getattr(desktop, 'id', os.getpid())}"
     return base / "task-cache" / hashlib.sha256(task.id.encode()).hexdigest()[:16]
 
 
