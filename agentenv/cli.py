@@ -1,5 +1,5 @@
 """Command line: ``agentenv run``, ``agentenv serve-envs``, ``agentenv verl-dataset``, ``agentenv view``,
-``agentenv replay``."""
+``agentenv replay``, ``agentenv tasks check|fetch``."""
 
 from __future__ import annotations
 
@@ -53,11 +53,59 @@ def _verl_dataset(argv: list[str]) -> int:
     return 0
 
 
+def _tasks(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="agentenv tasks",
+                                 description="OSWorld task files: which run here (check), fill the download cache (fetch).")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("check", help="per task file: runs here, or exactly what is missing; a table per domain; "
+                                     "the last line is a JSON summary")
+    c.add_argument("dir", help="a folder of task JSON files (OSWorld: evaluation_examples/examples) or one file")
+    c.add_argument("--quiet", action="store_true", help="only the table and the summary, no line per task")
+    c.add_argument("--json-out", default=None, help="also write every task's report to this JSON file")
+    c.add_argument("--offline", action="store_true", help="as AGENTENV_OFFLINE=1: an uncached URL is missing")
+    c.add_argument("--osworld-like", action="store_true",
+                   help="the desktops look like OSWorld's VM from inside (sandboxed): GNOME settings, sudo, "
+                        "Ctrl+Alt+T... are not missing")
+    f = sub.add_parser("fetch", help="download every file the tasks fetch (download steps, cloud_file) into "
+                                     "the cache ($AGENTENV_HOME/cache/downloads); the last line is JSON")
+    f.add_argument("dir")
+    a = ap.parse_args(argv)
+    import json
+    from pathlib import Path
+
+    from agentenv.config import DownloadConfig
+    from agentenv.envs.tasks.cache import DownloadCache
+    from agentenv.envs.tasks.check import check_tasks, fetch_all, render, reports_json, summarize
+
+    if not Path(a.dir).exists():
+        print(f"agentenv tasks: {a.dir} does not exist", file=sys.stderr)
+        return 2
+    cfg = DownloadConfig.from_env()
+    if a.cmd == "fetch":
+        if cfg.offline:
+            print("agentenv tasks fetch: AGENTENV_OFFLINE is set; nothing can be fetched", file=sys.stderr)
+            return 2
+        out = fetch_all(a.dir, DownloadCache.from_config(cfg))
+        for u, err in out["failed"].items():
+            print(f"failed: {err}", file=sys.stderr)
+        print(json.dumps(out))
+        return 1 if out["failed"] else 0
+    cache = DownloadCache.from_config(cfg.model_copy(update={"offline": cfg.offline or a.offline}))
+    reports = check_tasks(a.dir, cache, osworld_like=a.osworld_like)
+    print(render(reports, verbose=not a.quiet))
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(reports_json(reports), indent=1))
+    s = summarize(reports)
+    print(json.dumps(s))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from agentenv.view.cli import replay_main, view_main
 
-    commands = {"serve-envs": _serve_envs, "verl-dataset": _verl_dataset, "view": view_main, "replay": replay_main}
+    commands = {"serve-envs": _serve_envs, "verl-dataset": _verl_dataset, "view": view_main, "replay": replay_main,
+                "tasks": _tasks}
     try:
         from agentenv.run import main as run_main
 

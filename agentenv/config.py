@@ -96,6 +96,34 @@ class TaskConfig(_Strict):
     shuffle: bool = False
 
 
+class DownloadConfig(_Strict):
+    """Files OSWorld tasks fetch (``download`` steps, ``cloud_file`` gold files): a cache keyed by URL
+    (``agentenv.envs.tasks.cache``). Setup steps run in the env service, which reads this from its
+    environment (``AGENTENV_CACHE_DIR`` or ``AGENTENV_HOME``, ``AGENTENV_OFFLINE=1``); `agentenv run`
+    sets those for the service it starts."""
+
+    cache_dir: str | None = None     # None: $AGENTENV_HOME/cache/downloads
+    offline: bool = False            # fetch nothing: a URL not in the cache is an error naming it
+    timeout_s: float = 60.0          # connect/read timeout of one fetch
+    max_bytes: int = 2 * 2**30       # one file
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> "DownloadConfig":
+        env = os.environ if environ is None else environ
+        return cls(offline=env.get("AGENTENV_OFFLINE", "").strip().lower() in ("1", "true", "yes"),
+                   cache_dir=env.get("AGENTENV_CACHE_DIR") or cls().resolved_dir(env))
+
+    def to_env(self) -> dict[str, str]:
+        """What an env service started by `agentenv run` reads (``from_env``)."""
+        return {"AGENTENV_OFFLINE": "1" if self.offline else "", "AGENTENV_CACHE_DIR": self.resolved_dir()}
+
+    def resolved_dir(self, environ: dict[str, str] | None = None) -> str:
+        env = os.environ if environ is None else environ
+        if self.cache_dir:
+            return self.cache_dir
+        return str(Path(env.get("AGENTENV_HOME") or AGENTENV_HOME) / "cache" / "downloads")
+
+
 class SchedulerConfig(_Strict):
     """How the scheduler admits and supervises trajectories (``StreamingScheduler``)."""
 
@@ -130,6 +158,7 @@ class RunConfig(_Strict):
     loop: LoopConfig = Field(default_factory=LoopConfig)
     env: EnvConfig = Field(default_factory=EnvConfig)
     tasks: TaskConfig = Field(default_factory=TaskConfig)
+    downloads: DownloadConfig = Field(default_factory=DownloadConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     metrics_port: int | None = None

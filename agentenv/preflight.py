@@ -1,8 +1,10 @@
 """What ``agentenv run`` checks before it admits work, so a typo fails in seconds, not after it
 has consumed the task queue:
 
-- the task source (before any service is started): it exists, yields tasks, no id twice, the
-  ids asked for exist, not every task is broken;
+- the task source (before any service is started): it exists, yields tasks, the ids asked for
+  exist, not every task is broken; tasks that miss something on this machine (an app, a setup
+  type, an evaluator function, an uncached file offline) are named in a warning
+  (``agentenv tasks check`` says the same per file);
 - the run directory: a new one per run (``<root>/<stamp>``, ``<root>/latest`` pointing at it);
   continuing an earlier one is an explicit choice (``--resume [DIR]``), and an explicit
   ``output.dir`` that already holds trajectories is refused without it;
@@ -16,7 +18,6 @@ Each failure raises ``PreflightError`` with a message that says what to fix.
 from __future__ import annotations
 
 import asyncio
-import collections
 import os
 import time
 from pathlib import Path
@@ -44,11 +45,7 @@ def check_tasks(t: TaskConfig) -> list[Any]:
                              "file, a folder, .jsonl or .parquet)") from e
     if not items:
         raise PreflightError(f"task source {t.source!r} holds no task")
-    by_id = collections.Counter(i.id for i in items)
-    twice = sorted(k for k, n in by_id.items() if n > 1)
-    if twice:
-        raise PreflightError(f"task source {t.source!r}: task ids appear more than once: {twice[:10]} "
-                             "(an id names one group of trajectories on disk)")
+    by_id = {i.id for i in items}  # unique: load_items renames duplicates (sources.dedupe_ids)
     if t.ids:
         unknown = sorted(set(t.ids) - set(by_id))
         if unknown:
@@ -64,7 +61,27 @@ def check_tasks(t: TaskConfig) -> list[Any]:
     if len(broken) == len(chosen):
         reasons = "; ".join(b.reason for b in broken[:3])
         raise PreflightError(f"every task of {t.source!r} is broken: {reasons}")
+    warn_missing(chosen)
     return items
+
+
+def warn_missing(items: list[Any]) -> list[Any]:
+    """Tasks that will fail at setup or scoring on this machine, in one warning before the run
+    (they still run: each ends as a recorded task or evaluator error)."""
+    from loguru import logger
+
+    from agentenv.envs.tasks.check import check_task
+    from agentenv.envs.tasks.cache import DownloadCache
+    from agentenv.types import Task
+
+    cache = DownloadCache.from_config()
+    reports = [check_task(i, Path(i.source or i.id), Path(i.source or ".").parent, cache)
+               for i in items if isinstance(i, Task)]
+    bad = [r for r in reports if r.status == "missing" or (r.status == "needs_fetch" and cache.offline)]
+    if bad:
+        logger.warning("{} of {} tasks miss something on this machine (`agentenv tasks check` lists each): {}",
+                       len(bad), len(reports), "; ".join(f"{r.id}: {', '.join(r.missing)}" for r in bad[:5]))
+    return bad
 
 
 # ----------------------------------------------------------------------------- run directory

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -190,6 +191,7 @@ def run(cfg: RunConfig) -> dict:
         logger.info("run directory: {}", run_dir)
         services = [ServiceSpec(s.url, s.token, s.desktops) for s in cfg.env.services]
         if not services:
+            os.environ.update(cfg.downloads.to_env())  # the env service runs the downloads
             es = stack.enter_context(EnvService(cfg.env.local_desktops, cfg.env.local_port, cfg.env.width,
                                                 cfg.env.height, log=run_dir / "env-service.log"))
             services = [ServiceSpec(es.url, es.token)]

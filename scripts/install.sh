@@ -36,7 +36,7 @@ flock 9
 
 APT_PACKAGES=(python3 python3-venv python3-dev gcc g++ xvfb openbox xdotool x11-utils xauth
   mousepad xfce4-terminal galculator pcmanfm libreoffice-calc chromium fonts-dejavu-core
-  x11-apps xclip tesseract-ocr util-linux procps curl)
+  x11-apps xclip tesseract-ocr util-linux procps curl socat)
 
 if [ "$DO_APT" = 1 ]; then
   missing=()

@@ -6,13 +6,16 @@ it as a ``task_error`` group with the reason, while the other tasks run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Union
 
-from agentenv.envs.tasks import TaskLoadError, builtin_tasks, load_task_file
+from loguru import logger
+
+from agentenv.envs.tasks import NotATask, TaskLoadError, builtin_tasks, load_task_file
 from agentenv.types import Task
 
 
@@ -29,7 +32,12 @@ def _load_path(path: Path) -> list[Item]:
     if path.is_dir():
         out: list[Item] = []
         for f in sorted(path.rglob("*.json")):
-            out.extend(_load_path(f))
+            try:
+                out.extend(load_task_file(f))
+            except NotATask as e:
+                logger.debug("skipped {}", e)
+            except TaskLoadError as e:
+                out.append(BrokenTask(f.stem, str(e)))
         return out
     if path.suffix == ".jsonl":
         out = []
@@ -59,15 +67,52 @@ def _load_path(path: Path) -> list[Item]:
         return [BrokenTask(path.stem, str(e))]
 
 
+def dedupe_ids(items: list[Item]) -> list[Item]:
+    """Task ids are unique after this: the buffer groups trajectories by id. OSWorld ships a Windows
+    twin of a Linux task under the same id (``examples/Windows/excel/ID.json`` beside
+    ``examples/libreoffice_calc/ID.json``). Of the items sharing an id, the one whose file is nearest
+    the folder's root keeps it (then path order); each other becomes ``<id>~2``, ``<id>~3``..., with
+    a warning naming both files and its original id and the file it collided with in ``extra``.
+    The same files always give the same ids."""
+    def where(i: Item) -> str:
+        return getattr(i, "source", "") or ""
+
+    groups: dict[str, list[int]] = {}
+    for n, item in enumerate(items):
+        groups.setdefault(item.id, []).append(n)
+    taken = set(groups)
+    out = list(items)
+    for tid, idx in groups.items():
+        if len(idx) < 2:
+            continue
+        order = sorted(idx, key=lambda n: (len(Path(where(items[n])).parts), where(items[n]), n))
+        keeper = items[order[0]]
+        k = 2
+        for n in order[1:]:
+            while f"{tid}~{k}" in taken:
+                k += 1
+            new = f"{tid}~{k}"
+            taken.add(new)
+            item = items[n]
+            logger.warning("task id {!r} of {} is also the id of {}: loaded as {!r}", tid, where(item) or "?",
+                           where(keeper) or "?", new)
+            if isinstance(item, Task):
+                out[n] = dataclasses.replace(item, id=new, extra={**item.extra, "original_id": tid,
+                                                                  "duplicate_of": where(keeper)})
+            else:
+                out[n] = BrokenTask(new, item.reason)
+    return out
+
+
 def load_items(source: str | list[Task]) -> list[Item]:
     if isinstance(source, list):
-        return list(source)
+        return dedupe_ids(list(source))
     if source == "builtin":
         return list(builtin_tasks())
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"task source {source!r} does not exist")
-    return _load_path(path)
+    return dedupe_ids(_load_path(path))
 
 
 class TaskSource:

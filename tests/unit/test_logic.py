@@ -11,7 +11,8 @@ import pytest
 from agentenv.config import load_config
 from agentenv.envs.actions import ActionError, parse_pyautogui
 from agentenv.envs.tasks import TaskLoadError, builtin_tasks, load_task_file
-from agentenv.envs.tasks.evaluate import EvaluatorError, read_ods_cells, validate_evaluator
+from agentenv.envs.tasks.evaluate import EvaluatorError, validate_evaluator
+from agentenv.envs.tasks.getters import read_sheet_cells
 from agentenv.rollout.buffer import TrajectoryBuffer, read_trajectories
 from agentenv.rollout.sources import BrokenTask, TaskSource, load_items
 from agentenv.types import Action, Status, Step, Task, Trajectory
@@ -214,7 +215,7 @@ async def test_buffer_staleness(tmp_path):
 def test_ods_reader_reads_builtin_sheet():
     from agentenv.envs.tasks import BUILTIN_DIR
 
-    cells = read_ods_cells(BUILTIN_DIR / "assets" / "budget.ods")
+    cells = read_sheet_cells(BUILTIN_DIR / "assets" / "budget.ods")
     sheet = next(iter(cells.values()))
     assert sheet["A2"] == "rent" and float(sheet["B2"]) == 1200
 

@@ -1,19 +1,26 @@
-"""OSWorld task setup steps (``config``), run on a LocalDesktop.
+"""OSWorld task setup steps (``config``) and ``evaluator.postconfig``, run on a desktop.
 
-Supported types: launch, open, execute / command, sleep, activate_window, upload_file.
-``download`` needs a network we do not have: it fails with an error naming the step, as does any
-unknown type.
+Supported types: launch, open, execute / command, sleep, activate_window, close_window,
+upload_file, download (through the URL cache), chrome_open_tabs. A ``python -c "import pyautogui;
+..."`` command goes through the pyautogui allow-list (``agentenv.envs.actions``) and runs as our own
+actions, never as code. Commands are adapted to a desktop that is not OSWorld's VM
+(``agentenv.envs.tasks.commands``). Types we cannot run fail with an error naming the step and
+what is missing (``UNSUPPORTED``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shlex
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from agentenv.envs.tasks import commands
 from agentenv.types import Task
 
 
@@ -21,35 +28,83 @@ class TaskSetupError(RuntimeError):
     """A setup step of a task failed or is not supported; the message names the step."""
 
 
-def _step_name(i: int, step: dict[str, Any]) -> str:
-    return f"config[{i}] ({step.get('type', '?')})"
+# Setup types OSWorld files use that need something this machine lacks: type -> what is missing.
+UNSUPPORTED: dict[str, str] = {
+    "googledrive": "network and a Google Drive account",
+    "login": "network and a website account",
+    "chrome_close_tabs": "Chrome's DevTools protocol (google-chrome with remote debugging)",
+    "update_browse_history": "Google Chrome's history database",
+    "tidy_desktop": "a GNOME desktop",
+    "proxy": "network (an HTTP proxy)",
+    "change_wallpaper": "a GNOME desktop",
+}
+
+# Programs whose launch waits for their first window (so the first action lands on it); others
+# (socat, python, bash) are not GUI apps and are not waited for.
+GUI_PROGRAMS = {"editor", "terminal", "calculator", "files", "spreadsheet", "browser", "mousepad",
+                "xfce4-terminal", "galculator", "pcmanfm", "libreoffice", "soffice", "localc", "lowriter",
+                "chromium", "google-chrome", "gedit", "code", "gimp", "vlc", "thunderbird", "nautilus",
+                "gnome-terminal"}
+
+
+def _step_name(where: str, i: int, step: dict[str, Any]) -> str:
+    return f"{where}[{i}] ({step.get('type', '?')})"
+
+
+def task_cache_dir(desktop: Any, task: Task) -> Path:
+    """OSWorld's per-task cache folder, outside the desktop's reach: ``execute`` steps with
+    ``stdout``/``stderr`` write there and the ``cache_file`` getter reads it. Emptied when the task
+    is set up (a route that runs one setup step, /setup/open_file, has a task of its own)."""
+    base = getattr(desktop, "root", None)
+    base = Path(base) if base else Path(tempfile.gettempdir()) / f"agentenv-{getattr(desktop, 'id', os.getpid())}"
+    return base / "task-cache" / hashlib.sha256(task.id.encode()).hexdigest()[:16]
 
 
 def run_setup(desktop: Any, task: Task) -> None:
+    shutil.rmtree(task_cache_dir(desktop, task), ignore_errors=True)  # made again by a step that writes
+    run_steps(desktop, task, task.config, "config")
+
+
+def run_postconfig(desktop: Any, task: Task) -> None:
+    """OSWorld runs ``evaluator.postconfig`` before scoring: sleeps, window activation, a command that
+    saves the file the metric reads."""
+    steps = task.evaluator.get("postconfig") if isinstance(task.evaluator, dict) else None
+    if steps is None:
+        return
+    if not isinstance(steps, list):
+        raise TaskSetupError(f"task {task.id}: evaluator.postconfig must be a list of steps")
+    run_steps(desktop, task, steps, "evaluator.postconfig")
+
+
+def run_steps(desktop: Any, task: Task, steps: list[Any], where: str) -> None:
     from agentenv.envs.xvfb import DesktopError
 
-    for i, step in enumerate(task.config):
+    for i, step in enumerate(steps):
         if not isinstance(step, dict) or "type" not in step:
-            raise TaskSetupError(f"task {task.id}: {_step_name(i, step if isinstance(step, dict) else {})}: "
+            raise TaskSetupError(f"task {task.id}: {_step_name(where, i, step if isinstance(step, dict) else {})}: "
                                  "each setup step needs a 'type'")
-        fn = SETUP_STEPS.get(step["type"]) if isinstance(step["type"], str) else None
+        name = _step_name(where, i, step)
+        kind = step["type"]
+        fn = SETUP_STEPS.get(kind) if isinstance(kind, str) else None
         if fn is None:
-            raise TaskSetupError(f"task {task.id}: {_step_name(i, step)}: unsupported setup type "
-                                 f"{step['type']!r} (supported: {sorted(SETUP_STEPS)})")
+            if isinstance(kind, str) and kind in UNSUPPORTED:
+                raise TaskSetupError(f"task {task.id}: {name}: needs {UNSUPPORTED[kind]}, which this machine lacks")
+            raise TaskSetupError(f"task {task.id}: {name}: unsupported setup type "
+                                 f"{kind!r} (supported: {sorted(SETUP_STEPS)})")
         params = step.get("parameters") or {}
         if not isinstance(params, dict):
-            raise TaskSetupError(f"task {task.id}: {_step_name(i, step)}: 'parameters' must be an object")
+            raise TaskSetupError(f"task {task.id}: {name}: 'parameters' must be an object")
         try:
             fn(desktop, task, params)
         except TaskSetupError as e:
-            raise TaskSetupError(f"task {task.id}: {_step_name(i, step)}: {e}") from e
+            raise TaskSetupError(f"task {task.id}: {name}: {e}") from e
         except DesktopError as e:  # an app that is not installed; a dead X server stays a dead desktop
             if not desktop.alive():
                 raise
-            raise TaskSetupError(f"task {task.id}: {_step_name(i, step)}: {e}") from e
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError,
-                subprocess.SubprocessError) as e:  # parameters of the wrong kind
-            raise TaskSetupError(f"task {task.id}: {_step_name(i, step)}: {type(e).__name__}: {e}") from e
+            raise TaskSetupError(f"task {task.id}: {name}: {e}") from e
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError, RuntimeError,
+                subprocess.SubprocessError) as e:  # parameters of the wrong kind, a failed download
+            raise TaskSetupError(f"task {task.id}: {name}: {type(e).__name__}: {e}") from e
 
 
 def _bounded(value: Any, most: float) -> float:
@@ -63,41 +118,118 @@ def _bounded(value: Any, most: float) -> float:
 def _argv(command: Any) -> list[str]:
     if isinstance(command, str):
         return shlex.split(command)
-    if isinstance(command, list) and all(isinstance(c, str) for c in command):
+    if isinstance(command, list) and command and all(isinstance(c, str) for c in command):
         return list(command)
-    raise TaskSetupError(f"command must be a string or a list of strings, got {command!r}")
+    raise TaskSetupError(f"command must be a string or a non-empty list of strings, got {command!r}")
 
 
 def _launch(desktop: Any, task: Task, p: dict[str, Any]) -> None:
-    argv = _argv(p.get("command"))
+    cmd = p.get("command")
+    if commands.shell_flag(p.get("shell"), cmd) and isinstance(cmd, str):
+        argv = ["bash", "-c", commands.adapt(desktop, cmd, True)]
+        prog = Path(commands.program(cmd, True) or "bash").name  # `gedit x &` waits for gedit's window
+    else:
+        argv = commands.adapt(desktop, _argv(cmd), False)
+        prog = Path(argv[0]).name
     before = len(desktop.window_titles())
     desktop.launch([desktop.resolve_path(a) if a.startswith("~/") else a for a in map(str, argv)])
     # Wait for the app's window so the first action lands on it, not on an empty screen.
-    if p.get("wait", True) and not desktop.wait_for_window(p.get("window"), _bounded(p.get("timeout", 45), 120),
-                                                           before=before):
+    wait = p.get("wait", prog in GUI_PROGRAMS)
+    if wait and not desktop.wait_for_window(p.get("window"), _bounded(p.get("timeout", 45), 120), before=before):
         raise TaskSetupError(f"no window appeared for {argv[0]!r}")
-    time.sleep(_bounded(p.get("settle", 0.3), 10))
+    time.sleep(_bounded(p.get("settle", 0.3 if wait else 0.0), 10))
+
+
+# Extensions OSWorld opens that our desktop's OPENERS do not list: the LibreOffice module for each.
+OFFICE_MODULES = {".docx": "--writer", ".doc": "--writer", ".odt": "--writer", ".rtf": "--writer",
+           ".xls": "--calc", ".pptx": "--impress", ".odp": "--impress"}
+OFFICE_PROGRAMS = {"--writer": "lowriter", "--calc": "localc", "--impress": "loimpress"}
 
 
 def _open(desktop: Any, task: Task, p: dict[str, Any]) -> None:
     from agentenv.envs.xvfb import OPENERS
 
-    path = desktop.resolve_path(p["path"])
+    path = desktop.resolve_path(commands.map_path(desktop, p["path"]))
     if not path.exists():
         raise TaskSetupError(f"file {p['path']!r} does not exist")
-    app = p.get("app") or OPENERS.get(path.suffix.lower())
-    if app is None:
-        raise TaskSetupError(f"no app opens {path.suffix!r} files")
-    _launch(desktop, task, {**p, "command": [app, str(path)], "window": p.get("window", path.name)})
+    suffix = path.suffix.lower()
+    if suffix == ".csv" and task.extra.get("snapshot") not in (None, "agentenv-local"):
+        suffix = ".ods"  # OSWorld's VM opens .csv files in LibreOffice Calc
+    if p.get("app"):
+        argv = [p["app"], str(path)]
+    elif suffix in OPENERS:
+        argv = [OPENERS[suffix], str(path)]
+    elif suffix in OFFICE_MODULES:
+        module = OFFICE_MODULES[suffix]
+        if shutil.which(OFFICE_PROGRAMS[module], path="/usr/local/bin:/usr/bin:/bin") is None:
+            raise TaskSetupError(f"{path.name} needs LibreOffice {module[2:]} ({OFFICE_PROGRAMS[module]}), "
+                                 "which is not installed")
+        argv = ["libreoffice", module, "--norestore", str(path)]
+    else:
+        raise TaskSetupError(f"no app opens {suffix!r} files")
+    _launch(desktop, task, {**p, "command": argv, "shell": False, "wait": p.get("wait", True),
+                            "window": p.get("window", path.name)})
+
+
+def run_pyautogui(desktop: Any, code: str) -> None:
+    """pyautogui code from a task file, through the allow-list, as our own actions."""
+    from agentenv.envs.actions import ActionError, parse_pyautogui
+
+    try:
+        actions = parse_pyautogui(code, desktop.width, desktop.height)
+    except ActionError as e:
+        raise TaskSetupError(str(e)) from e
+    for a in actions:
+        err = desktop.execute(a).get("error")
+        if err:
+            raise TaskSetupError(f"pyautogui action {a.type}: {err}")
+
+
+def run_command(desktop: Any, cmd: Any, shell: bool, timeout: float) -> subprocess.CompletedProcess:
+    """A task file's command on the desktop (adapted to it), as the desktop user."""
+    if shell:
+        if not isinstance(cmd, str):
+            raise TaskSetupError(f"a shell command must be a string, got {cmd!r}")
+        return desktop.run(commands.adapt(desktop, cmd, True), timeout=timeout, shell=True)
+    return desktop.run(commands.adapt(desktop, _argv(cmd), False), timeout=timeout, shell=False)
 
 
 def _execute(desktop: Any, task: Task, p: dict[str, Any]) -> None:
     cmd = p.get("command")
-    shell = bool(p.get("shell", isinstance(cmd, str)))
-    if shell and not isinstance(cmd, str):
-        raise TaskSetupError(f"a shell command must be a string, got {cmd!r}")
-    r = desktop.run(cmd if shell else _argv(cmd), timeout=_bounded(p.get("timeout", 60), 300), shell=shell)
-    if r.returncode != 0 and not p.get("ignore_errors"):
+    code = commands.pyautogui_code(cmd)
+    if code is not None:
+        try:
+            run_pyautogui(desktop, code)
+            return
+        except TaskSetupError:
+            # Code the allow-list refuses runs as code only where that is harmless: inside a desktop
+            # that looks like OSWorld's VM (the sandbox), as OSWorld runs it.
+            if not commands.osworld_like(desktop):
+                raise
+    # A string without "shell" is a shell command in our own files; OSWorld's server splits it,
+    # which for the commands its files hold is the same thing.
+    shell = commands.shell_flag(p.get("shell"), cmd) if "shell" in p else isinstance(cmd, str)
+    until = p.get("until") if isinstance(p.get("until"), dict) else None
+    tries = 5 if until else 1
+    for attempt in range(tries):
+        r = run_command(desktop, cmd, shell, _bounded(p.get("timeout", 60), 300))
+        if until is None:
+            break
+        if ("returncode" not in until or r.returncode == until["returncode"]) and \
+                ("stdout" not in until or str(until["stdout"]) in r.stdout):
+            return
+        time.sleep(1.0)
+    else:
+        raise TaskSetupError(f"command never met its 'until' condition {until!r} in {tries} tries")
+    saved = False
+    for stream in ("stdout", "stderr"):  # OSWorld keeps a command's output for the cache_file getter
+        name = p.get(stream)
+        if isinstance(name, str) and name:
+            dest = task_cache_dir(desktop, task) / Path(name).name
+            dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            dest.write_text(getattr(r, stream))
+            saved = True
+    if r.returncode != 0 and not p.get("ignore_errors") and not saved:  # `diff` exits 1 and is scored
         raise TaskSetupError(f"command exited {r.returncode}: {r.stderr.strip()[:300]}")
 
 
@@ -105,13 +237,43 @@ def _sleep(desktop: Any, task: Task, p: dict[str, Any]) -> None:
     time.sleep(_bounded(p.get("seconds", 1), 30))
 
 
-def _activate_window(desktop: Any, task: Task, p: dict[str, Any]) -> None:
+def _xdotool_search(p: dict[str, Any]) -> list[str]:
     name = p.get("window_name")
-    if not name:
-        raise TaskSetupError("activate_window needs window_name")
-    r = desktop.run(["xdotool", "search", "--name", name, "windowactivate", "--sync"], timeout=10)
+    if not name or not isinstance(name, str) or "\0" in name:
+        raise TaskSetupError("window_name must be a non-empty string")
+    pattern = "^" + name + "$" if commands.shell_flag(p.get("strict"), None) else name
+    by = "--class" if commands.shell_flag(p.get("by_class"), None) else "--name"
+    return ["xdotool", "search", "--onlyvisible", "--limit", "1", by, pattern]
+
+
+def _activate_window(desktop: Any, task: Task, p: dict[str, Any]) -> None:
+    r = desktop.run(_xdotool_search(p) + ["windowactivate", "--sync"], timeout=10)
     if r.returncode != 0:
-        raise TaskSetupError(f"no window named {name!r}")
+        raise TaskSetupError(f"no window named {p['window_name']!r}")
+
+
+def _close_window(desktop: Any, task: Task, p: dict[str, Any]) -> None:
+    r = desktop.run(_xdotool_search(p) + ["windowkill"], timeout=10)
+    if r.returncode != 0:
+        raise TaskSetupError(f"no window named {p['window_name']!r}")
+
+
+def write_desktop_file(desktop: Any, path: str, src: Path) -> None:
+    """Copy ``src`` to ``path`` on the desktop (a path of the task file: ``/home/user/x``, ``~/x``)."""
+    path = commands.map_path(desktop, path)
+    if hasattr(desktop, "write_file"):  # a desktop that writes its own files (the sandbox)
+        desktop.write_file(path, src.read_bytes())
+        return
+    dest = desktop.resolve_path(path)
+    missing = [d for d in [dest.parent, *dest.parent.parents] if not d.exists()]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for d in missing:  # folders we made belong to the desktop user, who must write in them
+        desktop._chown(d)
+    # O_NOFOLLOW: a symlink planted after resolve_path looked is refused, not written through.
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    with os.fdopen(fd, "wb") as f, open(src, "rb") as s:
+        shutil.copyfileobj(s, f)
+    desktop._chown(dest)
 
 
 def _upload_file(desktop: Any, task: Task, p: dict[str, Any]) -> None:
@@ -123,25 +285,40 @@ def _upload_file(desktop: Any, task: Task, p: dict[str, Any]) -> None:
             raise TaskSetupError(f"local file {f['local_path']!r} is outside the task's folder {str(base)!r}")
         if not local.is_file():
             raise TaskSetupError(f"local file {str(local)!r} not found")
-        dest = desktop.resolve_path(f["path"])
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(local, dest)
-        desktop._chown(dest)
+        write_desktop_file(desktop, f["path"], local)
 
 
 def _download(desktop: Any, task: Task, p: dict[str, Any]) -> None:
-    urls = [f.get("url") for f in p.get("files") or []]
-    raise TaskSetupError(f"download needs network access, which this machine does not have ({urls}); "
-                         "ship the files with the task and use upload_file")
+    from agentenv.envs.tasks.cache import DownloadCache, DownloadError
+
+    cache = DownloadCache.from_config()
+    files = p.get("files")
+    if not isinstance(files, list) or not files:
+        raise TaskSetupError("download needs 'files': [{url, path}, ...]")
+    for f in files:
+        try:
+            src = cache.get(f["url"])
+        except DownloadError as e:
+            raise TaskSetupError(str(e)) from e
+        write_desktop_file(desktop, f["path"], src)
 
 
-SETUP_STEPS = {
+def _chrome_open_tabs(desktop: Any, task: Task, p: dict[str, Any]) -> None:
+    urls = p.get("urls_to_open")
+    if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+        raise TaskSetupError("chrome_open_tabs needs 'urls_to_open': a list of URLs")
+    _launch(desktop, task, {"command": ["browser", *urls], "wait": True})
+
+
+SETUP_STEPS: dict[str, Callable[[Any, Task, dict[str, Any]], None]] = {
     "launch": _launch,
     "open": _open,
     "execute": _execute,
     "command": _execute,
     "sleep": _sleep,
     "activate_window": _activate_window,
+    "close_window": _close_window,
     "upload_file": _upload_file,
     "download": _download,
+    "chrome_open_tabs": _chrome_open_tabs,
 }

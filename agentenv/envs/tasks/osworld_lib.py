@@ -1,0 +1,122 @@
+"""OSWorld's own metric functions, from the ``desktop-env`` package (Apache-2.0), module by module.
+
+``desktop-env`` pins an old stack (torch 2.5, numpy<2, transformers 4.35) and its
+``evaluators/metrics/__init__.py`` imports every domain (Chrome, GIMP, OCR with torch...), so it is
+installed with ``--no-deps`` and never imported as a package: the parent packages are registered as
+empty namespaces pointing at its folders, and only the metric modules below are imported, each with
+its own imports (openpyxl, pandas, rapidfuzz, lxml, formulas... in requirements/base.txt). Using
+their functions makes our scores OSWorld's by construction.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import sys
+import threading
+import types
+from pathlib import Path
+from typing import Any, Callable
+
+PACKAGE = "desktop_env.evaluators.metrics"
+
+# Modules that load without the pinned stack, and functions of theirs we do not offer: they import
+# and run a task's Python test file inside the env service.
+LOADABLE = ("table", "general", "vscode", "basic_os", "libreoffice")
+NOT_OFFERED = {
+    "check_python_file_by_test_suite": "runs a task's Python code inside the env service",
+    "check_python_file_by_gold_file": "runs a task's Python code inside the env service",
+    "check_accessibility_tree": "an AT-SPI accessibility tree",
+}
+# What each module we do not load needs (the apps are not installed here, or its imports pull the
+# pinned stack).
+MODULE_NEEDS = {
+    "chrome": "Google Chrome (its profile and DevTools protocol) and PyMuPDF/borb",
+    "docs": "easyocr with torch (desktop-env's docs.py imports it; agentenv has its own compare_docx_files, "
+            "compare_docx_tables, compare_line_spacing, compare_docx_files_and_ignore_new_lines)",
+    "gimp": "GIMP and OpenCV",
+    "slides": "LibreOffice Impress and python-pptx",
+    "thunderbird": "Thunderbird",
+    "vlc": "VLC",
+    "pdf": "PyMuPDF",
+    "others": "mutagen (audio tags) and epub files",
+}
+
+_lock = threading.Lock()
+_loaded: dict[str, Callable[..., Any]] | None = None
+_errors: dict[str, str] = {}
+_root_dir: list[Path | None] = []
+
+
+def _root() -> Path | None:
+    if not _root_dir:  # found once, before our namespaces stand in for the package
+        spec = importlib.util.find_spec("desktop_env")  # the folder, without running its __init__
+        ok = spec is not None and spec.submodule_search_locations
+        _root_dir.append(Path(list(spec.submodule_search_locations)[0]) if ok else None)
+    return _root_dir[0]
+
+
+def _register_namespaces(root: Path) -> None:
+    for name, sub in (("desktop_env", ""), ("desktop_env.evaluators", "evaluators"),
+                      ("desktop_env.evaluators.metrics", "evaluators/metrics")):
+        mod = sys.modules.get(name)
+        if mod is None or getattr(mod, "__file__", None):  # never run the real __init__
+            mod = types.ModuleType(name)
+            mod.__path__ = [str(root / sub)]
+            sys.modules[name] = mod
+
+
+def metric_modules() -> dict[str, list[str]]:
+    """{module: [metric names]} as desktop-env's metrics/__init__.py lists them (read, not run)."""
+    root = _root()
+    if root is None:
+        return {}
+    tree = ast.parse((root / "evaluators" / "metrics" / "__init__.py").read_text())
+    out: dict[str, list[str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+            out.setdefault(node.module, []).extend(a.name for a in node.names)
+    return out
+
+
+def load() -> dict[str, Callable[..., Any]]:
+    """The metric functions we use from desktop-env: {name: function}. Empty when it is not installed."""
+    global _loaded
+    with _lock:
+        if _loaded is not None:
+            return _loaded
+        _loaded = {}
+        root = _root()
+        if root is None:
+            _errors["*"] = "the desktop-env package is not installed (requirements/nodeps.txt)"
+            return _loaded
+        _register_namespaces(root)
+        listed = metric_modules()
+        for mod_name in LOADABLE:
+            try:
+                mod = importlib.import_module(f"{PACKAGE}.{mod_name}")
+            except Exception as e:  # an import of theirs that is missing here: named in the refusal
+                _errors[mod_name] = f"{type(e).__name__}: {e}"
+                continue
+            names = listed.get(mod_name) or [n for n in vars(mod) if not n.startswith("_")]
+            for n in names:
+                fn = getattr(mod, n, None)
+                if callable(fn) and n not in NOT_OFFERED:
+                    _loaded[n] = fn
+        return _loaded
+
+
+def why_missing(name: str) -> str | None:
+    """Why OSWorld metric ``name`` is not available here, or None if it is not one of OSWorld's."""
+    if name in NOT_OFFERED:
+        return NOT_OFFERED[name]
+    load()
+    for mod, names in metric_modules().items():
+        if name in names:
+            if mod in _errors:
+                return f"desktop-env's {mod}.py does not load here ({_errors[mod]})"
+            return MODULE_NEEDS.get(mod, f"desktop-env's {mod}.py")
+    if "*" in _errors:
+        return _errors["*"]
+    return None
