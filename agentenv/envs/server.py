@@ -25,6 +25,7 @@ running as code.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import ipaddress
 import os
@@ -46,7 +47,7 @@ from pydantic import BaseModel, Field
 from agentenv.envs.actions import ActionError, check_action, parse_pyautogui
 from agentenv.envs.tasks.evaluate import EvaluatorError, evaluate
 from agentenv.envs.tasks.setup import TaskSetupError
-from agentenv.envs.xvfb import DesktopError, DesktopSpec, LocalDesktop
+from agentenv.envs.xvfb import DesktopError, DesktopSpec, LocalDesktop, make_desktop
 from agentenv.types import Action, Task
 
 
@@ -155,9 +156,8 @@ class DesktopHost:
         with self._lock:
             self._n += 1
             did = f"d{self._n}-{secrets.token_hex(3)}"
-        spec = DesktopSpec(width=width or self.spec.width, height=height or self.spec.height,
-                           scratch=self.spec.scratch, template=self.spec.template)
-        d = LocalDesktop(did, spec).start()
+        spec = dataclasses.replace(self.spec, width=width or self.spec.width, height=height or self.spec.height)
+        d = make_desktop(did, spec).start()
         with self._lock:
             self.desktops[did] = d
         self.m_desktops.set(len(self.desktops))
@@ -224,42 +224,8 @@ class _BodyLimit:
 
 def _run_bounded(d: LocalDesktop, argv: list[str] | str, *, shell: bool, timeout: float,
                  max_output: int) -> dict[str, Any]:
-    """Run a command in the desktop session (as its user); keep at most ``max_output`` bytes of
-    each stream. The streams go to files capped by RLIMIT_FSIZE, so a command that prints without
-    end is stopped (SIGXFSZ) instead of filling the service's memory or disk."""
-    import resource
-    import subprocess
-    import tempfile
-
-    def cap() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (max_output + 1, max_output + 1))
-
-    with tempfile.TemporaryFile(dir=d.root) as out, tempfile.TemporaryFile(dir=d.root) as err:
-        try:
-            p = subprocess.Popen(argv, env=d.env(), cwd=str(d.home), shell=shell, stdin=subprocess.DEVNULL,
-                                 stdout=out, stderr=err, start_new_session=True, preexec_fn=cap,
-                                 **d._as_user())
-        except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
-            return {"status": "error", "output": "", "error": str(e), "returncode": 127}
-        try:
-            rc = p.wait(timeout)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            import signal as _signal
-
-            os.killpg(p.pid, _signal.SIGKILL)
-            rc, timed_out = p.wait(), True
-
-        def read(f: Any) -> str:
-            f.seek(0)
-            data = f.read(max_output + 1)
-            text = data[:max_output].decode("utf-8", "replace")
-            return text + (f"\n[output cut at {max_output} bytes]" if len(data) > max_output else "")
-
-        if timed_out:
-            return {"status": "error", "output": read(out), "error": f"timed out after {timeout}s",
-                    "returncode": -1}
-        return {"status": "success", "output": read(out), "error": read(err), "returncode": rc}
+    """Run a command in the desktop session (as its user, inside its sandbox when it has one)."""
+    return d.run_bounded(argv, shell=shell, timeout=timeout, max_output=max_output)
 
 
 def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None = None,
@@ -426,7 +392,9 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
 
     # ------------------------------------------------------------- OSWorld in-VM server paths
     def _execute(d: LocalDesktop, req: ExecuteRequest) -> dict[str, Any]:
-        code = _pyautogui_code(req.command)
+        # Inside a sandbox an OSWorld-style ``python -c "import pyautogui; ..."`` runs as the code it
+        # is (it reaches nothing but its own desktop); on the host only its allowed calls run, as actions.
+        code = None if d.sandboxed else _pyautogui_code(req.command)
         if code is not None:
             try:
                 actions = parse_pyautogui(code, d.width, d.height)
@@ -509,18 +477,14 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
             _write_in_home(d, file_path, data)
 
     def _write_in_home(d: LocalDesktop, file_path: str, data: bytes) -> None:
-        dest = d.resolve_path(file_path)
         try:
-            if dest == d.home.resolve() or dest.is_dir():
-                raise HTTPException(422, f"{file_path!r} is a directory")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            # O_NOFOLLOW: a symlink planted after resolve_path looked is refused, not written through.
-            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        except OSError as e:  # a file where a folder should be, a folder where the file should be...
+            d.write_file(file_path, data)  # component by component, no link followed
+        except IsADirectoryError as e:
+            raise HTTPException(422, f"{file_path!r} is a directory or not a regular file") from e
+        except PermissionError:
+            raise
+        except OSError as e:  # a file where a folder should be, a symlink, a folder where the file should be...
             raise HTTPException(422, f"cannot write {file_path!r}: {e.strerror or e}") from e
-        d._chown(dest)
 
     @app.post("/envs/{did}/file", dependencies=A)
     def os_file(did: str, file_path: str = Form(...)):
@@ -529,15 +493,14 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
             return _read_in_home(d, file_path)
 
     def _read_in_home(d: LocalDesktop, file_path: str) -> Response:
-        p = d.resolve_path(file_path)
         try:
-            if not p.is_file():
-                raise HTTPException(404, f"no file {file_path!r}")
-            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            data = d.read_file(file_path, limits.max_file_bytes)  # component by component, no link followed
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+            raise HTTPException(404, f"no file {file_path!r}") from e
+        except PermissionError:
+            raise
         except OSError as e:  # a name too long, a symlink swapped in...
             raise HTTPException(422, f"cannot open {file_path!r}: {e.strerror or e}") from e
-        with os.fdopen(fd, "rb") as f:
-            data = f.read(limits.max_file_bytes + 1)
         if len(data) > limits.max_file_bytes:
             raise HTTPException(413, f"{file_path!r} is over the limit of {limits.max_file_bytes} bytes "
                                      "(serve-envs --max-file-bytes)")
@@ -587,7 +550,8 @@ def write_secret(path: str | Path, secret: str) -> None:
 
 def serve(num: int, host: str = "127.0.0.1", port: int = 8100, token: str | None = None,
           width: int = 1920, height: int = 1080, token_file: str | None = None,
-          limits: ServiceLimits | None = None) -> None:
+          limits: ServiceLimits | None = None, sandbox: bool = True,
+          upload_roots: list[str] | None = None) -> None:
     """Run the service. The token is never printed or logged: it is given (``--token``,
     ``ENV_TOKEN``) or generated and written to ``token_file`` (mode 600)."""
     import uvicorn
@@ -607,5 +571,17 @@ def serve(num: int, host: str = "127.0.0.1", port: int = 8100, token: str | None
               flush=True)
     else:
         print(f"export ENV_SERVER_URL=http://{host}:{port}  # ENV_TOKEN: the token you gave", flush=True)
-    app = create_app(num, token, DesktopSpec(width=width, height=height), limits)
+    if sandbox:
+        from agentenv.envs.sandbox import SandboxError, check_sandbox
+
+        try:
+            check_sandbox()  # before any desktop: a missing tool is named, not found halfway
+        except SandboxError as e:
+            raise SystemExit(f"agentenv serve-envs: {e}") from None
+    else:
+        logger.warning("desktops are NOT sandboxed (--no-sandbox): tasks and agents run commands on this "
+                       "host as the desktop user and can reach its loopback services")
+    spec = DesktopSpec(width=width, height=height, sandbox=sandbox,
+                       upload_roots=tuple(Path(r) for r in upload_roots or ()))
+    app = create_app(num, token, spec, limits)
     uvicorn.run(app, host=host, port=port, log_level="warning")

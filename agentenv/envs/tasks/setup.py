@@ -8,7 +8,6 @@ unknown type.
 from __future__ import annotations
 
 import shlex
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -115,18 +114,23 @@ def _activate_window(desktop: Any, task: Task, p: dict[str, Any]) -> None:
 
 
 def _upload_file(desktop: Any, task: Task, p: dict[str, Any]) -> None:
-    base = (Path(task.source).parent if task.source else Path.cwd()).resolve()
+    # A task ships its files in its own folder; it does not read the host's. Its ``source`` comes
+    # with the request, so the folder must also lie under a root the operator allowed.
+    if not task.source:
+        raise TaskSetupError("upload_file needs a task loaded from a file: its files lie beside it")
+    base = Path(task.source).parent.resolve()
+    roots = desktop.upload_roots()
     for f in p.get("files") or []:
         local = Path(f["local_path"])
         local = (local if local.is_absolute() else base / local).resolve()
-        if base not in local.parents:  # a task ships its files; it does not read the host's
+        if base not in local.parents:
             raise TaskSetupError(f"local file {f['local_path']!r} is outside the task's folder {str(base)!r}")
+        if not any(r in local.parents for r in roots):
+            raise TaskSetupError(f"local file {str(local)!r} is outside the folders tasks may upload from "
+                                 f"({', '.join(map(str, roots))}; serve-envs --upload-root adds one)")
         if not local.is_file():
             raise TaskSetupError(f"local file {str(local)!r} not found")
-        dest = desktop.resolve_path(f["path"])
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(local, dest)
-        desktop._chown(dest)
+        desktop.write_file(f["path"], local.read_bytes())  # no link in HOME followed
 
 
 def _download(desktop: Any, task: Task, p: dict[str, Any]) -> None:

@@ -1,0 +1,236 @@
+"""The first process inside a desktop's sandbox (standard library only: it runs on the system's
+python3, not the service's environment).
+
+    python3 -I /opt/agentenv/runner.py DISPLAY WIDTH HEIGHT
+
+It starts the desktop's X server and its D-Bus session bus, then answers the env service on the
+unix socket /run/agentenv/runner.sock (a folder the service sees from the host): one JSON request
+per connection, one JSON line back. Everything a task or an agent runs is started here, so it
+lives in the sandbox's namespaces. Requests:
+
+    {"op": "ping"}
+    {"op": "run", "argv": [...] | "cmd", "shell": bool, "timeout": s, "max_output": bytes}
+    {"op": "spawn", "argv": [...], "keep": bool}       an app (keep: the window manager)
+    {"op": "reset"}       end every process but the X server, the bus and kept ones; remove what
+                          was written to the sandbox's own filesystem (/, /tmp, /var/tmp, /run/user)
+
+Nothing here is a privilege boundary: anything inside may talk to this socket, and it can do
+nothing the sandbox's user cannot do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import socketserver
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+CTL = "/run/agentenv"
+SOCK = CTL + "/runner.sock"
+RUNTIME = "/run/user/1000"
+BUS = RUNTIME + "/bus"
+# What the sandbox's writable places hold at start; a reset removes everything else.
+WRITABLE = ("/", "/tmp", "/var/tmp", RUNTIME)
+
+_lock = threading.Lock()
+_keep: set[int] = set()
+_children: list[subprocess.Popen] = []
+_initial: dict[str, set[str]] = {}
+
+
+def _log(msg: str) -> None:
+    with open(CTL + "/runner.log", "a") as f:
+        f.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+
+
+def _popen(argv: list[str] | str, keep: bool = False, log: str = "apps.log", **kw) -> subprocess.Popen:
+    out = open(os.path.join(CTL, log), "ab")
+    try:
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+                             cwd=os.environ.get("HOME", "/"), **kw)
+    finally:
+        out.close()
+    with _lock:
+        _children.append(p)
+        if keep:
+            _keep.add(p.pid)
+    return p
+
+
+def _reap_forever() -> None:
+    # Apps the runner started are its children: poll them so none stays a zombie.
+    while True:
+        time.sleep(0.5)
+        with _lock:
+            _children[:] = [p for p in _children if p.poll() is None]
+
+
+def _start_bus() -> None:
+    _popen(["dbus-daemon", "--session", "--nofork", "--nopidfile", "--address=unix:path=" + BUS],
+           keep=True, log="dbus.log")
+    deadline = time.monotonic() + 5
+    while not os.path.exists(BUS) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _kill_others(grace: float = 1.0) -> int:
+    me = os.getpid()
+    with _lock:
+        keep = set(_keep) | {1, me}
+    victims = [int(d) for d in os.listdir("/proc") if d.isdigit() and int(d) not in keep]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in victims:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            with _lock:
+                for p in _children:
+                    p.poll()
+            victims = [p for p in victims if _alive(p)]
+            if not victims:
+                break
+            time.sleep(0.01)
+    return len(victims)
+
+
+def _remove(path: str) -> None:
+    def fix(func, p, exc):  # a folder made unreadable by its owner (us) inside the sandbox
+        try:
+            os.chmod(os.path.dirname(p) or "/", 0o700)
+            os.chmod(p, 0o700)
+            func(p)
+        except OSError:
+            pass
+
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, onerror=fix)
+    else:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def _clean() -> list[str]:
+    removed = []
+    for top in WRITABLE:
+        try:
+            names = os.listdir(top)
+        except OSError:
+            continue
+        for name in names:
+            if name not in _initial.get(top, set()):
+                path = os.path.join(top, name)
+                _remove(path)
+                removed.append(path)
+    return removed
+
+
+def _run(req: dict) -> dict:
+    max_output = int(req.get("max_output", 1 << 20))
+    timeout = float(req.get("timeout", 60))
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_output + 1, max_output + 1))
+
+    with tempfile.TemporaryFile(dir="/run") as out, tempfile.TemporaryFile(dir="/run") as err:
+        try:
+            p = subprocess.Popen(req["argv"], shell=bool(req.get("shell")), stdin=subprocess.DEVNULL,
+                                 stdout=out, stderr=err, start_new_session=True, preexec_fn=cap,
+                                 cwd=os.environ.get("HOME", "/"))
+        except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
+            return {"returncode": 127, "stdout": "", "stderr": str(e), "timed_out": False, "spawn_error": True}
+        timed_out = False
+        try:
+            rc = p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            rc, timed_out = p.wait(), True
+
+        def read(f) -> tuple[str, bool]:
+            f.seek(0)
+            data = f.read(max_output + 1)
+            return data[:max_output].decode("utf-8", "replace"), len(data) > max_output
+
+        (o, o_cut), (e, e_cut) = read(out), read(err)
+        return {"returncode": rc, "stdout": o, "stderr": e, "stdout_cut": o_cut, "stderr_cut": e_cut,
+                "timed_out": timed_out}
+
+
+def _handle(req: dict) -> dict:
+    op = req.get("op")
+    if op == "ping":
+        return {"ok": True}
+    if op == "run":
+        return _run(req)
+    if op == "spawn":
+        try:
+            p = _popen(req["argv"], keep=bool(req.get("keep")), log=req.get("log", "apps.log"))
+        except (FileNotFoundError, PermissionError) as e:
+            return {"error": f"cannot start {req['argv'][0]!r}: {e}"}
+        return {"pid": p.pid}
+    if op == "reset":
+        left = _kill_others()
+        removed = _clean()
+        return {"left": left, "removed": removed}
+    return {"error": f"unknown op {op!r}"}
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        line = self.rfile.readline(16 << 20)
+        try:
+            resp = _handle(json.loads(line))
+        except Exception as e:  # a bad request is answered, never the end of the sandbox
+            resp = {"error": f"{type(e).__name__}: {e}"}
+        self.wfile.write(json.dumps(resp).encode() + b"\n")
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+def main() -> None:
+    display, width, height = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    os.makedirs(RUNTIME, mode=0o700, exist_ok=True)
+    xvfb = _popen(["Xvfb", display, "-screen", "0", f"{width}x{height}x24", "-nolisten", "tcp",
+                   "-auth", "/run/Xauthority", "-noreset"], keep=True, log="xvfb.log")
+    _start_bus()
+    sock = f"/tmp/.X11-unix/X{display.lstrip(':')}"
+    deadline = time.monotonic() + 15  # the X server's lock and socket belong to the initial state
+    while not os.path.exists(sock) and xvfb.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for top in WRITABLE:
+        try:
+            _initial[top] = set(os.listdir(top))
+        except OSError:
+            _initial[top] = set()
+    threading.Thread(target=_reap_forever, daemon=True).start()
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # bwrap's init then ends the rest
+    if os.path.exists(SOCK):
+        os.unlink(SOCK)
+    server = _Server(SOCK, _Handler)
+    _log(f"runner up, X server pid {xvfb.pid}")
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
