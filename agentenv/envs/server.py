@@ -306,7 +306,7 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
     @app.get("/envs", dependencies=A)
     def list_envs():
         return [{"id": d.id, "display": d.display, "width": d.width, "height": d.height,
-                 "task": d.task_id, "alive": d.alive()} for d in list(host.desktops.values())]  # a copy: others
+                 "task": d.task_id, "alive": d.alive(), "sandboxed": d.sandboxed} for d in list(host.desktops.values())]  # a copy: others
         # create and close desktops meanwhile
 
     @app.post("/envs", dependencies=A)

@@ -137,3 +137,17 @@ def test_each_desktop_has_an_xauthority_of_its_own(tmp_path):
     finally:
         a.close()
         b.close()
+
+
+def test_pyautogui_code_runs_as_code_only_inside_a_sandbox(svc, tmp_path):
+    env = __import__("httpx").get(svc.url + "/envs", headers=svc.h).json()[0]
+    marker = tmp_path / "pwned"
+    os.chmod(tmp_path, 0o777)
+    src = f"import pyautogui; import os; os.system('touch {marker}'); pyautogui.moveTo(7, 8)"
+    r = svc.post(env["id"], "/execute", json={"command": ["python", "-c", src]})
+    if env["sandboxed"]:
+        assert r.status_code == 200 and r.json()["returncode"] == 0, r.text
+        assert svc.post(env["id"], "/cursor_position").json() == [7, 8]
+    else:  # on the host only the allowed calls run, as actions
+        assert r.status_code == 400 and "refused" in r.json()["message"], r.text
+    assert not marker.exists()
