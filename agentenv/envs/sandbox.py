@@ -86,6 +86,15 @@ exec bwrap --unshare-user --uid 0 --gid 0 --bind / / --setenv SUDO_USER user --s
 """
 
 
+# The terminal (Ctrl+Alt+T, the menu, the `terminal` app, and `gnome-terminal` as OSWorld's tasks
+# name it): xfce4-terminal running bash under script(1), whose transcript /terminal reads.
+TERMINAL = r"""#!/bin/bash
+mkdir -p /run/agentenv/term
+exec xfce4-terminal --disable-server -T Terminal -x script -qf -c "bash -i" "/run/agentenv/term/$(date +%s%N).log"
+"""
+TERMINAL_MAX_BYTES = 1 << 20
+
+
 class SandboxError(RuntimeError):
     """The sandbox cannot be built on this machine; the message names what is missing."""
 
@@ -125,6 +134,7 @@ class RemoteProcess:
 
 class SandboxDesktop(LocalDesktop):
     sandboxed = True
+    terminal = f"{INNER}/bin/terminal"
 
     def __init__(self, desktop_id: str, spec: Any = None):
         super().__init__(desktop_id, spec)
@@ -152,6 +162,10 @@ class SandboxDesktop(LocalDesktop):
         sudo.write_text(SUDO)
         sudo.chmod(0o755)
         (self.sys / "bin" / "python").symlink_to("/usr/bin/python3")
+        term = self.sys / "bin" / "terminal"
+        term.write_text(TERMINAL)
+        term.chmod(0o755)
+        (self.sys / "bin" / "gnome-terminal").symlink_to("terminal")
         self._openbox_files(self.sys, INNER)
 
         argv = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session",
@@ -180,13 +194,14 @@ class SandboxDesktop(LocalDesktop):
         for k, v in self.env().items():
             argv += ["--setenv", k, v]
         argv += ["--", "/usr/bin/python3", "-I", f"{INNER}/runner.py", self.display, str(self.width),
-                 str(self.height)]
+                 str(self.height), self.id]
         # Tied to this service's life; the sandbox (its PID namespace) ends with bwrap.
         proc = spawn_tied(argv, sig=signal.SIGKILL, env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL,
                           stdout=subprocess.DEVNULL, stderr=open(self.root / "bwrap.log", "wb"),
                           start_new_session=True, **_as_desktop_user())
-        # The host side of the display: its lock names bwrap (killing it ends the desktop), and
-        # /tmp/.X11-unix/X<n> leads to the socket inside, for this service's own X connections.
+        # The host side of the display: its lock names bwrap until the X server inside is up (then
+        # the X server's host pid, as for a plain desktop), and /tmp/.X11-unix/X<n> leads to the
+        # socket inside, for this service's own X connections.
         x11 = Path("/tmp/.X11-unix")
         x11.mkdir(mode=0o1777, exist_ok=True)
         self._x_lock = Path(f"/tmp/.X{self.display_num}-lock")
@@ -205,7 +220,20 @@ class SandboxDesktop(LocalDesktop):
                 pass
         return " | ".join(out) or "(no log)"
 
+    def _x_server_pid(self) -> int | None:
+        """The host pid of the Xvfb inside the sandbox."""
+        for pid in self.pids():
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "Xvfb":
+                    return pid
+            except OSError:
+                pass
+        return None
+
     def _start_wm(self) -> None:
+        xpid = self._x_server_pid()
+        if xpid is not None and self._x_lock is not None:
+            self._x_lock.write_text(f"{xpid:>10}\n")
         deadline = time.monotonic() + 15
         while not (self.ctl / "runner.sock").exists():
             if self._xvfb.poll() is not None or time.monotonic() > deadline:
@@ -328,6 +356,8 @@ class SandboxDesktop(LocalDesktop):
     def launch(self, argv: list[str]) -> RemoteProcess:  # type: ignore[override]
         from agentenv.envs.xvfb import APPS
 
+        if argv and argv[0] == "terminal":
+            argv = [self.terminal] + argv[1:]
         if argv and argv[0] in APPS:
             argv = APPS[argv[0]] + argv[1:]
         if argv and argv[0] in ("chromium", "google-chrome"):
@@ -347,6 +377,39 @@ class SandboxDesktop(LocalDesktop):
             raise DesktopError(f"desktop {self.id}: reset inside the sandbox failed: {r['error']}")
         if r.get("left"):
             logger.warning("desktop {}: {} processes survived SIGKILL in the sandbox", self.id, r["left"])
+
+    def terminal_output(self) -> str | None:
+        """The newest terminal's transcript (what was typed and printed), control sequences removed.
+        The folder is the sandbox's to write: opened without following links, size capped."""
+        import re
+        import stat as st
+
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            dfd = os.open(self.ctl / "term", flags | os.O_DIRECTORY)
+        except OSError:
+            return ""
+        try:
+            names = sorted((n for n in os.listdir(dfd) if n.endswith(".log")), reverse=True)
+            if not names:
+                return ""
+            fd = os.open(names[0], flags | os.O_NONBLOCK, dir_fd=dfd)
+        finally:
+            os.close(dfd)
+        with os.fdopen(fd, "rb") as f:
+            if not st.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return ""
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(0, size - TERMINAL_MAX_BYTES))
+            raw = f.read(TERMINAL_MAX_BYTES).decode("utf-8", "replace")
+        text = re.sub(r"\x1b\][^\x07\x1b]*(\x07|\x1b\\)|\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\x1b[=>]", "", raw)
+        out: list[str] = []
+        for line in text.replace("\r\n", "\n").split("\n"):
+            line = line.rsplit("\r", 1)[-1] if "\r" in line.rstrip("\r") else line.rstrip("\r")
+            while "\b" in line:  # a backspace the shell echoed removes the character before it
+                line = re.sub(r"[^\b]\b", "", line, count=1) if re.search(r"[^\b]\b", line) else line.replace("\b", "")
+            out.append(line)
+        return "\n".join(out)
 
     def _restore_home(self) -> None:
         # /home is the sandbox's too: what a task made beside ``user`` (sudo mkdir /home/x) goes.

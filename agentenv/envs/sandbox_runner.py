@@ -1,7 +1,7 @@
 """The first process inside a desktop's sandbox (standard library only: it runs on the system's
 python3, not the service's environment).
 
-    python3 -I /opt/agentenv/runner.py DISPLAY WIDTH HEIGHT
+    python3 -I /opt/agentenv/runner.py DISPLAY WIDTH HEIGHT DESKTOP_ID
 
 It starts the desktop's X server and its D-Bus session bus, then answers the env service on the
 unix socket /run/agentenv/runner.sock (a folder the service sees from the host): one JSON request
@@ -43,6 +43,9 @@ _lock = threading.Lock()
 _keep: set[int] = set()
 _children: list[subprocess.Popen] = []
 _initial: dict[str, set[str]] = {}
+# Apps and commands (not the X server, the bus or the runner) carry AGENTENV_DESKTOP=<id>, as on a
+# plain desktop: the host finds a desktop's apps by it.
+_app_env: dict[str, str] = dict(os.environ)
 
 
 def _log(msg: str) -> None:
@@ -54,7 +57,7 @@ def _popen(argv: list[str] | str, keep: bool = False, log: str = "apps.log", **k
     out = open(os.path.join(CTL, log), "ab")
     try:
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-                             cwd=os.environ.get("HOME", "/"), **kw)
+                             cwd=os.environ.get("HOME", "/"), env=None if keep else _app_env, **kw)
     finally:
         out.close()
     with _lock:
@@ -131,6 +134,7 @@ def _remove(path: str) -> None:
 
 def _clean() -> list[str]:
     removed = []
+    _remove(CTL + "/term")  # the terminals' transcripts (GET /terminal)
     for top in WRITABLE:
         try:
             names = os.listdir(top)
@@ -155,7 +159,7 @@ def _run(req: dict) -> dict:
         try:
             p = subprocess.Popen(req["argv"], shell=bool(req.get("shell")), stdin=subprocess.DEVNULL,
                                  stdout=out, stderr=err, start_new_session=True, preexec_fn=cap,
-                                 cwd=os.environ.get("HOME", "/"))
+                                 cwd=os.environ.get("HOME", "/"), env=_app_env)
         except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
             return {"returncode": 127, "stdout": "", "stderr": str(e), "timed_out": False, "spawn_error": True}
         timed_out = False
@@ -210,6 +214,7 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
 def main() -> None:
     display, width, height = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    _app_env["AGENTENV_DESKTOP"] = sys.argv[4]
     os.makedirs(RUNTIME, mode=0o700, exist_ok=True)
     xvfb = _popen(["Xvfb", display, "-screen", "0", f"{width}x{height}x24", "-nolisten", "tcp",
                    "-auth", "/run/Xauthority", "-noreset"], keep=True, log="xvfb.log")

@@ -16,7 +16,10 @@ Routes (all but /health need ``Authorization: Bearer <token>``):
 
 Per desktop, the OSWorld in-VM server paths used by OSWorld-style clients and task configs, under
 ``/envs/{id}``: /screenshot, /execute, /setup/execute, /setup/launch, /setup/open_file,
-/setup/activate_window, /setup/upload, /file, /screen_size, /platform, /cursor_position.
+/setup/activate_window, /setup/upload, /file, /screen_size, /platform, /cursor_position,
+/list_directory, /terminal (sandboxed desktops: the newest terminal's transcript),
+/setup/close_window, /setup/change_wallpaper, /accessibility (501: no AT-SPI), and on sandboxed
+desktops only /run_python and /run_bash_script.
 Unlike OSWorld's server these are authenticated, commands run as the unprivileged desktop user,
 and ``python -c "import pyautogui; ..."`` commands go through the pyautogui allow-list instead of
 running as code.
@@ -89,6 +92,46 @@ class ExecuteRequest(BaseModel):
     command: list[str] | str
     shell: bool = False
     timeout: float = Field(120.0, allow_inf_nan=False)
+
+
+class RunPythonRequest(BaseModel):
+    code: str
+
+
+class RunBashRequest(BaseModel):
+    script: str
+    timeout: float = Field(30.0, allow_inf_nan=False)
+    working_dir: str | None = None
+
+
+class PathRequest(BaseModel):
+    path: str
+
+
+class CloseWindowRequest(BaseModel):
+    window_name: str
+    strict: bool = False
+    by_class: bool = False
+
+
+# /list_directory: run inside the desktop (its own view of the filesystem, its user's rights).
+_LIST_DIRECTORY = r"""
+import json, os, sys
+def tree(p, depth):
+    node = {"type": "directory", "name": os.path.basename(p.rstrip("/")) or p, "children": []}
+    if depth > 8:
+        return node
+    for e in sorted(os.scandir(p), key=lambda e: e.name):
+        if e.is_dir(follow_symlinks=False):
+            node["children"].append(tree(e.path, depth + 1))
+        else:
+            node["children"].append({"type": "file", "name": e.name})
+    return node
+p = os.path.expanduser(sys.argv[1])
+if not os.path.isdir(p):
+    print(json.dumps({"error": "not a directory: " + p})); sys.exit(0)
+print(json.dumps({"directory_tree": tree(p, 0)}))
+"""
 
 
 class LaunchRequest(BaseModel):
@@ -515,6 +558,88 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
     def os_platform(did: str):
         host.get(did)
         return Response("Linux", media_type="text/plain")
+
+    def _sandboxed(d: LocalDesktop, route: str) -> None:
+        if not d.sandboxed:
+            raise HTTPException(403, f"{route} runs arbitrary code: it is served by sandboxed desktops only "
+                                     "(serve-envs --sandbox)")
+
+    @app.post("/envs/{did}/run_python", dependencies=A)
+    def os_run_python(did: str, req: RunPythonRequest):
+        d = host.get(did)
+        _sandboxed(d, "/run_python")
+        if "\0" in req.code:
+            raise HTTPException(422, "code contains a NUL byte")
+        r = d.run_bounded(["python3", "-c", req.code], shell=False, timeout=limits.execute_timeout_s,
+                          max_output=limits.max_output_bytes)
+        ok = r["status"] == "success" and r["returncode"] == 0
+        return {"status": "success" if ok else "error", "message": r["output"] if ok else r["error"],
+                "output": r["output"], "error": r["error"], "return_code": r["returncode"]}
+
+    @app.post("/envs/{did}/run_bash_script", dependencies=A)
+    def os_run_bash(did: str, req: RunBashRequest):
+        d = host.get(did)
+        _sandboxed(d, "/run_bash_script")
+        if "\0" in req.script or (req.working_dir and "\0" in req.working_dir):
+            raise HTTPException(422, "script or working_dir contains a NUL byte")
+        script = (f"cd {shlex.quote(req.working_dir)} || exit 1\n" if req.working_dir else "") + req.script
+        r = d.run_bounded(["bash", "-c", script], shell=False, timeout=max(0.0, min(req.timeout, limits.execute_timeout_s)),
+                          max_output=limits.max_output_bytes)
+        return {"status": "success" if r["returncode"] == 0 else "error", "output": r["output"],
+                "error": r["error"], "returncode": r["returncode"]}
+
+    @app.post("/envs/{did}/list_directory", dependencies=A)
+    def os_list_directory(did: str, req: PathRequest):
+        import json
+
+        d = host.get(did)
+        if "\0" in req.path:
+            raise HTTPException(422, "path contains a NUL byte")
+        with d._lock:
+            r = d.run(["python3", "-c", _LIST_DIRECTORY, req.path], timeout=30)
+        try:
+            out = json.loads(r.stdout)
+        except ValueError:
+            raise HTTPException(500, f"cannot list {req.path!r}: {r.stderr.strip()[-300:]}") from None
+        if "error" in out:
+            raise HTTPException(404, out["error"])
+        return out
+
+    @app.get("/envs/{did}/terminal", dependencies=A)
+    def os_terminal(did: str):
+        d = host.get(did)
+        text = d.terminal_output()
+        if text is None:
+            raise HTTPException(501, "reading a terminal's text needs a sandboxed desktop (serve-envs --sandbox)")
+        return {"output": text}
+
+    @app.get("/envs/{did}/accessibility", dependencies=A)
+    def os_accessibility(did: str):
+        host.get(did)
+        raise HTTPException(501, "no accessibility tree: these desktops do not run AT-SPI")
+
+    @app.post("/envs/{did}/setup/close_window", dependencies=A)
+    def os_close_window(did: str, req: CloseWindowRequest):
+        d = host.get(did)
+        if d._input is None:
+            raise DesktopError(f"desktop {did} is closed")
+        if d._input.close_windows(req.window_name, req.strict, req.by_class) == 0:
+            raise HTTPException(404, f"no window named {req.window_name!r}")
+        return {"status": "success"}
+
+    @app.post("/envs/{did}/setup/change_wallpaper", dependencies=A)
+    def os_change_wallpaper(did: str, req: PathRequest):
+        d = host.get(did)
+        if "\0" in req.path:
+            raise HTTPException(422, "path contains a NUL byte")
+        path = req.path.replace("~", "/home/user" if d.sandboxed else str(d.home), 1) if req.path.startswith("~") \
+            else req.path
+        # As OSWorld's server on GNOME: the setting (what an evaluator reads with gsettings).
+        with d._lock:
+            r = d.run(["gsettings", "set", "org.gnome.desktop.background", "picture-uri", f"file://{path}"], timeout=10)
+        if r.returncode != 0:
+            raise HTTPException(422, f"cannot set the wallpaper: {r.stderr.strip()[-300:]}")
+        return {"status": "success"}
 
     @app.post("/envs/{did}/cursor_position", dependencies=A)
     def os_cursor(did: str):

@@ -61,7 +61,7 @@ OPENBOX_RC = """<?xml version="1.0" encoding="UTF-8"?>
   <focus><focusNew>yes</focusNew><followMouse>no</followMouse></focus>
   <menu><file>{menu}</file></menu>
   <keyboard>
-    <keybind key="C-A-t"><action name="Execute"><command>xfce4-terminal --disable-server</command></action></keybind>
+    <keybind key="C-A-t"><action name="Execute"><command>{terminal}</command></action></keybind>
     <keybind key="A-F1"><action name="ShowMenu"><menu>root-menu</menu></action></keybind>
     <keybind key="A-F4"><action name="Close"/></keybind>
   </keyboard>
@@ -84,7 +84,7 @@ OPENBOX_MENU = """<?xml version="1.0" encoding="UTF-8"?>
 <openbox_menu xmlns="http://openbox.org/3.4/menu">
   <menu id="root-menu" label="Applications">
 """ + "".join(f"""    <item label="{label}"><action name="Execute"><command>{cmd}</command></action></item>
-""" for label, cmd in (("Terminal", "xfce4-terminal --disable-server"), ("Text Editor", "mousepad"),
+""" for label, cmd in (("Terminal", "{terminal}"), ("Text Editor", "mousepad"),
                        ("Files", "pcmanfm"), ("Calculator", "galculator"),
                        ("Spreadsheet", "libreoffice --calc --norestore --nologo"),
                        ("Browser", "chromium --disable-gpu --no-first-run --password-store=basic"))) + """  </menu>
@@ -241,11 +241,13 @@ class LocalDesktop:
         except OSError:
             return "(no log)"
 
-    @staticmethod
-    def _openbox_files(folder: Path, seen_as: str) -> None:
+    terminal = "xfce4-terminal --disable-server"  # what Ctrl+Alt+T and the menu start
+
+    def _openbox_files(self, folder: Path, seen_as: str) -> None:
         """Write openbox's config and menu in ``folder``, which openbox sees as ``seen_as``."""
-        (folder / "openbox-menu.xml").write_text(OPENBOX_MENU)
-        (folder / "openbox-rc.xml").write_text(OPENBOX_RC.replace("{menu}", f"{seen_as}/openbox-menu.xml"))
+        (folder / "openbox-menu.xml").write_text(OPENBOX_MENU.replace("{terminal}", self.terminal))
+        (folder / "openbox-rc.xml").write_text(OPENBOX_RC.replace("{menu}", f"{seen_as}/openbox-menu.xml")
+                                               .replace("{terminal}", self.terminal))
 
     def _start_wm(self) -> None:
         self._openbox_files(self.root, str(self.root))
@@ -565,6 +567,10 @@ class LocalDesktop:
     def _fchown(self, fd: int) -> None:
         if self.user is not None:
             os.fchown(fd, self.user.pw_uid, self.user.pw_gid)
+
+    def terminal_output(self) -> str | None:
+        """The text of the newest terminal, or None where it cannot be read (plain desktops)."""
+        return None
 
     def upload_roots(self) -> list[Path]:
         """Host folders whose files an ``upload_file`` step may copy in: the built-in tasks' folder

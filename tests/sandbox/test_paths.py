@@ -151,3 +151,15 @@ def test_pyautogui_code_runs_as_code_only_inside_a_sandbox(svc, tmp_path):
     else:  # on the host only the allowed calls run, as actions
         assert r.status_code == 400 and "refused" in r.json()["message"], r.text
     assert not marker.exists()
+
+
+def test_code_routes_are_served_by_sandboxed_desktops_only(svc):
+    env = __import__("httpx").get(svc.url + "/envs", headers=svc.h).json()[0]
+    r = svc.post(env["id"], "/run_python", json={"code": "print(1)"})
+    b = svc.post(env["id"], "/run_bash_script", json={"script": "echo 1"})
+    t = svc.post(env["id"], "/list_directory", json={"path": "~"})
+    assert t.status_code == 200 and t.json()["directory_tree"]["type"] == "directory"
+    if env["sandboxed"]:
+        assert r.status_code == 200 and b.status_code == 200
+    else:
+        assert r.status_code == 403 and b.status_code == 403 and "sandboxed" in r.json()["detail"]
