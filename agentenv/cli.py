@@ -29,10 +29,13 @@ def _serve_envs(argv: list[str]) -> int:
     ap.add_argument("--upload-root", action="append", default=[], metavar="DIR",
                     help="a folder whose task files' upload_file steps may read (repeatable; the "
                          "built-in tasks' folder always may)")
+    ap.add_argument("--osworld-port", type=int, default=None, metavar="BASE",
+                    help="desktop i (of the first --num) also answers as OSWorld's in-VM server on port BASE+i, "
+                         "at OSWorld's paths; the token goes as a URL password (vm_ip='agentenv:TOKEN@host')")
     a = ap.parse_args(argv)
     limits = ServiceLimits(**{k: getattr(a, k) for k in ServiceLimits.model_fields})
     serve(a.num, a.host, a.port, a.token, a.width, a.height, a.token_file, limits, sandbox=a.sandbox,
-          upload_roots=a.upload_root)
+          upload_roots=a.upload_root, osworld_port=a.osworld_port)
     return 0
 
 

@@ -34,6 +34,7 @@ import ipaddress
 import os
 import secrets
 import shlex
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -181,6 +182,7 @@ class DesktopHost:
     def __init__(self, num: int, spec: DesktopSpec):
         self.spec = spec
         self.desktops: dict[str, LocalDesktop] = {}
+        self.slots: list[str] = []  # the desktops started with the service, in order (their OSWorld ports)
         self._lock = threading.Lock()
         self._n = 0
         self.num = num
@@ -208,7 +210,7 @@ class DesktopHost:
 
     def start(self) -> None:
         with ThreadPoolExecutor(max_workers=4) as ex:
-            list(ex.map(lambda _: self.create(), range(self.num)))
+            self.slots = [d.id for d in ex.map(lambda _: self.create(), range(self.num))]
         logger.info("env service: {} desktops up", len(self.desktops))
 
     def get(self, did: str) -> LocalDesktop:
@@ -265,6 +267,38 @@ class _BodyLimit:
         await self.app(scope, limited, send)
 
 
+class _OSWorldPorts:
+    """ASGI middleware: a request that came in on desktop ``i``'s own port (``serve-envs
+    --osworld-port BASE``: BASE+i) is that desktop's OSWorld in-VM server, at the paths OSWorld's
+    client uses (``/screenshot``, ``/execute``, ...): the path gets the ``/envs/{id}`` prefix. Its
+    client sends no bearer token, but ``requests`` sends the user and password of a URL
+    (``vm_ip="agentenv:TOKEN@127.0.0.1"``) as Basic auth: the password is taken as the token."""
+
+    def __init__(self, app: Any, host: "DesktopHost", ports: dict[int, int]):
+        self.app, self.host, self.ports = app, host, ports
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        server = scope.get("server") or (None, None)
+        slot = self.ports.get(server[1]) if scope["type"] == "http" else None
+        if slot is None:
+            return await self.app(scope, receive, send)
+        did = self.host.slots[slot] if slot < len(self.host.slots) else None
+        if did is None or scope["path"].startswith("/envs"):
+            r = JSONResponse({"detail": f"no desktop on port {server[1]}"}, status_code=404)
+            return await r(scope, receive, send)
+        headers = []
+        for k, v in scope.get("headers", []):
+            if k == b"authorization" and v[:6].lower() == b"basic ":
+                try:
+                    password = base64.b64decode(v[6:].strip()).split(b":", 1)[1]
+                except (ValueError, IndexError):
+                    password = b""
+                v = b"Bearer " + password
+            headers.append((k, v))
+        path = f"/envs/{did}{scope['path']}"
+        await self.app({**scope, "path": path, "raw_path": path.encode(), "headers": headers}, receive, send)
+
+
 def _run_bounded(d: LocalDesktop, argv: list[str] | str, *, shell: bool, timeout: float,
                  max_output: int) -> dict[str, Any]:
     """Run a command in the desktop session (as its user, inside its sandbox when it has one)."""
@@ -272,7 +306,7 @@ def _run_bounded(d: LocalDesktop, argv: list[str] | str, *, shell: bool, timeout
 
 
 def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None = None,
-               limits: ServiceLimits | None = None):
+               limits: ServiceLimits | None = None, osworld_ports: dict[int, int] | None = None):
     host = DesktopHost(num, spec or DesktopSpec())
     limits = limits or ServiceLimits()
 
@@ -306,6 +340,8 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
     app.state.host = host
     app.state.limits = limits
     app.add_middleware(_BodyLimit, max_bytes=limits.max_body_bytes)
+    if osworld_ports:
+        app.add_middleware(_OSWorldPorts, host=host, ports=osworld_ports)
 
     def auth(request: Request) -> None:
         if token is None:
@@ -676,7 +712,7 @@ def write_secret(path: str | Path, secret: str) -> None:
 def serve(num: int, host: str = "127.0.0.1", port: int = 8100, token: str | None = None,
           width: int = 1920, height: int = 1080, token_file: str | None = None,
           limits: ServiceLimits | None = None, sandbox: bool = True,
-          upload_roots: list[str] | None = None) -> None:
+          upload_roots: list[str] | None = None, osworld_port: int | None = None) -> None:
     """Run the service. The token is never printed or logged: it is given (``--token``,
     ``ENV_TOKEN``) or generated and written to ``token_file`` (mode 600)."""
     import uvicorn
@@ -708,5 +744,19 @@ def serve(num: int, host: str = "127.0.0.1", port: int = 8100, token: str | None
                        "host as the desktop user and can reach its loopback services")
     spec = DesktopSpec(width=width, height=height, sandbox=sandbox,
                        upload_roots=tuple(Path(r) for r in upload_roots or ()))
-    app = create_app(num, token, spec, limits)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # Desktop i of the first ``num`` also answers as OSWorld's in-VM server on osworld_port + i.
+    ports = {osworld_port + i: i for i in range(num)} if osworld_port else {}
+    app = create_app(num, token, spec, limits, osworld_ports=ports)
+    sockets = []
+    for p in [port, *ports]:
+        s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, p))
+        except OSError as e:
+            raise SystemExit(f"agentenv serve-envs: cannot listen on {host}:{p}: {e}") from None
+        sockets.append(s)
+    if ports:
+        print(f"# OSWorld-style clients: desktop i at http://agentenv:$ENV_TOKEN@{host}:{osworld_port}+i "
+              f"(ports {osworld_port}-{osworld_port + num - 1})", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=sockets)

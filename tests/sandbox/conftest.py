@@ -32,10 +32,10 @@ class Svc:
         return httpx.post(f"{self.url}/envs/{did}{path}", headers=self.h, timeout=60, **kw)
 
 
-def start_service(tmp_path_factory, sandbox: bool, num: int) -> Svc:
+def start_service(tmp_path_factory, sandbox: bool, num: int, osworld_port: int | None = None) -> Svc:
     root = tmp_path_factory.mktemp("uploads")
     os.chmod(root, 0o755)
     log = tmp_path_factory.mktemp("log") / "env-service.log"
     svc = EnvService(num=num, port=free_port(), width=640, height=480, sandbox=sandbox, upload_roots=[root],
-                     log=log).start()
+                     log=log, osworld_port=osworld_port).start()
     return Svc(svc, root)

@@ -8,6 +8,8 @@ import time
 import httpx
 import pytest
 
+from agentenv.view.replay import free_port
+
 from .conftest import start_service
 
 pytestmark = pytest.mark.slow
@@ -15,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def svc(tmp_path_factory):
-    s = start_service(tmp_path_factory, sandbox=True, num=1)
+    s = start_service(tmp_path_factory, sandbox=True, num=1, osworld_port=free_port())
     yield s
     s.service.stop()
 
@@ -87,3 +89,28 @@ def svc_terminal(svc, did) -> str:
 
 def titles(svc, did) -> str:
     return svc.execute(did, "for w in $(xdotool search --onlyvisible --name .); do xdotool getwindowname $w; done")["output"]
+
+
+def test_osworlds_own_client_drives_a_desktop_on_its_port(svc):
+    """desktop_env's PythonController (OSWorld's client, unchanged) against the desktop's own port,
+    the token as the URL's password."""
+    from desktop_env.controllers.python import PythonController
+
+    port = svc.service.osworld_port
+    bad = httpx.get(f"http://127.0.0.1:{port}/screenshot")
+    assert bad.status_code == 401  # no token, no desktop
+    c = PythonController(vm_ip=f"agentenv:{svc.service.token}@127.0.0.1", server_port=port)
+    c.retry_times = 1
+    png = c.get_screenshot()
+    assert png is not None and png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert c.get_vm_screen_size() == {"width": 640, "height": 480}
+    r = c.execute_python_command("pyautogui.moveTo(33, 44)")
+    assert r is not None and r["returncode"] == 0, r
+    assert svc.post(svc.ids()[0], "/cursor_position").json() == [33, 44]
+    r = c.run_bash_script("echo hi > ~/Desktop/from-osworld.txt; echo done")
+    assert r["returncode"] == 0 and r["output"].strip() == "done", r
+    assert c.get_file("/home/user/Desktop/from-osworld.txt") == b"hi\n"
+    tree = c.get_vm_directory_tree("/home/user/Desktop")
+    assert any(ch["name"] == "from-osworld.txt" for ch in tree["children"])
+    assert c.run_python_script("print(6 * 7)")["output"].strip() == "42"
+    assert httpx.get(f"http://agentenv:{svc.service.token}@127.0.0.1:{port}/envs").status_code == 404
