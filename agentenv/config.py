@@ -86,6 +86,7 @@ class EnvConfig(_Strict):
     # Each desktop in a bubblewrap sandbox (its own user, mount, PID, IPC and network namespaces;
     # agentenv/envs/sandbox.py). false: apps and task commands run on this host as the desktop user.
     sandbox: bool = True
+    sandbox_network: bool = False    # sandboxes share the host's network (tasks that need it; reaches loopback too)
     upload_roots: list[str] = Field(default_factory=list)  # folders upload_file steps may read (besides the task source's)
 
 

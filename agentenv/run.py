@@ -196,7 +196,8 @@ def run(cfg: RunConfig) -> dict:
                 roots.append(str((src if src.is_dir() else src.parent).resolve()))
             es = stack.enter_context(EnvService(cfg.env.local_desktops, cfg.env.local_port, cfg.env.width,
                                                 cfg.env.height, log=run_dir / "env-service.log",
-                                                sandbox=cfg.env.sandbox, upload_roots=roots))
+                                                sandbox=cfg.env.sandbox, upload_roots=roots,
+                                                network=cfg.env.sandbox_network))
             services = [ServiceSpec(es.url, es.token)]
         return asyncio.run(run_async(cfg, llm, services, tiny=tiny, items=items))
 

@@ -141,29 +141,28 @@ def main() -> int:
                 m: ratio_line(m, [s / h for s, h in zip(rounds["sandbox"][m], rounds["host"][m]) if h > 0])
                 for m in ("reset", "step", "pss")}
 
-        for k in kinds:
-            d0 = desktops[k][0]
-            base = statistics.median(side_by_side([d0], a.think, a.steps // 2))
-            print(f"[{k}] side by side, one step per {a.think}s per desktop: 1 desktop p50 {base * 1000:.1f}ms",
-                  flush=True)
-            fit = n = 1
-            while n < a.max_desktops:
-                n = min(a.max_desktops, n * 2 if n < 8 else n + 4)
+        # Side by side: N desktops of a kind each step once per ``think`` seconds; N grows, and at
+        # each N the kinds take turns (A B, then B A), so both meet the same load from elsewhere.
+        sizes, n = [1], 1
+        while n < a.max_desktops:
+            n = min(a.max_desktops, n * 2 if n < 8 else n + 4)
+            sizes.append(n)
+        p50s: dict[str, dict[int, float]] = {k: {} for k in kinds}
+        for i, n in enumerate(sizes):
+            for k in (kinds if i % 2 == 0 else kinds[::-1]):
                 while len(desktops[k]) < n:
                     d = make(k, f"bench-{k}-{len(desktops[k])}")
                     d.reset(task)
                     desktops[k].append(d)
-                p50 = statistics.median(side_by_side(desktops[k][:n], a.think, a.steps // 2))
-                print(f"[{k}]   {n:2d} desktops p50 {p50 * 1000:.1f}ms ({p50 / base:.2f}x)", flush=True)
-                if p50 > 2 * base:
-                    break
-                fit = n
+                p50s[k][n] = statistics.median(side_by_side(desktops[k][:n], a.think, a.steps // 2))
+            print(f"side by side, one step per {a.think}s each, {n:2d} desktops of a kind: " + "  ".join(
+                f"[{k}] p50 {p50s[k][n] * 1000:.1f}ms ({p50s[k][n] / p50s[k][1]:.2f}x of 1)" for k in kinds), flush=True)
+        for k in kinds:
+            fit = max([n for n in sizes if p50s[k][n] <= 2 * p50s[k][1]], default=1)
             mem_all = sum(d.memory_pss_kb() for d in desktops[k]) / 1024 / len(desktops[k])
             out[k].update({"pss_mb_per_desktop_all": round(mem_all, 1), "desktops_before_step_latency_doubles": fit,
-                           "tested_up_to": n})
-            for d in desktops[k][1:]:  # the next kind's turn starts from an idle machine
-                d.close()
-            del desktops[k][1:]
+                           "tested_up_to": sizes[-1],
+                           "side_by_side_p50_ms": {n: round(v * 1000, 1) for n, v in p50s[k].items()}})
     finally:
         for ds in desktops.values():
             for d in ds:

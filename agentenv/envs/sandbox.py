@@ -168,7 +168,8 @@ class SandboxDesktop(LocalDesktop):
         (self.sys / "bin" / "gnome-terminal").symlink_to("terminal")
         self._openbox_files(self.sys, INNER)
 
-        argv = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session",
+        argv = ["bwrap", "--unshare-all", *(["--share-net"] if self.spec.network else []),
+                "--die-with-parent", "--new-session",
                 "--ro-bind", "/usr", "/usr"]
         for link in ("bin", "sbin", "lib", "lib64", "lib32", "libx32"):
             target = Path("/") / link

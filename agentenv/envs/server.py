@@ -712,7 +712,8 @@ def write_secret(path: str | Path, secret: str) -> None:
 def serve(num: int, host: str = "127.0.0.1", port: int = 8100, token: str | None = None,
           width: int = 1920, height: int = 1080, token_file: str | None = None,
           limits: ServiceLimits | None = None, sandbox: bool = True,
-          upload_roots: list[str] | None = None, osworld_port: int | None = None) -> None:
+          upload_roots: list[str] | None = None, osworld_port: int | None = None,
+          network: bool = False) -> None:
     """Run the service. The token is never printed or logged: it is given (``--token``,
     ``ENV_TOKEN``) or generated and written to ``token_file`` (mode 600)."""
     import uvicorn
@@ -742,7 +743,10 @@ def serve(num: int, host: str = "127.0.0.1", port: int = 8100, token: str | None
     else:
         logger.warning("desktops are NOT sandboxed (--no-sandbox): tasks and agents run commands on this "
                        "host as the desktop user and can reach its loopback services")
-    spec = DesktopSpec(width=width, height=height, sandbox=sandbox,
+    if sandbox and network:
+        logger.warning("sandboxed desktops share this host's network (--sandbox-network): their commands can "
+                       "reach its loopback services")
+    spec = DesktopSpec(width=width, height=height, sandbox=sandbox, network=network,
                        upload_roots=tuple(Path(r) for r in upload_roots or ()))
     # Desktop i of the first ``num`` also answers as OSWorld's in-VM server on osworld_port + i.
     ports = {osworld_port + i: i for i in range(num)} if osworld_port else {}

@@ -166,6 +166,7 @@ class DesktopSpec:
     # a task names files of its own folder, never an arbitrary host path.
     upload_roots: tuple[Path, ...] = ()
     sandbox: bool = False              # a SandboxDesktop (agentenv/envs/sandbox.py) instead
+    network: bool = False              # a sandbox shares the host's network (tasks that need it)
 
 
 class LocalDesktop:

@@ -174,3 +174,22 @@ def test_ctrl_alt_t_opens_a_terminal(svc, did):
     rc, out = sh(svc, did, "for i in $(seq 50); do xdotool search --class xfce4-terminal >/dev/null && break; "
                            "sleep 0.2; done; xdotool search --class xfce4-terminal | head -1")
     assert out.strip().isdigit(), out
+
+
+def test_network_only_when_the_operator_allows_it():
+    from agentenv.envs.xvfb import DesktopSpec, make_desktop
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    code = f"import socket; socket.create_connection(('127.0.0.1', {port}), 3); print('CONNECTED')"
+    try:
+        for network in (False, True):
+            d = make_desktop(f"net-{network}-{os.urandom(2).hex()}",
+                             DesktopSpec(width=320, height=240, sandbox=True, network=network)).start()
+            try:
+                r = d.run(["python3", "-c", code], timeout=20)
+            finally:
+                d.close()
+            assert ("CONNECTED" in r.stdout) == network, (network, r.stdout, r.stderr)
+    finally:
+        srv.close()
