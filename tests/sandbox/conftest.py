@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import httpx
-import pytest
 
 from agentenv.services import EnvService
 from agentenv.view.replay import free_port
