@@ -21,8 +21,11 @@ starts every process inside.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -145,6 +148,7 @@ class SandboxDesktop(LocalDesktop):
         self.sys = self.root / "sys"              # /opt/agentenv inside (read-only)
         self._x_link: Path | None = None
         self._x_lock: Path | None = None
+        self._key = b""
 
     # ------------------------------------------------------------------ lifecycle
     def _start_x_server(self) -> subprocess.Popen:
@@ -197,9 +201,17 @@ class SandboxDesktop(LocalDesktop):
         argv += ["--", "/usr/bin/python3", "-I", f"{INNER}/runner.py", self.display, str(self.width),
                  str(self.height), self.id]
         # Tied to this service's life; the sandbox (its PID namespace) ends with bwrap.
-        proc = spawn_tied(argv, sig=signal.SIGKILL, env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL,
+        proc = spawn_tied(argv, sig=signal.SIGKILL, env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.PIPE,
                           stdout=subprocess.DEVNULL, stderr=open(self.root / "bwrap.log", "wb"),
                           start_new_session=True, **_as_desktop_user())
+        # The key the runner signs its answers with, on its stdin (then closed): never in a file,
+        # an argument or the environment, which the sandbox's user could read.
+        self._key = secrets.token_bytes(32)
+        try:
+            proc.stdin.write(self._key.hex().encode() + b"\n")
+            proc.stdin.close()
+        except OSError:
+            pass  # bwrap failed at once: the wait for the X socket reports it, with bwrap's log
         # The host side of the display: its lock names bwrap until the X server inside is up (then
         # the X server's host pid, as for a plain desktop), and /tmp/.X11-unix/X<n> leads to the
         # socket inside, for this service's own X connections.
@@ -260,6 +272,14 @@ class SandboxDesktop(LocalDesktop):
                     p.unlink(missing_ok=True)
             shutil.rmtree(self.root, ignore_errors=True)
 
+    def alive(self) -> bool:
+        if not super().alive():
+            return False
+        try:
+            return self._call({"op": "ping"}, timeout=5).get("ok") is True
+        except DesktopError:
+            return False
+
     def pids(self) -> list[int]:
         """bwrap and every process in its sandbox (host pids)."""
         if self._xvfb is None or self._xvfb.poll() is not None:
@@ -293,7 +313,9 @@ class SandboxDesktop(LocalDesktop):
         }
 
     def _call(self, req: dict[str, Any], timeout: float) -> dict[str, Any]:
-        """One request to the runner inside the sandbox."""
+        """One request to the runner inside the sandbox; its answer must be signed with our key."""
+        nonce = secrets.token_hex(16)
+        req = {**req, "nonce": nonce}
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.settimeout(timeout)
@@ -308,10 +330,16 @@ class SandboxDesktop(LocalDesktop):
         except OSError as e:
             raise DesktopError(f"desktop {self.id}: the sandbox's runner does not answer ({e})") from e
         try:
-            resp = json.loads(buf)
-        except ValueError as e:
+            outer = json.loads(buf)
+            body, mac = outer["body"], outer["mac"]
+            resp = json.loads(body)
+        except (ValueError, KeyError, TypeError) as e:
             raise DesktopError(f"desktop {self.id}: the sandbox's runner gave no answer "
                                f"({bytes(buf[:200])!r})") from e
+        want = hmac.new(self._key, (nonce + "\n" + body).encode(), hashlib.sha256).hexdigest()
+        if not isinstance(mac, str) or not hmac.compare_digest(mac, want):
+            raise DesktopError(f"desktop {self.id}: an answer on the runner's socket is not the runner's "
+                               "(something inside the sandbox took its place); the desktop is dead")
         return resp
 
     def _spawn(self, argv: list[str], log: str | None = None, cwd: Path | None = None,

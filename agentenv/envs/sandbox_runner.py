@@ -15,11 +15,18 @@ lives in the sandbox's namespaces. Requests:
                           was written to the sandbox's own filesystem (/, /tmp, /var/tmp, /run/user)
 
 Nothing here is a privilege boundary: anything inside may talk to this socket, and it can do
-nothing the sandbox's user cannot do.
+nothing the sandbox's user cannot do. But what the runner answers decides scores (evaluator
+commands run through it), so an answer carries an HMAC of the request's nonce and the answer, with
+a key the service wrote on the runner's stdin. The runner is not dumpable, so nothing else inside
+(same uid) can ptrace it or read its memory or descriptors: a fake runner put in the socket's
+place cannot forge an answer.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
+import hmac
 import json
 import os
 import resource
@@ -198,14 +205,25 @@ def _handle(req: dict) -> dict:
     return {"error": f"unknown op {op!r}"}
 
 
+_key = b""
+
+
+def sign(key: bytes, nonce: str, body: str) -> str:
+    return hmac.new(key, (nonce + "\n" + body).encode(), hashlib.sha256).hexdigest()
+
+
 class _Handler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         line = self.rfile.readline(16 << 20)
+        nonce = ""
         try:
-            resp = _handle(json.loads(line))
+            req = json.loads(line)
+            nonce = str(req.get("nonce", ""))
+            resp = _handle(req)
         except Exception as e:  # a bad request is answered, never the end of the sandbox
             resp = {"error": f"{type(e).__name__}: {e}"}
-        self.wfile.write(json.dumps(resp).encode() + b"\n")
+        body = json.dumps(resp)
+        self.wfile.write(json.dumps({"body": body, "mac": sign(_key, nonce, body)}).encode() + b"\n")
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -213,6 +231,15 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
 
 def main() -> None:
+    global _key
+    # Not dumpable before the key is read: no process of the sandbox's user may ptrace this one.
+    PR_SET_DUMPABLE = 4
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise SystemExit("runner: prctl(PR_SET_DUMPABLE) failed")
+    _key = bytes.fromhex(sys.stdin.readline().strip())
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
     display, width, height = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     _app_env["AGENTENV_DESKTOP"] = sys.argv[4]
     os.makedirs(RUNTIME, mode=0o700, exist_ok=True)

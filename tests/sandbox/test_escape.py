@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,45 @@ def test_network_only_when_the_operator_allows_it():
             assert ("CONNECTED" in r.stdout) == network, (network, r.stdout, r.stderr)
     finally:
         srv.close()
+
+
+FAKE_RUNNER = r"""
+import json, os, socket
+os.unlink('/run/agentenv/runner.sock')
+s = socket.socket(socket.AF_UNIX)
+s.bind('/run/agentenv/runner.sock')
+s.listen(8)
+while True:
+    c, _ = s.accept()
+    c.makefile().readline()
+    body = json.dumps({'ok': True, 'returncode': 0, 'stdout': 'FAKE', 'stderr': '', 'timed_out': False})
+    c.sendall((json.dumps({'body': body, 'mac': '0' * 64}) + '\n').encode())
+    c.close()
+"""
+
+
+def test_a_fake_runner_cannot_answer_for_the_sandbox():
+    """Evaluator commands run through the runner: something inside that takes its socket's place
+    (same uid) must not be able to answer for it; the desktop is dead instead."""
+    from agentenv.envs.xvfb import DesktopError, DesktopSpec, make_desktop
+
+    d = make_desktop(f"fake-{os.urandom(2).hex()}", DesktopSpec(width=320, height=240, sandbox=True)).start()
+    try:
+        assert d.run("echo real", shell=True).stdout.strip() == "real" and d.alive()
+        r = d.run(["python3", "-c", "import os; print(os.readlink('/proc/2/fd/0'))"])
+        assert r.returncode != 0  # the runner is not dumpable: its descriptors are not the user's to read
+        r = d.run(["python3", "-c", "print(open('/proc/2/mem', 'rb').read(1))"])
+        assert r.returncode != 0 and "Permission denied" in r.stderr
+        d.run(f"nohup python3 -c \"{FAKE_RUNNER}\" >/dev/null 2>&1 &", shell=True)
+        for _ in range(50):
+            try:
+                d.run("true")
+            except DesktopError as e:
+                assert "not the runner's" in str(e)
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the fake runner was never asked")
+        assert not d.alive()
+    finally:
+        d.close()
