@@ -44,7 +44,7 @@ SOCK = CTL + "/runner.sock"
 RUNTIME = "/run/user/1000"
 BUS = RUNTIME + "/bus"
 # What the sandbox's writable places hold at start; a reset removes everything else.
-WRITABLE = ("/", "/tmp", "/var/tmp", RUNTIME)
+WRITABLE = ("/", "/tmp", "/var/tmp", "/dev/shm", RUNTIME)
 
 _lock = threading.Lock()
 _keep: set[int] = set()

@@ -156,13 +156,14 @@ def test_pyautogui_gsettings_and_reset(svc, did):
     key = "org.gnome.desktop.interface gtk-theme"
     rc, out = sh(svc, did, f"gsettings set {key} Adwaita-dark && gsettings get {key}")
     assert rc == 0 and out.strip() == "'Adwaita-dark'", out
-    sh(svc, did, "echo password | sudo -S mkdir /test; mkdir -p /tmp/left ~/Documents/left; "
+    sh(svc, did, "echo password | sudo -S mkdir /test; mkdir -p /tmp/left ~/Documents/left /dev/shm/left; "
                  "echo password | sudo -S mkdir /home/intruder; (sleep 600 &)")
     assert sh(svc, did, "[ -d /test ] && echo yes")[1].strip() == "yes"
     r = svc.post(did, "/reset", json={"task": None})
     assert r.status_code == 200, r.text
-    rc, out = sh(svc, did, f"ls -d /test /tmp/left ~/Documents/left /home/intruder; pgrep -x sleep; gsettings get {key}")
-    assert "No such file" in out and out.count("No such file") == 4, out
+    rc, out = sh(svc, did, f"ls -d /test /tmp/left ~/Documents/left /home/intruder /dev/shm/left; pgrep -x sleep; "
+                           f"gsettings get {key}")
+    assert out.count("No such file") == 5, out
     assert "Adwaita-dark" not in out
     assert not any(line.strip().isdigit() for line in out.splitlines()), out  # the sleep is gone
 
