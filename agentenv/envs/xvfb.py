@@ -431,6 +431,11 @@ class LocalDesktop:
             if not self.alive():
                 raise DesktopError(f"desktop {self.id}: X server {self.display} is not running")
             self.close_apps()
+            # The window manager drops a dead app's windows from its list a moment after the app
+            # is gone; a setup step counting windows must not see them.
+            deadline = time.monotonic() + 2.0
+            while self.window_titles() and time.monotonic() < deadline:
+                time.sleep(0.01)
             self._restore_home()
             self._input.clear_state()
             self.resets += 1
