@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -236,3 +237,15 @@ def test_a_fake_runner_cannot_answer_for_the_sandbox():
         assert not d.alive()
     finally:
         d.close()
+
+
+def test_a_missing_bwrap_is_named(monkeypatch):
+    from agentenv.envs import sandbox
+
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    with pytest.raises(sandbox.SandboxError, match="bubblewrap.*--no-sandbox"):
+        sandbox.check_sandbox()
+    r = subprocess.run([sys.executable, "-m", "agentenv", "serve-envs", "--num", "0", "--port", "1", "--token", "x"],
+                       env={**os.environ, "PATH": "/nonexistent", "PYTHONPATH": str(ROOT)}, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode != 0 and "bubblewrap" in r.stderr, r.stderr[-500:]
