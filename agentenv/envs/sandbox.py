@@ -61,12 +61,16 @@ nogroup:x:65534:
 SUDO = r"""#!/bin/bash
 # agentenv sandbox sudo: root in a nested user namespace, never on the host.
 stdin_pw=0
+as=root
 while [ $# -gt 0 ]; do
   case "$1" in
     -S|--stdin) stdin_pw=1; shift ;;
     -k|-K|-E|-H|-n|-v|-i|-s|--login|--shell|--preserve-env|--preserve-env=*|--reset-timestamp) shift ;;
-    -u|-g|-p|--user|--group|--prompt) shift 2 ;;
-    -u*|-g*|-p*|--user=*|--group=*|--prompt=*) shift ;;
+    -u|--user) as="$2"; shift 2 ;;
+    -u*) as="${1#-u}"; shift ;;
+    --user=*) as="${1#--user=}"; shift ;;
+    -g|-p|--group|--prompt) shift 2 ;;
+    -g*|-p*|--group=*|--prompt=*) shift ;;
     -SE|-ES|-Sk|-kS|-SH|-HS) stdin_pw=1; shift ;;
     --) shift; break ;;
     -*) echo "sudo: option $1 is not supported in this sandbox" >&2; exit 1 ;;
@@ -85,6 +89,11 @@ if [ "$pw" != "password" ]; then
   echo "sudo: 1 incorrect password attempt" >&2; exit 1
 fi
 [ $# -eq 0 ] && set -- /bin/bash
+case "$as" in
+  user|1000|'#1000') exec "$@" ;;
+  root|0|'#0') ;;
+  *) echo "sudo: unknown user $as" >&2; exit 1 ;;
+esac
 exec bwrap --unshare-user --uid 0 --gid 0 --bind / / --setenv SUDO_USER user --setenv SUDO_UID 1000 -- "$@"
 """
 

@@ -137,6 +137,8 @@ def test_looks_like_osworlds_vm_inside(svc, did):
     lines = out.split()
     assert lines[:4] == ["user", "/home/user", "/home/user/Desktop", "1000"], out
     assert "root" in lines and "Python" in out and "xdg-settings" in out
+    rc, out = sh(svc, did, "echo password | sudo -S -u user id -u; echo password | sudo -S -u nobody id -u")
+    assert out.split()[0] == "1000" and "unknown user nobody" in out, out  # stdout first, then stderr
     rc, out = sh(svc, did, "echo wrong | sudo -S id -u")
     assert rc != 0 and "incorrect password" in out
     # root inside only: what sudo makes is the desktop user's on the host
