@@ -416,6 +416,38 @@ class SandboxDesktop(LocalDesktop):
         if r.get("left"):
             logger.warning("desktop {}: {} processes survived SIGKILL in the sandbox", self.id, r["left"])
 
+    def _realpath(self, p: Path) -> Path:
+        """Links followed as inside the sandbox: an absolute target under /home/user is this
+        HOME; any other absolute target leads out of HOME (and is refused by the caller)."""
+        home = Path(os.path.realpath(self.home))
+        try:
+            todo = list(Path(os.path.normpath(p)).relative_to(home).parts)
+        except ValueError:
+            return Path(os.path.realpath(p))
+        cur, hops = home, 0
+        while todo:
+            name = todo.pop(0)
+            if name in ("", "."):
+                continue
+            if name == "..":
+                cur = cur.parent
+                continue
+            nxt = cur / name
+            if not nxt.is_symlink():
+                cur = nxt
+                continue
+            hops += 1
+            if hops > 40:
+                raise PermissionError(f"too many links in {str(p)!r}")
+            target = os.readlink(nxt)
+            if target.startswith("/"):
+                if target != OSWORLD_HOME and not target.startswith(OSWORLD_HOME + "/"):
+                    return Path(target)  # out of HOME, as inside the sandbox
+                cur, todo = home, [*Path(target[len(OSWORLD_HOME):].lstrip("/")).parts, *todo]
+            else:
+                todo = [*Path(target).parts, *todo]
+        return cur
+
     def terminal_output(self) -> str | None:
         """The newest terminal's transcript (what was typed and printed), control sequences removed.
         The folder is the sandbox's to write: opened without following links, size capped."""

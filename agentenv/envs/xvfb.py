@@ -514,11 +514,15 @@ class LocalDesktop:
         if not p.is_absolute():
             p = self.home / p
         # realpath: a symlink the desktop user made in HOME must not lead the service (root) out of it
-        p = Path(os.path.realpath(p))
+        p = self._realpath(p)
         home = Path(os.path.realpath(self.home))
         if p != home and home not in p.parents:
             raise PermissionError(f"path {path!r} is outside the desktop's HOME")
         return p
+
+    def _realpath(self, p: Path) -> Path:
+        """Where ``p`` leads, links followed as the desktop's apps see them."""
+        return Path(os.path.realpath(p))
 
     def _open_in_home(self, path: str, flags: int, make_parents: bool = False) -> int:
         """A file descriptor of the regular file ``path`` in HOME, opened one component at a time

@@ -47,10 +47,13 @@ def test_links_made_by_the_desktop_user_lead_nowhere(svc):
                  files={"file_data": ("f", b"pwned\n")})
     assert r.status_code == 403, r.text
     assert _digest("/etc/shadow") == shadow and not Path("/etc/agentenv-probe").exists()
-    # a link that stays inside HOME is fine (relative: inside a sandbox an absolute one names the
-    # sandbox's /home/user, which the service does not follow)
-    svc.execute(did, "echo inside > ~/Documents/t.txt && ln -sf Documents/t.txt ~/ok")
-    assert svc.post(did, "/file", data={"file_path": "~/ok"}).content == b"inside\n"
+    # a link that stays inside HOME is fine, relative or absolute (inside a sandbox /home/user/...)
+    svc.execute(did, "echo inside > ~/Documents/t.txt && ln -sf Documents/t.txt ~/ok && "
+                     "ln -sf ~/Documents/t.txt ~/ok-abs && ln -sfn ~/Documents ~/docs")
+    for p in ("~/ok", "~/ok-abs", "~/docs/t.txt", "/home/user/docs/t.txt"):
+        assert svc.post(did, "/file", data={"file_path": p}).content == b"inside\n", p
+    svc.execute(did, "ln -sfn /home/user/../../etc ~/up")
+    assert svc.post(did, "/file", data={"file_path": "~/up/passwd"}).status_code == 403
 
 
 def test_upload_file_step_reads_only_the_tasks_folder_under_allowed_roots(svc, tmp_path):
