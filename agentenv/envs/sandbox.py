@@ -394,6 +394,9 @@ class SandboxDesktop(LocalDesktop):
     def launch(self, argv: list[str]) -> RemoteProcess:  # type: ignore[override]
         from agentenv.envs.xvfb import APPS
 
+        # A file a setup step resolved on the host is named as the sandbox names it (/home/user/...):
+        # apps show paths (window titles, the address bar) and must show the same on every desktop.
+        argv = [self._inner_path(a) for a in map(str, argv)]
         if argv and argv[0] == "terminal":
             argv = [self.terminal] + argv[1:]
         if argv and argv[0] in APPS:
@@ -415,6 +418,12 @@ class SandboxDesktop(LocalDesktop):
             raise DesktopError(f"desktop {self.id}: reset inside the sandbox failed: {r['error']}")
         if r.get("left"):
             logger.warning("desktop {}: {} processes survived SIGKILL in the sandbox", self.id, r["left"])
+
+    def _inner_path(self, arg: str) -> str:
+        for home in {str(self.home), os.path.realpath(self.home)}:
+            if arg == home or arg.startswith(home + "/"):
+                return OSWORLD_HOME + arg[len(home):]
+        return arg
 
     def _realpath(self, p: Path) -> Path:
         """Links followed as inside the sandbox: an absolute target under /home/user is this
