@@ -120,7 +120,7 @@ def check_sandbox() -> None:
                            "serve-envs --no-sandbox / env.sandbox: false")
     r = subprocess.run([bwrap, "--unshare-all", "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin",
                         "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64", "true"],
-                       capture_output=True, text=True, timeout=30, **_as_desktop_user())
+                       capture_output=True, text=True, timeout=30, cwd="/", **_as_desktop_user())
     if r.returncode != 0:
         raise SandboxError(f"bwrap cannot create namespaces here ({r.stderr.strip()[:300]}): unprivileged user "
                            "namespaces must be enabled (sysctl kernel.unprivileged_userns_clone=1, "
