@@ -90,6 +90,16 @@ def _start_bus() -> None:
         time.sleep(0.01)
 
 
+def _start_audio() -> None:
+    # A sound server with a null sink, so `pactl` (OSWorld's volume tasks) has something to set;
+    # not kept: a reset ends it with the apps and starts a fresh one (volumes back to default).
+    if shutil.which("pulseaudio") is None:
+        return
+    _popen(["pulseaudio", "--daemonize=no", "--exit-idle-time=-1", "--disallow-exit", "--log-target=stderr",
+            "-n", "--load=module-null-sink", "--load=module-native-protocol-unix",
+            "--load=module-always-sink"], log="pulse.log")
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -156,34 +166,51 @@ def _clean() -> list[str]:
 
 
 def _run(req: dict) -> dict:
+    # Output is read from pipes and cut at max_output (the rest read and dropped), not capped with
+    # RLIMIT_FSIZE: that limit would also stop a command writing a big file or a sound client
+    # sizing its shared memory (pactl).
     max_output = int(req.get("max_output", 1 << 20))
     timeout = float(req.get("timeout", 60))
+    try:
+        p = subprocess.Popen(req["argv"], shell=bool(req.get("shell")), stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                             cwd=os.environ.get("HOME", "/"), env=_app_env)
+    except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
+        return {"returncode": 127, "stdout": "", "stderr": str(e), "timed_out": False, "spawn_error": True}
+    bufs = {"stdout": bytearray(), "stderr": bytearray()}
 
-    def cap() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (max_output + 1, max_output + 1))
+    def drain(stream, buf: bytearray) -> None:
+        fd = stream.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except OSError:
+                return
+            if not chunk:
+                return
+            if len(buf) <= max_output:
+                buf += chunk[: max_output + 1 - len(buf)]
 
-    with tempfile.TemporaryFile(dir="/run") as out, tempfile.TemporaryFile(dir="/run") as err:
-        try:
-            p = subprocess.Popen(req["argv"], shell=bool(req.get("shell")), stdin=subprocess.DEVNULL,
-                                 stdout=out, stderr=err, start_new_session=True, preexec_fn=cap,
-                                 cwd=os.environ.get("HOME", "/"), env=_app_env)
-        except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
-            return {"returncode": 127, "stdout": "", "stderr": str(e), "timed_out": False, "spawn_error": True}
-        timed_out = False
-        try:
-            rc = p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            rc, timed_out = p.wait(), True
-
-        def read(f) -> tuple[str, bool]:
-            f.seek(0)
-            data = f.read(max_output + 1)
-            return data[:max_output].decode("utf-8", "replace"), len(data) > max_output
-
-        (o, o_cut), (e, e_cut) = read(out), read(err)
-        return {"returncode": rc, "stdout": o, "stderr": e, "stdout_cut": o_cut, "stderr_cut": e_cut,
-                "timed_out": timed_out}
+    readers = [threading.Thread(target=drain, args=(p.stdout, bufs["stdout"]), daemon=True),
+               threading.Thread(target=drain, args=(p.stderr, bufs["stderr"]), daemon=True)]
+    for t in readers:
+        t.start()
+    timed_out = False
+    try:
+        rc = p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        rc, timed_out = p.wait(), True
+    for t in readers:  # a background child may hold the pipes open: do not wait for it
+        t.join(1.0)
+    out: dict = {"returncode": rc, "timed_out": timed_out}
+    for k, buf in bufs.items():
+        data = bytes(buf)
+        out[k] = data[:max_output].decode("utf-8", "replace")
+        out[k + "_cut"] = len(data) > max_output
+    p.stdout.close()
+    p.stderr.close()
+    return out
 
 
 def _handle(req: dict) -> dict:
@@ -201,6 +228,7 @@ def _handle(req: dict) -> dict:
     if op == "reset":
         left = _kill_others()
         removed = _clean()
+        _start_audio()
         return {"left": left, "removed": removed}
     return {"error": f"unknown op {op!r}"}
 
@@ -246,6 +274,7 @@ def main() -> None:
     xvfb = _popen(["Xvfb", display, "-screen", "0", f"{width}x{height}x24", "-nolisten", "tcp",
                    "-auth", "/run/Xauthority", "-noreset"], keep=True, log="xvfb.log")
     _start_bus()
+    _start_audio()
     sock = f"/tmp/.X11-unix/X{display.lstrip(':')}"
     deadline = time.monotonic() + 15  # the X server's lock and socket belong to the initial state
     while not os.path.exists(sock) and xvfb.poll() is None and time.monotonic() < deadline:

@@ -159,6 +159,8 @@ def test_pyautogui_gsettings_and_reset(svc, did):
     key = "org.gnome.desktop.interface gtk-theme"
     rc, out = sh(svc, did, f"gsettings set {key} Adwaita-dark && gsettings get {key}")
     assert rc == 0 and out.strip() == "'Adwaita-dark'", out
+    rc, out = sh(svc, did, "pactl set-sink-volume @DEFAULT_SINK@ 40% && pactl get-sink-volume @DEFAULT_SINK@")
+    assert rc == 0 and "40%" in out, out
     sh(svc, did, "echo password | sudo -S mkdir /test; mkdir -p /tmp/left ~/Documents/left /dev/shm/left; "
                  "echo password | sudo -S mkdir /home/intruder; (sleep 600 &)")
     assert sh(svc, did, "[ -d /test ] && echo yes")[1].strip() == "yes"
@@ -168,6 +170,8 @@ def test_pyautogui_gsettings_and_reset(svc, did):
                            f"gsettings get {key}")
     assert out.count("No such file") == 5, out
     assert "Adwaita-dark" not in out
+    rc, out = sh(svc, did, "pactl get-sink-volume @DEFAULT_SINK@")
+    assert rc == 0 and "100%" in out, out  # a fresh sound server
     assert not any(line.strip().isdigit() for line in out.splitlines()), out  # the sleep is gone
 
 
