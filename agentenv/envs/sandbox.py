@@ -321,14 +321,29 @@ class SandboxDesktop(LocalDesktop):
             "PYTHONPATH": f"{INNER}/site",
         }
 
+    def _connect_runner(self, timeout: float) -> socket.socket:
+        deadline = time.monotonic() + min(timeout, 10.0)
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(timeout)
+            try:
+                s.connect(str(self.ctl / "runner.sock"))
+                return s
+            except BlockingIOError:  # a full backlog answers EAGAIN at once, not after a wait
+                s.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+            except OSError:
+                s.close()
+                raise
+
     def _call(self, req: dict[str, Any], timeout: float) -> dict[str, Any]:
         """One request to the runner inside the sandbox; its answer must be signed with our key."""
         nonce = secrets.token_hex(16)
         req = {**req, "nonce": nonce}
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(timeout)
-                s.connect(str(self.ctl / "runner.sock"))
+            with self._connect_runner(timeout) as s:
                 s.sendall(json.dumps(req).encode() + b"\n")
                 buf = bytearray()
                 while not buf.endswith(b"\n"):

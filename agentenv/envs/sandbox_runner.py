@@ -98,6 +98,9 @@ def _start_audio() -> None:
     _popen(["pulseaudio", "--daemonize=no", "--exit-idle-time=-1", "--disallow-exit", "--log-target=stderr",
             "-n", "--load=module-null-sink", "--load=module-native-protocol-unix",
             "--load=module-always-sink"], log="pulse.log")
+    deadline = time.monotonic() + 3  # ready before a task's first pactl
+    while not os.path.exists(RUNTIME + "/pulse/native") and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _alive(pid: int) -> bool:
@@ -166,9 +169,10 @@ def _clean() -> list[str]:
 
 
 def _run(req: dict) -> dict:
-    # Output is read from pipes and cut at max_output (the rest read and dropped), not capped with
-    # RLIMIT_FSIZE: that limit would also stop a command writing a big file or a sound client
-    # sizing its shared memory (pactl).
+    # Output is read from pipes, not capped with RLIMIT_FSIZE (that limit would also stop a command
+    # writing a big file, or a sound client sizing its shared memory: pactl). A command whose output
+    # passes max_output is ended, as the file limit did: one that prints without end must not run
+    # until its timeout.
     max_output = int(req.get("max_output", 1 << 20))
     timeout = float(req.get("timeout", 60))
     try:
@@ -190,6 +194,11 @@ def _run(req: dict) -> dict:
                 return
             if len(buf) <= max_output:
                 buf += chunk[: max_output + 1 - len(buf)]
+                if len(buf) > max_output:
+                    try:
+                        os.killpg(p.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
 
     readers = [threading.Thread(target=drain, args=(p.stdout, bufs["stdout"]), daemon=True),
                threading.Thread(target=drain, args=(p.stderr, bufs["stderr"]), daemon=True)]
@@ -256,6 +265,7 @@ class _Handler(socketserver.StreamRequestHandler):
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    request_queue_size = 256  # many requests at once (the default 5 makes connect() fail with EAGAIN)
 
 
 def main() -> None:

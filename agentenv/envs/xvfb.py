@@ -256,11 +256,14 @@ class LocalDesktop:
 
     def _connect(self, deadline: float) -> XInput:
         # The socket file appears when Xvfb binds it, a moment before it listens: under load a
-        # first connection can be refused.
+        # first connection can be refused (python-xlib reports it as DisplayConnectionError when it
+        # connects by the socket's path, as it does for a sandboxed desktop).
+        from Xlib.error import DisplayConnectionError
+
         while True:
             try:
                 return XInput(self.display, str(self.xauth), self.width, self.height)
-            except ConnectionRefusedError:
+            except (ConnectionRefusedError, DisplayConnectionError):
                 if time.monotonic() > deadline or self._xvfb.poll() is not None:
                     raise DesktopError(f"Xvfb {self.display} refuses connections") from None
                 time.sleep(0.05)
