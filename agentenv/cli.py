@@ -23,9 +23,21 @@ def _serve_envs(argv: list[str]) -> int:
     for name, field in ServiceLimits.model_fields.items():
         ap.add_argument("--" + name.replace("_", "-"), type=type(field.default), default=field.default,
                         help=f"refuse requests over this (default {field.default})")
+    ap.add_argument("--sandbox", action=argparse.BooleanOptionalAction, default=True,
+                    help="run each desktop in a bubblewrap sandbox (default); --no-sandbox runs its apps "
+                         "and commands on this host as the desktop user")
+    ap.add_argument("--upload-root", action="append", default=[], metavar="DIR",
+                    help="a folder whose task files' upload_file steps may read (repeatable; the "
+                         "built-in tasks' folder always may)")
+    ap.add_argument("--sandbox-network", action="store_true",
+                    help="sandboxed desktops share this host's network (for tasks that need it; off by default)")
+    ap.add_argument("--osworld-port", type=int, default=None, metavar="BASE",
+                    help="desktop i (of the first --num) also answers as OSWorld's in-VM server on port BASE+i, "
+                         "at OSWorld's paths; the token goes as a URL password (vm_ip='agentenv:TOKEN@host')")
     a = ap.parse_args(argv)
     limits = ServiceLimits(**{k: getattr(a, k) for k in ServiceLimits.model_fields})
-    serve(a.num, a.host, a.port, a.token, a.width, a.height, a.token_file, limits)
+    serve(a.num, a.host, a.port, a.token, a.width, a.height, a.token_file, limits, sandbox=a.sandbox,
+          upload_roots=a.upload_root, osworld_port=a.osworld_port, network=a.sandbox_network)
     return 0
 
 

@@ -83,6 +83,11 @@ class EnvConfig(_Strict):
     local_port: int = 8100
     width: int = 1920
     height: int = 1080
+    # Each desktop in a bubblewrap sandbox (its own user, mount, PID, IPC and network namespaces;
+    # agentenv/envs/sandbox.py). false: apps and task commands run on this host as the desktop user.
+    sandbox: bool = True
+    sandbox_network: bool = False    # sandboxes share the host's network (tasks that need it; reaches loopback too)
+    upload_roots: list[str] = Field(default_factory=list)  # folders upload_file steps may read (besides the task source's)
 
 
 class TaskConfig(_Strict):

@@ -192,8 +192,14 @@ def run(cfg: RunConfig) -> dict:
         services = [ServiceSpec(s.url, s.token, s.desktops) for s in cfg.env.services]
         if not services:
             os.environ.update(cfg.downloads.to_env())  # the env service runs the downloads
+            roots = list(cfg.env.upload_roots)
+            src = Path(cfg.tasks.source)
+            if cfg.tasks.source != "builtin" and src.exists():  # the task files' own folder
+                roots.append(str((src if src.is_dir() else src.parent).resolve()))
             es = stack.enter_context(EnvService(cfg.env.local_desktops, cfg.env.local_port, cfg.env.width,
-                                                cfg.env.height, log=run_dir / "env-service.log"))
+                                                cfg.env.height, log=run_dir / "env-service.log",
+                                                sandbox=cfg.env.sandbox, upload_roots=roots,
+                                                network=cfg.env.sandbox_network))
             services = [ServiceSpec(es.url, es.token)]
         return asyncio.run(run_async(cfg, llm, services, tiny=tiny, items=items))
 

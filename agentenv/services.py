@@ -130,8 +130,12 @@ class EnvService:
     """``agentenv serve-envs`` as a child process on loopback; a context manager."""
 
     def __init__(self, num: int = 4, port: int = 8100, width: int = 1920, height: int = 1080,
-                 token: str | None = None, log: Path | None = None):
+                 token: str | None = None, log: Path | None = None, sandbox: bool = True,
+                 upload_roots: list[str | Path] | None = None, osworld_port: int | None = None,
+                 network: bool = False):
         self.num, self.port, self.width, self.height = num, port, width, height
+        self.sandbox, self.upload_roots = sandbox, [str(r) for r in upload_roots or ()]
+        self.osworld_port, self.network = osworld_port, network
         self.token = token or secrets.token_urlsafe(16)
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
@@ -144,7 +148,11 @@ class EnvService:
         try:
             self.proc = spawn_tied(
                 [sys.executable, "-m", "agentenv", "serve-envs", "--num", str(self.num), "--port", str(self.port),
-                 "--width", str(self.width), "--height", str(self.height)],
+                 "--width", str(self.width), "--height", str(self.height),
+                 "--sandbox" if self.sandbox else "--no-sandbox",
+                 *[a for r in self.upload_roots for a in ("--upload-root", r)],
+                 *(["--osworld-port", str(self.osworld_port)] if self.osworld_port else []),
+                 *(["--sandbox-network"] if self.network else [])],
                 env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True)
         finally:
             if self.log:

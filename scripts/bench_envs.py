@@ -2,7 +2,11 @@
 """Benchmark real desktops on this machine: reset, step and screenshot latency, memory per
 desktop, and how many desktops run side by side before step latency doubles.
 
-    python scripts/bench_envs.py [--steps 40] [--think 1.0] [--max-desktops 16]
+    python scripts/bench_envs.py [--steps 40] [--think 1.0] [--max-desktops 16] [--kinds host,sandbox]
+
+Both kinds of desktop are measured side by side in one run: the plain one (apps on the host as the
+desktop user) and the sandboxed one (bubblewrap, agentenv/envs/sandbox.py), in alternating rounds,
+with sandbox/host ratios (median and spread over the rounds).
 
 - reset: close apps, restore HOME, launch the editor and wait for its window (a built-in task).
 - step: one action (type a character, XTest) plus a full-screen screenshot encoded as PNG.
@@ -25,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentenv.envs.tasks import builtin_tasks  # noqa: E402
-from agentenv.envs.xvfb import LocalDesktop  # noqa: E402
+from agentenv.envs.xvfb import DesktopSpec, LocalDesktop, make_desktop  # noqa: E402
 from agentenv.types import Action  # noqa: E402
 
 
@@ -61,62 +65,109 @@ def side_by_side(desktops: list[LocalDesktop], think: float, steps: int) -> list
     return lat
 
 
+def make(kind: str, name: str) -> LocalDesktop:
+    return make_desktop(name, DesktopSpec(sandbox=(kind == "sandbox"))).start()
+
+
+def ratio_line(name: str, ratios: list[float]) -> dict[str, float]:
+    med = statistics.median(ratios)
+    print(f"  {name:<10} sandbox/host median {med:.2f}x  spread {min(ratios):.2f}-{max(ratios):.2f} "
+          f"over {len(ratios)} rounds", flush=True)
+    return {"median": round(med, 3), "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--resets", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=5, help="A B A B rounds for the sandbox/host ratios")
     ap.add_argument("--think", type=float, default=1.0)
     ap.add_argument("--max-desktops", type=int, default=16)
+    ap.add_argument("--kinds", default="host,sandbox", help="host, sandbox or both (compared side by side)")
     a = ap.parse_args()
+    kinds = [k for k in a.kinds.split(",") if k]
+    if not set(kinds) <= {"host", "sandbox"}:
+        ap.error("--kinds takes host and/or sandbox")
     task = next(t for t in builtin_tasks() if t.id == "editor-type-hello")
-    desktops: list[LocalDesktop] = []
+    desktops: dict[str, list[LocalDesktop]] = {k: [] for k in kinds}
+    resets: dict[str, list[float]] = {k: [] for k in kinds}
+    steps: dict[str, list[float]] = {k: [] for k in kinds}
+    shots: dict[str, list[float]] = {k: [] for k in kinds}
+    rounds: dict[str, dict[str, list[float]]] = {k: {"reset": [], "step": [], "pss": []} for k in kinds}
+    out: dict[str, dict] = {}
     try:
-        d0 = LocalDesktop("bench-0").start()
-        desktops.append(d0)
-        resets = []
-        for _ in range(a.resets):
-            t0 = time.perf_counter()
-            d0.reset(task)
-            resets.append(time.perf_counter() - t0)
-        shots = []
-        for _ in range(a.steps):
-            t0 = time.perf_counter()
-            d0.screenshot_png()
-            shots.append(time.perf_counter() - t0)
-        steps = [step_once(d0, i) for i in range(a.steps)]
-        pss_mb = d0.memory_pss_kb() / 1024
-        print(f"reset      p50 {statistics.median(resets):.3f}s  p95 {pct(resets, 95):.3f}s", flush=True)
-        print(f"screenshot p50 {statistics.median(shots) * 1000:.1f}ms  p95 {pct(shots, 95) * 1000:.1f}ms", flush=True)
-        print(f"step       p50 {statistics.median(steps) * 1000:.1f}ms  p95 {pct(steps, 95) * 1000:.1f}ms", flush=True)
-        print(f"memory     {pss_mb:.0f} MB PSS per desktop (Xvfb + openbox + mousepad)", flush=True)
+        for k in kinds:
+            desktops[k].append(make(k, f"bench-{k}-0"))
+        # A B A B: each round resets and steps one desktop of each kind, the kinds taking turns,
+        # so the load of the other sessions on this machine falls on both alike.
+        per_round_resets = max(1, a.resets // a.rounds)
+        per_round_steps = max(1, a.steps // a.rounds)
+        for r in range(a.rounds):
+            for k in (kinds if r % 2 == 0 else kinds[::-1]):
+                d0 = desktops[k][0]
+                rs = []
+                for _ in range(per_round_resets):
+                    t0 = time.perf_counter()
+                    d0.reset(task)
+                    rs.append(time.perf_counter() - t0)
+                ss = [step_once(d0, i) for i in range(per_round_steps)]
+                for _ in range(per_round_steps):
+                    t0 = time.perf_counter()
+                    d0.screenshot_png()
+                    shots[k].append(time.perf_counter() - t0)
+                resets[k] += rs
+                steps[k] += ss
+                rounds[k]["reset"].append(statistics.median(rs))
+                rounds[k]["step"].append(statistics.median(ss))
+                rounds[k]["pss"].append(d0.memory_pss_kb() / 1024)
+        for k in kinds:
+            pss_mb = statistics.median(rounds[k]["pss"])
+            print(f"[{k}] reset      p50 {statistics.median(resets[k]):.3f}s  p95 {pct(resets[k], 95):.3f}s", flush=True)
+            print(f"[{k}] screenshot p50 {statistics.median(shots[k]) * 1000:.1f}ms  "
+                  f"p95 {pct(shots[k], 95) * 1000:.1f}ms", flush=True)
+            print(f"[{k}] step       p50 {statistics.median(steps[k]) * 1000:.1f}ms  "
+                  f"p95 {pct(steps[k], 95) * 1000:.1f}ms", flush=True)
+            print(f"[{k}] memory     {pss_mb:.0f} MB PSS per desktop (X server + openbox + mousepad"
+                  f"{' + bwrap, runner, D-Bus' if k == 'sandbox' else ''})", flush=True)
+            out[k] = {"reset_p50_s": round(statistics.median(resets[k]), 3),
+                      "reset_p95_s": round(pct(resets[k], 95), 3),
+                      "step_p50_ms": round(statistics.median(steps[k]) * 1000, 1),
+                      "step_p95_ms": round(pct(steps[k], 95) * 1000, 1),
+                      "screenshot_p50_ms": round(statistics.median(shots[k]) * 1000, 1),
+                      "pss_mb_per_desktop": round(pss_mb, 1)}
+        if len(kinds) == 2:
+            print("ratios, measured in alternating rounds:", flush=True)
+            out["sandbox_over_host"] = {
+                m: ratio_line(m, [s / h for s, h in zip(rounds["sandbox"][m], rounds["host"][m]) if h > 0])
+                for m in ("reset", "step", "pss")}
 
-        base = statistics.median(side_by_side([d0], a.think, a.steps // 2))
-        print(f"side by side, one step per {a.think}s per desktop: 1 desktop p50 {base * 1000:.1f}ms", flush=True)
-        fit = 1
-        n = 1
+        # Side by side: N desktops of a kind each step once per ``think`` seconds; N grows, and at
+        # each N the kinds take turns (A B, then B A), so both meet the same load from elsewhere.
+        sizes, n = [1], 1
         while n < a.max_desktops:
             n = min(a.max_desktops, n * 2 if n < 8 else n + 4)
-            while len(desktops) < n:
-                d = LocalDesktop(f"bench-{len(desktops)}").start()
-                d.reset(task)
-                desktops.append(d)
-            p50 = statistics.median(side_by_side(desktops[:n], a.think, a.steps // 2))
-            print(f"  {n:2d} desktops p50 {p50 * 1000:.1f}ms ({p50 / base:.2f}x)", flush=True)
-            if p50 > 2 * base:
-                break
-            fit = n
-        mem_all = sum(d.memory_pss_kb() for d in desktops) / 1024 / len(desktops)
+            sizes.append(n)
+        p50s: dict[str, dict[int, float]] = {k: {} for k in kinds}
+        for i, n in enumerate(sizes):
+            for k in (kinds if i % 2 == 0 else kinds[::-1]):
+                while len(desktops[k]) < n:
+                    d = make(k, f"bench-{k}-{len(desktops[k])}")
+                    d.reset(task)
+                    desktops[k].append(d)
+                p50s[k][n] = statistics.median(side_by_side(desktops[k][:n], a.think, a.steps // 2))
+            print(f"side by side, one step per {a.think}s each, {n:2d} desktops of a kind: " + "  ".join(
+                f"[{k}] p50 {p50s[k][n] * 1000:.1f}ms ({p50s[k][n] / p50s[k][1]:.2f}x of 1)" for k in kinds), flush=True)
+        for k in kinds:
+            fit = max([n for n in sizes if p50s[k][n] <= 2 * p50s[k][1]], default=1)
+            mem_all = sum(d.memory_pss_kb() for d in desktops[k]) / 1024 / len(desktops[k])
+            out[k].update({"pss_mb_per_desktop_all": round(mem_all, 1), "desktops_before_step_latency_doubles": fit,
+                           "tested_up_to": sizes[-1],
+                           "side_by_side_p50_ms": {n: round(v * 1000, 1) for n, v in p50s[k].items()}})
     finally:
-        for d in desktops:
-            d.close()
-    print(json.dumps({
-        "reset_p50_s": round(statistics.median(resets), 3), "reset_p95_s": round(pct(resets, 95), 3),
-        "step_p50_ms": round(statistics.median(steps) * 1000, 1), "step_p95_ms": round(pct(steps, 95) * 1000, 1),
-        "screenshot_p50_ms": round(statistics.median(shots) * 1000, 1),
-        "screenshot_p95_ms": round(pct(shots, 95) * 1000, 1),
-        "pss_mb_per_desktop": round(pss_mb, 1), "pss_mb_per_desktop_all": round(mem_all, 1),
-        "desktops_before_step_latency_doubles": fit, "think_s": a.think, "tested_up_to": n,
-    }))
+        for ds in desktops.values():
+            for d in ds:
+                d.close()
+    print(json.dumps({**out, "think_s": a.think, "rounds": a.rounds}))
     return 0
 
 

@@ -36,7 +36,9 @@ flock 9
 
 APT_PACKAGES=(python3 python3-venv python3-dev gcc g++ xvfb openbox xdotool x11-utils xauth
   mousepad xfce4-terminal galculator pcmanfm libreoffice-calc chromium fonts-dejavu-core
-  x11-apps xclip tesseract-ocr util-linux procps curl socat)
+  x11-apps xclip tesseract-ocr util-linux procps curl socat
+  bubblewrap python3-xlib python3-tk dbus-daemon dconf-gsettings-backend libglib2.0-bin xdg-utils
+  pulseaudio pulseaudio-utils)
 
 if [ "$DO_APT" = 1 ]; then
   missing=()
@@ -134,6 +136,16 @@ if [ ! -f "$VENV/.req-$REQ_STAMP" ]; then
   rm -f "$HOLD" "$VENV"/.req-*
   "$PY" -c "import ui_tars, verl.experimental.agent_loop.agent_loop" >&2
   touch "$VENV/.req-$REQ_STAMP"
+fi
+
+# pyautogui for the system python3 inside sandboxed desktops (agentenv/envs/sandbox.py): pure Python,
+# beside python3-xlib and python3-tk from apt; read-only in every sandbox.
+SANDBOX_SITE=${AGENTENV_SANDBOX_SITE:-/opt/agentenv/sandbox-site}
+if [ ! -d "$SANDBOX_SITE/pyautogui" ] && mkdir -p "$SANDBOX_SITE" 2>/dev/null; then
+  log "sandbox: pyautogui for the desktops' python3 -> $SANDBOX_SITE"
+  "$PY" -m pip install --disable-pip-version-check -q --target "$SANDBOX_SITE" --no-deps \
+    pyautogui pymsgbox pytweening pyscreeze pygetwindow pyrect mouseinfo pyperclip >&2
+  chmod -R a+rX "$SANDBOX_SITE"
 fi
 
 if [ "$DO_MODEL" = 1 ]; then

@@ -164,6 +164,34 @@ class XInput:
                 return ""
             return self._title(p.value[0])
 
+    def close_windows(self, name: str, strict: bool = False, by_class: bool = False) -> int:
+        """Ask the window manager to close (``_NET_CLOSE_WINDOW``, as a click on the close button)
+        every top-level window whose title (or WM_CLASS) is ``name`` (``strict``) or contains it.
+        The number of windows asked."""
+        from Xlib import X
+        from Xlib.protocol import event
+
+        with self._lock:
+            prop = self._root.get_full_property(self._atom("_NET_CLIENT_LIST"), 0)
+            asked = 0
+            for wid in (prop.value if prop else []):
+                w = self._d.create_resource_object("window", wid)
+                if by_class:
+                    try:
+                        names = list(w.get_wm_class() or ())
+                    except Exception:
+                        names = []
+                else:
+                    names = [self._title(wid)]
+                if not any((n == name) if strict else (name.lower() in n.lower()) for n in names):
+                    continue
+                ev = event.ClientMessage(window=w, client_type=self._atom("_NET_CLOSE_WINDOW"),
+                                         data=(32, [X.CurrentTime, 2, 0, 0, 0]))
+                self._root.send_event(ev, event_mask=X.SubstructureRedirectMask | X.SubstructureNotifyMask)
+                asked += 1
+            self._d.sync()
+            return asked
+
     def wait_for_wm(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -16,7 +16,10 @@ Routes (all but /health need ``Authorization: Bearer <token>``):
 
 Per desktop, the OSWorld in-VM server paths used by OSWorld-style clients and task configs, under
 ``/envs/{id}``: /screenshot, /execute, /setup/execute, /setup/launch, /setup/open_file,
-/setup/activate_window, /setup/upload, /file, /screen_size, /platform, /cursor_position.
+/setup/activate_window, /setup/upload, /file, /screen_size, /platform, /cursor_position,
+/list_directory, /terminal (sandboxed desktops: the newest terminal's transcript),
+/setup/close_window, /setup/change_wallpaper, /accessibility (501: no AT-SPI), and on sandboxed
+desktops only /run_python and /run_bash_script.
 Unlike OSWorld's server these are authenticated, commands run as the unprivileged desktop user,
 and ``python -c "import pyautogui; ..."`` commands go through the pyautogui allow-list instead of
 running as code.
@@ -25,11 +28,13 @@ running as code.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import ipaddress
 import os
 import secrets
 import shlex
+import socket
 import subprocess
 import threading
 import time
@@ -47,7 +52,7 @@ from pydantic import BaseModel, Field
 from agentenv.envs.actions import ActionError, check_action, parse_pyautogui
 from agentenv.envs.tasks.evaluate import EvaluatorError, evaluate
 from agentenv.envs.tasks.setup import TaskSetupError
-from agentenv.envs.xvfb import DesktopError, DesktopSpec, LocalDesktop
+from agentenv.envs.xvfb import DesktopError, DesktopSpec, LocalDesktop, make_desktop
 from agentenv.types import Action, Task
 
 
@@ -89,6 +94,46 @@ class ExecuteRequest(BaseModel):
     command: list[str] | str
     shell: bool = False
     timeout: float = Field(120.0, allow_inf_nan=False)
+
+
+class RunPythonRequest(BaseModel):
+    code: str
+
+
+class RunBashRequest(BaseModel):
+    script: str
+    timeout: float = Field(30.0, allow_inf_nan=False)
+    working_dir: str | None = None
+
+
+class PathRequest(BaseModel):
+    path: str
+
+
+class CloseWindowRequest(BaseModel):
+    window_name: str
+    strict: bool = False
+    by_class: bool = False
+
+
+# /list_directory: run inside the desktop (its own view of the filesystem, its user's rights).
+_LIST_DIRECTORY = r"""
+import json, os, sys
+def tree(p, depth):
+    node = {"type": "directory", "name": os.path.basename(p.rstrip("/")) or p, "children": []}
+    if depth > 8:
+        return node
+    for e in sorted(os.scandir(p), key=lambda e: e.name):
+        if e.is_dir(follow_symlinks=False):
+            node["children"].append(tree(e.path, depth + 1))
+        else:
+            node["children"].append({"type": "file", "name": e.name})
+    return node
+p = os.path.expanduser(sys.argv[1])
+if not os.path.isdir(p):
+    print(json.dumps({"error": "not a directory: " + p})); sys.exit(0)
+print(json.dumps({"directory_tree": tree(p, 0)}))
+"""
 
 
 class LaunchRequest(BaseModel):
@@ -138,6 +183,7 @@ class DesktopHost:
     def __init__(self, num: int, spec: DesktopSpec):
         self.spec = spec
         self.desktops: dict[str, LocalDesktop] = {}
+        self.slots: list[str] = []  # the desktops started with the service, in order (their OSWorld ports)
         self._lock = threading.Lock()
         self._n = 0
         self.num = num
@@ -156,10 +202,9 @@ class DesktopHost:
         with self._lock:
             self._n += 1
             did = f"d{self._n}-{secrets.token_hex(3)}"
-        spec = DesktopSpec(width=width or self.spec.width, height=height or self.spec.height,
-                           scratch=self.spec.scratch, template=self.spec.template)
+        spec = dataclasses.replace(self.spec, width=width or self.spec.width, height=height or self.spec.height)
         try:
-            d = LocalDesktop(did, spec).start()
+            d = make_desktop(did, spec).start()
         except (OSError, subprocess.SubprocessError) as e:  # answered 503 like any desktop that is not up
             raise DesktopError(f"could not start a desktop: {type(e).__name__}: {e}") from e
         with self._lock:
@@ -169,7 +214,7 @@ class DesktopHost:
 
     def start(self) -> None:
         with ThreadPoolExecutor(max_workers=4) as ex:
-            list(ex.map(lambda _: self.create(), range(self.num)))
+            self.slots = [d.id for d in ex.map(lambda _: self.create(), range(self.num))]
         logger.info("env service: {} desktops up", len(self.desktops))
 
     def get(self, did: str) -> LocalDesktop:
@@ -226,48 +271,46 @@ class _BodyLimit:
         await self.app(scope, limited, send)
 
 
+class _OSWorldPorts:
+    """ASGI middleware: a request that came in on desktop ``i``'s own port (``serve-envs
+    --osworld-port BASE``: BASE+i) is that desktop's OSWorld in-VM server, at the paths OSWorld's
+    client uses (``/screenshot``, ``/execute``, ...): the path gets the ``/envs/{id}`` prefix. Its
+    client sends no bearer token, but ``requests`` sends the user and password of a URL
+    (``vm_ip="agentenv:TOKEN@127.0.0.1"``) as Basic auth: the password is taken as the token."""
+
+    def __init__(self, app: Any, host: "DesktopHost", ports: dict[int, int]):
+        self.app, self.host, self.ports = app, host, ports
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        server = scope.get("server") or (None, None)
+        slot = self.ports.get(server[1]) if scope["type"] == "http" else None
+        if slot is None:
+            return await self.app(scope, receive, send)
+        did = self.host.slots[slot] if slot < len(self.host.slots) else None
+        if did is None or scope["path"].startswith("/envs"):
+            r = JSONResponse({"detail": f"no desktop on port {server[1]}"}, status_code=404)
+            return await r(scope, receive, send)
+        headers = []
+        for k, v in scope.get("headers", []):
+            if k == b"authorization" and v[:6].lower() == b"basic ":
+                try:
+                    password = base64.b64decode(v[6:].strip()).split(b":", 1)[1]
+                except (ValueError, IndexError):
+                    password = b""
+                v = b"Bearer " + password
+            headers.append((k, v))
+        path = f"/envs/{did}{scope['path']}"
+        await self.app({**scope, "path": path, "raw_path": path.encode(), "headers": headers}, receive, send)
+
+
 def _run_bounded(d: LocalDesktop, argv: list[str] | str, *, shell: bool, timeout: float,
                  max_output: int) -> dict[str, Any]:
-    """Run a command in the desktop session (as its user); keep at most ``max_output`` bytes of
-    each stream. The streams go to files capped by RLIMIT_FSIZE, so a command that prints without
-    end is stopped (SIGXFSZ) instead of filling the service's memory or disk."""
-    import resource
-    import subprocess
-    import tempfile
-
-    def cap() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (max_output + 1, max_output + 1))
-
-    with tempfile.TemporaryFile(dir=d.root) as out, tempfile.TemporaryFile(dir=d.root) as err:
-        try:
-            p = subprocess.Popen(argv, env=d.env(), cwd=str(d.home), shell=shell, stdin=subprocess.DEVNULL,
-                                 stdout=out, stderr=err, start_new_session=True, preexec_fn=cap,
-                                 **d._as_user())
-        except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
-            return {"status": "error", "output": "", "error": str(e), "returncode": 127}
-        try:
-            rc = p.wait(timeout)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            import signal as _signal
-
-            os.killpg(p.pid, _signal.SIGKILL)
-            rc, timed_out = p.wait(), True
-
-        def read(f: Any) -> str:
-            f.seek(0)
-            data = f.read(max_output + 1)
-            text = data[:max_output].decode("utf-8", "replace")
-            return text + (f"\n[output cut at {max_output} bytes]" if len(data) > max_output else "")
-
-        if timed_out:
-            return {"status": "error", "output": read(out), "error": f"timed out after {timeout}s",
-                    "returncode": -1}
-        return {"status": "success", "output": read(out), "error": read(err), "returncode": rc}
+    """Run a command in the desktop session (as its user, inside its sandbox when it has one)."""
+    return d.run_bounded(argv, shell=shell, timeout=timeout, max_output=max_output)
 
 
 def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None = None,
-               limits: ServiceLimits | None = None):
+               limits: ServiceLimits | None = None, osworld_ports: dict[int, int] | None = None):
     host = DesktopHost(num, spec or DesktopSpec())
     limits = limits or ServiceLimits()
 
@@ -301,6 +344,8 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
     app.state.host = host
     app.state.limits = limits
     app.add_middleware(_BodyLimit, max_bytes=limits.max_body_bytes)
+    if osworld_ports:
+        app.add_middleware(_OSWorldPorts, host=host, ports=osworld_ports)
 
     def auth(request: Request) -> None:
         if token is None:
@@ -344,7 +389,7 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
     @app.get("/envs", dependencies=A)
     def list_envs():
         return [{"id": d.id, "display": d.display, "width": d.width, "height": d.height,
-                 "task": d.task_id, "alive": d.alive()} for d in list(host.desktops.values())]  # a copy: others
+                 "task": d.task_id, "alive": d.alive(), "sandboxed": d.sandboxed} for d in list(host.desktops.values())]  # a copy: others
         # create and close desktops meanwhile
 
     @app.post("/envs", dependencies=A)
@@ -430,7 +475,9 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
 
     # ------------------------------------------------------------- OSWorld in-VM server paths
     def _execute(d: LocalDesktop, req: ExecuteRequest) -> dict[str, Any]:
-        code = _pyautogui_code(req.command)
+        # Inside a sandbox an OSWorld-style ``python -c "import pyautogui; ..."`` runs as the code it
+        # is (it reaches nothing but its own desktop); on the host only its allowed calls run, as actions.
+        code = None if d.sandboxed else _pyautogui_code(req.command)
         if code is not None:
             try:
                 actions = parse_pyautogui(code, d.width, d.height)
@@ -513,18 +560,14 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
             _write_in_home(d, file_path, data)
 
     def _write_in_home(d: LocalDesktop, file_path: str, data: bytes) -> None:
-        dest = d.resolve_path(file_path)
         try:
-            if dest == d.home.resolve() or dest.is_dir():
-                raise HTTPException(422, f"{file_path!r} is a directory")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            # O_NOFOLLOW: a symlink planted after resolve_path looked is refused, not written through.
-            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        except OSError as e:  # a file where a folder should be, a folder where the file should be...
+            d.write_file(file_path, data)  # component by component, no link followed
+        except IsADirectoryError as e:
+            raise HTTPException(422, f"{file_path!r} is a directory or not a regular file") from e
+        except PermissionError:
+            raise
+        except OSError as e:  # a file where a folder should be, a symlink, a folder where the file should be...
             raise HTTPException(422, f"cannot write {file_path!r}: {e.strerror or e}") from e
-        d._chown(dest)
 
     @app.post("/envs/{did}/file", dependencies=A)
     def os_file(did: str, file_path: str = Form(...)):
@@ -533,15 +576,14 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
             return _read_in_home(d, file_path)
 
     def _read_in_home(d: LocalDesktop, file_path: str) -> Response:
-        p = d.resolve_path(file_path)
         try:
-            if not p.is_file():
-                raise HTTPException(404, f"no file {file_path!r}")
-            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            data = d.read_file(file_path, limits.max_file_bytes)  # component by component, no link followed
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+            raise HTTPException(404, f"no file {file_path!r}") from e
+        except PermissionError:
+            raise
         except OSError as e:  # a name too long, a symlink swapped in...
             raise HTTPException(422, f"cannot open {file_path!r}: {e.strerror or e}") from e
-        with os.fdopen(fd, "rb") as f:
-            data = f.read(limits.max_file_bytes + 1)
         if len(data) > limits.max_file_bytes:
             raise HTTPException(413, f"{file_path!r} is over the limit of {limits.max_file_bytes} bytes "
                                      "(serve-envs --max-file-bytes)")
@@ -556,6 +598,88 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
     def os_platform(did: str):
         host.get(did)
         return Response("Linux", media_type="text/plain")
+
+    def _sandboxed(d: LocalDesktop, route: str) -> None:
+        if not d.sandboxed:
+            raise HTTPException(403, f"{route} runs arbitrary code: it is served by sandboxed desktops only "
+                                     "(serve-envs --sandbox)")
+
+    @app.post("/envs/{did}/run_python", dependencies=A)
+    def os_run_python(did: str, req: RunPythonRequest):
+        d = host.get(did)
+        _sandboxed(d, "/run_python")
+        if "\0" in req.code:
+            raise HTTPException(422, "code contains a NUL byte")
+        r = d.run_bounded(["python3", "-c", req.code], shell=False, timeout=limits.execute_timeout_s,
+                          max_output=limits.max_output_bytes)
+        ok = r["status"] == "success" and r["returncode"] == 0
+        return {"status": "success" if ok else "error", "message": r["output"] if ok else r["error"],
+                "output": r["output"], "error": r["error"], "return_code": r["returncode"]}
+
+    @app.post("/envs/{did}/run_bash_script", dependencies=A)
+    def os_run_bash(did: str, req: RunBashRequest):
+        d = host.get(did)
+        _sandboxed(d, "/run_bash_script")
+        if "\0" in req.script or (req.working_dir and "\0" in req.working_dir):
+            raise HTTPException(422, "script or working_dir contains a NUL byte")
+        script = (f"cd {shlex.quote(req.working_dir)} || exit 1\n" if req.working_dir else "") + req.script
+        r = d.run_bounded(["bash", "-c", script], shell=False, timeout=max(0.0, min(req.timeout, limits.execute_timeout_s)),
+                          max_output=limits.max_output_bytes)
+        return {"status": "success" if r["returncode"] == 0 else "error", "output": r["output"],
+                "error": r["error"], "returncode": r["returncode"]}
+
+    @app.post("/envs/{did}/list_directory", dependencies=A)
+    def os_list_directory(did: str, req: PathRequest):
+        import json
+
+        d = host.get(did)
+        if "\0" in req.path:
+            raise HTTPException(422, "path contains a NUL byte")
+        with d._lock:
+            r = d.run(["python3", "-c", _LIST_DIRECTORY, req.path], timeout=30)
+        try:
+            out = json.loads(r.stdout)
+        except ValueError:
+            raise HTTPException(500, f"cannot list {req.path!r}: {r.stderr.strip()[-300:]}") from None
+        if "error" in out:
+            raise HTTPException(404, out["error"])
+        return out
+
+    @app.get("/envs/{did}/terminal", dependencies=A)
+    def os_terminal(did: str):
+        d = host.get(did)
+        text = d.terminal_output()
+        if text is None:
+            raise HTTPException(501, "reading a terminal's text needs a sandboxed desktop (serve-envs --sandbox)")
+        return {"output": text}
+
+    @app.get("/envs/{did}/accessibility", dependencies=A)
+    def os_accessibility(did: str):
+        host.get(did)
+        raise HTTPException(501, "no accessibility tree: these desktops do not run AT-SPI")
+
+    @app.post("/envs/{did}/setup/close_window", dependencies=A)
+    def os_close_window(did: str, req: CloseWindowRequest):
+        d = host.get(did)
+        if d._input is None:
+            raise DesktopError(f"desktop {did} is closed")
+        if d._input.close_windows(req.window_name, req.strict, req.by_class) == 0:
+            raise HTTPException(404, f"no window named {req.window_name!r}")
+        return {"status": "success"}
+
+    @app.post("/envs/{did}/setup/change_wallpaper", dependencies=A)
+    def os_change_wallpaper(did: str, req: PathRequest):
+        d = host.get(did)
+        if "\0" in req.path:
+            raise HTTPException(422, "path contains a NUL byte")
+        path = req.path.replace("~", "/home/user" if d.sandboxed else str(d.home), 1) if req.path.startswith("~") \
+            else req.path
+        # As OSWorld's server on GNOME: the setting (what an evaluator reads with gsettings).
+        with d._lock:
+            r = d.run(["gsettings", "set", "org.gnome.desktop.background", "picture-uri", f"file://{path}"], timeout=10)
+        if r.returncode != 0:
+            raise HTTPException(422, f"cannot set the wallpaper: {r.stderr.strip()[-300:]}")
+        return {"status": "success"}
 
     @app.post("/envs/{did}/cursor_position", dependencies=A)
     def os_cursor(did: str):
@@ -591,7 +715,9 @@ def write_secret(path: str | Path, secret: str) -> None:
 
 def serve(num: int, host: str = "127.0.0.1", port: int = 8100, token: str | None = None,
           width: int = 1920, height: int = 1080, token_file: str | None = None,
-          limits: ServiceLimits | None = None) -> None:
+          limits: ServiceLimits | None = None, sandbox: bool = True,
+          upload_roots: list[str] | None = None, osworld_port: int | None = None,
+          network: bool = False) -> None:
     """Run the service. The token is never printed or logged: it is given (``--token``,
     ``ENV_TOKEN``) or generated and written to ``token_file`` (mode 600)."""
     import uvicorn
@@ -611,5 +737,34 @@ def serve(num: int, host: str = "127.0.0.1", port: int = 8100, token: str | None
               flush=True)
     else:
         print(f"export ENV_SERVER_URL=http://{host}:{port}  # ENV_TOKEN: the token you gave", flush=True)
-    app = create_app(num, token, DesktopSpec(width=width, height=height), limits)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    if sandbox:
+        from agentenv.envs.sandbox import SandboxError, check_sandbox
+
+        try:
+            check_sandbox()  # before any desktop: a missing tool is named, not found halfway
+        except SandboxError as e:
+            raise SystemExit(f"agentenv serve-envs: {e}") from None
+    else:
+        logger.warning("desktops are NOT sandboxed (--no-sandbox): tasks and agents run commands on this "
+                       "host as the desktop user and can reach its loopback services")
+    if sandbox and network:
+        logger.warning("sandboxed desktops share this host's network (--sandbox-network): their commands can "
+                       "reach its loopback services")
+    spec = DesktopSpec(width=width, height=height, sandbox=sandbox, network=network,
+                       upload_roots=tuple(Path(r) for r in upload_roots or ()))
+    # Desktop i of the first ``num`` also answers as OSWorld's in-VM server on osworld_port + i.
+    ports = {osworld_port + i: i for i in range(num)} if osworld_port else {}
+    app = create_app(num, token, spec, limits, osworld_ports=ports)
+    sockets = []
+    for p in [port, *ports]:
+        s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, p))
+        except OSError as e:
+            raise SystemExit(f"agentenv serve-envs: cannot listen on {host}:{p}: {e}") from None
+        sockets.append(s)
+    if ports:
+        print(f"# OSWorld-style clients: desktop i at http://agentenv:$ENV_TOKEN@{host}:{osworld_port}+i "
+              f"(ports {osworld_port}-{osworld_port + num - 1})", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=sockets)

@@ -19,6 +19,7 @@ import pwd
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import threading
@@ -27,13 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import Xlib.error
 from loguru import logger
 
 from agentenv.envs.actions import ActionError, XInput
 from agentenv.procs import spawn_tied
 
 DESKTOP_USER = "agentenv-desk"
+OSWORLD_HOME = "/home/user"  # HOME in OSWorld's VM; task files name paths under it
 
 # App aliases usable in task setup steps (`launch`), expanded to real commands.
 APPS: dict[str, list[str]] = {
@@ -58,12 +59,36 @@ OPENERS = {
 OPENBOX_RC = """<?xml version="1.0" encoding="UTF-8"?>
 <openbox_config xmlns="http://openbox.org/3.4/rc">
   <focus><focusNew>yes</focusNew><followMouse>no</followMouse></focus>
+  <menu><file>{menu}</file></menu>
+  <keyboard>
+    <keybind key="C-A-t"><action name="Execute"><command>{terminal}</command></action></keybind>
+    <keybind key="A-F1"><action name="ShowMenu"><menu>root-menu</menu></action></keybind>
+    <keybind key="A-F4"><action name="Close"/></keybind>
+  </keyboard>
+  <mouse>
+    <context name="Root">
+      <mousebind button="Right" action="Press"><action name="ShowMenu"><menu>root-menu</menu></action></mousebind>
+    </context>
+  </mouse>
   <placement><policy>Smart</policy></placement>
   <desktops><number>1</number></desktops>
   <applications>
     <application class="*" type="normal"><maximized>yes</maximized><focus>yes</focus></application>
   </applications>
 </openbox_config>
+"""
+
+# The launcher an agent opens with Alt+F1 or a right click on the desktop (OSWorld's Ubuntu has
+# its dock and Activities; this is our equivalent). Ctrl+Alt+T opens a terminal, as on Ubuntu.
+OPENBOX_MENU = """<?xml version="1.0" encoding="UTF-8"?>
+<openbox_menu xmlns="http://openbox.org/3.4/menu">
+  <menu id="root-menu" label="Applications">
+""" + "".join(f"""    <item label="{label}"><action name="Execute"><command>{cmd}</command></action></item>
+""" for label, cmd in (("Terminal", "{terminal}"), ("Text Editor", "mousepad"),
+                       ("Files", "pcmanfm"), ("Calculator", "galculator"),
+                       ("Spreadsheet", "libreoffice --calc --norestore --nologo"),
+                       ("Browser", "chromium --disable-gpu --no-first-run --password-store=basic"))) + """  </menu>
+</openbox_menu>
 """
 
 
@@ -79,6 +104,22 @@ def _desktop_user() -> pwd.struct_passwd | None:
     except KeyError:
         logger.warning("user {} not found; apps run as root (run scripts/install.sh)", DESKTOP_USER)
         return None
+
+
+def _service_xauthority(scratch: Path) -> Path:
+    """This process's Xauthority (every desktop's cookie, readable by us only); $XAUTHORITY names it."""
+    path = scratch / f"service-{os.geteuid()}.xauth"
+    try:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid():
+            path.unlink()  # not ours: never read or write through it
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)
+    os.close(fd)
+    os.environ["XAUTHORITY"] = str(path)
+    return path
 
 
 def _free_display(start: int = 20) -> int:
@@ -121,17 +162,24 @@ class DesktopSpec:
     height: int = 1080
     scratch: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "agentenv-desktops")
     template: Path | None = None       # extra files copied into every fresh HOME
+    # Host folders an ``upload_file`` setup step may read from (besides the built-in tasks' folder);
+    # a task names files of its own folder, never an arbitrary host path.
+    upload_roots: tuple[Path, ...] = ()
+    sandbox: bool = False              # a SandboxDesktop (agentenv/envs/sandbox.py) instead
+    network: bool = False              # a sandbox shares the host's network (tasks that need it)
 
 
 class LocalDesktop:
     """A real X desktop. Thread-safe: every public method takes the desktop's lock."""
+
+    sandboxed = False  # SandboxDesktop: every process in namespaces of its own
 
     def __init__(self, desktop_id: str, spec: DesktopSpec | None = None):
         self.id = desktop_id
         self.spec = spec or DesktopSpec()
         self.width, self.height = self.spec.width, self.spec.height
         self.root = self.spec.scratch / desktop_id
-        self.home = self.root / "home"
+        self.home = self.root / "user"  # named as OSWorld's HOME: apps title windows after it (pcmanfm)
         self.user = _desktop_user()
         self.display_num = -1
         self._xvfb: subprocess.Popen | None = None
@@ -158,48 +206,71 @@ class LocalDesktop:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root.mkdir(parents=True)
             os.chmod(self.spec.scratch, 0o755)
-            # One Xauthority file for all desktops of this process: libX11 reads $XAUTHORITY once
-            # per connection, and this process connects to every desktop.
-            self.xauth = self.spec.scratch / "Xauthority"
-            os.environ["XAUTHORITY"] = str(self.xauth)
+            # Each desktop's apps read an Xauthority holding their own cookie only; this process,
+            # which connects to every desktop (libX11 reads $XAUTHORITY per connection), keeps all
+            # cookies in a file of its own that no desktop can read.
+            self.xauth = self.root / "Xauthority"
+            service_xauth = _service_xauthority(self.spec.scratch)
             cookie = secrets.token_hex(16)
             with _display_allocation():  # two desktops must not pick the same display number
                 self.display_num = _free_display()
-                subprocess.run(["xauth", "-q", "-f", str(self.xauth), "add", self.display, ".", cookie],
-                               check=True, capture_output=True)
+                for f in (self.xauth, service_xauth):
+                    subprocess.run(["xauth", "-q", "-f", str(f), "add", self.display, ".", cookie],
+                                   check=True, capture_output=True)
                 self._chown(self.root)
                 self._chown(self.xauth)
-                # Tied to this service's life (its apps exit with their display), and with an
-                # environment of its own: nothing of the service's (its token) reaches it.
-                self._xvfb = spawn_tied(
-                    ["Xvfb", self.display, "-screen", "0", f"{self.width}x{self.height}x24",
-                     "-nolisten", "tcp", "-auth", str(self.xauth), "-noreset"],
-                    sig=signal.SIGKILL, env={"PATH": "/usr/local/bin:/usr/bin:/bin"},
-                    stdout=subprocess.DEVNULL, stderr=open(self.root / "xvfb.log", "wb"),
-                    start_new_session=True,
-                )
+                self._xvfb = self._start_x_server()
                 deadline = time.monotonic() + 15
                 while not Path(f"/tmp/.X11-unix/X{self.display_num}").exists():
                     if self._xvfb.poll() is not None or time.monotonic() > deadline:
-                        raise DesktopError(f"Xvfb {self.display} did not start: "
-                                           f"{(self.root / 'xvfb.log').read_text()[-500:]}")
+                        raise DesktopError(f"X server {self.display} did not start: {self._server_log()}")
                     time.sleep(0.02)
             self._input = self._connect(time.monotonic() + 10)
             self._restore_home()
-            rc = self.root / "openbox-rc.xml"
-            rc.write_text(OPENBOX_RC)
-            self._wm = self._spawn(["openbox", "--config-file", str(rc)], log="openbox.log")
+            self._start_wm()
             self._input.wait_for_wm(5.0)
             logger.debug("desktop {} up on {}", self.id, self.display)
             return self
 
+    def _start_x_server(self) -> subprocess.Popen:
+        # Tied to this service's life (its apps exit with their display), and with an
+        # environment of its own: nothing of the service's (its token) reaches it.
+        return spawn_tied(
+            ["Xvfb", self.display, "-screen", "0", f"{self.width}x{self.height}x24",
+             "-nolisten", "tcp", "-auth", str(self.xauth), "-noreset"],
+            sig=signal.SIGKILL, env={"PATH": "/usr/local/bin:/usr/bin:/bin"},
+            stdout=subprocess.DEVNULL, stderr=open(self.root / "xvfb.log", "wb"),
+            start_new_session=True,
+        )
+
+    def _server_log(self) -> str:
+        try:
+            return (self.root / "xvfb.log").read_text(errors="replace")[-500:]
+        except OSError:
+            return "(no log)"
+
+    terminal = "xfce4-terminal --disable-server"  # what Ctrl+Alt+T and the menu start
+
+    def _openbox_files(self, folder: Path, seen_as: str) -> None:
+        """Write openbox's config and menu in ``folder``, which openbox sees as ``seen_as``."""
+        (folder / "openbox-menu.xml").write_text(OPENBOX_MENU.replace("{terminal}", self.terminal))
+        (folder / "openbox-rc.xml").write_text(OPENBOX_RC.replace("{menu}", f"{seen_as}/openbox-menu.xml")
+                                               .replace("{terminal}", self.terminal))
+
+    def _start_wm(self) -> None:
+        self._openbox_files(self.root, str(self.root))
+        self._wm = self._spawn(["openbox", "--config-file", str(self.root / "openbox-rc.xml")], log="openbox.log")
+
     def _connect(self, deadline: float) -> XInput:
         # The socket file appears when Xvfb binds it, a moment before it listens: under load a
-        # first connection can be refused.
+        # first connection can be refused (python-xlib reports it as DisplayConnectionError when it
+        # connects by the socket's path, as it does for a sandboxed desktop).
+        from Xlib.error import DisplayConnectionError
+
         while True:
             try:
                 return XInput(self.display, str(self.xauth), self.width, self.height)
-            except (ConnectionRefusedError, Xlib.error.DisplayConnectionError):  # python-xlib wraps it
+            except (ConnectionRefusedError, DisplayConnectionError):  # python-xlib wraps the refusal
                 if time.monotonic() > deadline or self._xvfb.poll() is not None:
                     raise DesktopError(f"Xvfb {self.display} refuses connections") from None
                 time.sleep(0.05)
@@ -289,6 +360,40 @@ class LocalDesktop:
                               text=True, errors="replace", timeout=timeout, start_new_session=True,
                               **self._as_user())
 
+    def run_bounded(self, argv: list[str] | str, *, shell: bool, timeout: float, max_output: int) -> dict[str, Any]:
+        """Run a command in the desktop session; keep at most ``max_output`` bytes of each stream.
+        The streams go to files capped by RLIMIT_FSIZE, so a command that prints without end is
+        stopped (SIGXFSZ) instead of filling the service's memory or disk. OSWorld's /execute answer."""
+        import resource
+
+        def cap() -> None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (max_output + 1, max_output + 1))
+
+        with tempfile.TemporaryFile(dir=self.root) as out, tempfile.TemporaryFile(dir=self.root) as err:
+            try:
+                p = subprocess.Popen(argv, env=self.env(), cwd=str(self.home), shell=shell, stdin=subprocess.DEVNULL,
+                                     stdout=out, stderr=err, start_new_session=True, preexec_fn=cap,
+                                     **self._as_user())
+            except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
+                return {"status": "error", "output": "", "error": str(e), "returncode": 127}
+            try:
+                rc = p.wait(timeout)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                rc, timed_out = p.wait(), True
+
+            def read(f: Any) -> str:
+                f.seek(0)
+                data = f.read(max_output + 1)
+                text = data[:max_output].decode("utf-8", "replace")
+                return text + (f"\n[output cut at {max_output} bytes]" if len(data) > max_output else "")
+
+            if timed_out:
+                return {"status": "error", "output": read(out), "error": f"timed out after {timeout}s",
+                        "returncode": -1}
+            return {"status": "success", "output": read(out), "error": read(err), "returncode": rc}
+
     def launch(self, argv: list[str]) -> subprocess.Popen:
         if argv and argv[0] in APPS:
             argv = APPS[argv[0]] + argv[1:]
@@ -336,6 +441,11 @@ class LocalDesktop:
             if not self.alive():
                 raise DesktopError(f"desktop {self.id}: X server {self.display} is not running")
             self.close_apps()
+            # The window manager drops a dead app's windows from its list a moment after the app
+            # is gone; a setup step counting windows must not see them.
+            deadline = time.monotonic() + 2.0
+            while self.window_titles() and time.monotonic() < deadline:
+                time.sleep(0.01)
             self._restore_home()
             self._input.clear_state()
             self.resets += 1
@@ -403,18 +513,91 @@ class LocalDesktop:
         return ""
 
     def resolve_path(self, path: str) -> Path:
-        """A path inside this desktop's HOME ('~/x', relative, or absolute under HOME)."""
+        """A path inside this desktop's HOME ('~/x', relative, '/home/user/x' as OSWorld writes it,
+        or absolute under HOME). Checks where the path leads now; to read or write through it use
+        ``read_file``/``write_file``, which also refuse a link swapped in after this check."""
         if not isinstance(path, str) or "\0" in path:
             raise PermissionError(f"path {path!r} is not a valid path")
+        if path == OSWORLD_HOME or path.startswith(OSWORLD_HOME + "/"):
+            path = str(self.home) + path[len(OSWORLD_HOME):]
         p = Path(path.replace("~", str(self.home), 1) if path.startswith("~") else path)
         if not p.is_absolute():
             p = self.home / p
         # realpath: a symlink the desktop user made in HOME must not lead the service (root) out of it
-        p = Path(os.path.realpath(p))
+        p = self._realpath(p)
         home = Path(os.path.realpath(self.home))
         if p != home and home not in p.parents:
             raise PermissionError(f"path {path!r} is outside the desktop's HOME")
         return p
+
+    def _realpath(self, p: Path) -> Path:
+        """Where ``p`` leads, links followed as the desktop's apps see them."""
+        return Path(os.path.realpath(p))
+
+    def _open_in_home(self, path: str, flags: int, make_parents: bool = False) -> int:
+        """A file descriptor of the regular file ``path`` in HOME, opened one component at a time
+        with O_NOFOLLOW from HOME's own descriptor: no symlink (planted before or after
+        ``resolve_path`` looked), no hard link to a file outside, no FIFO leads this process,
+        which may be root, anywhere else."""
+        home = Path(os.path.realpath(self.home))
+        parts = self.resolve_path(path).relative_to(home).parts
+        if not parts:
+            raise IsADirectoryError(f"{path!r} is the HOME folder, not a file")
+        dir_flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(home, dir_flags)
+        try:
+            for name in parts[:-1]:
+                try:
+                    nxt = os.open(name, dir_flags, dir_fd=fd)
+                except FileNotFoundError:
+                    if not make_parents:
+                        raise
+                    os.mkdir(name, 0o755, dir_fd=fd)
+                    nxt = os.open(name, dir_flags, dir_fd=fd)
+                    self._fchown(nxt)
+                os.close(fd)
+                fd = nxt
+            out = os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644, dir_fd=fd)
+        finally:
+            os.close(fd)
+        st = os.fstat(out)
+        problem = ("is not a regular file" if not stat.S_ISREG(st.st_mode)
+                   else "has other hard links" if st.st_nlink > 1 else None)
+        if problem:
+            os.close(out)
+            if not stat.S_ISREG(st.st_mode):
+                raise IsADirectoryError(f"{path!r} {problem}")
+            raise PermissionError(f"{path!r} {problem}: refused")
+        return out
+
+    def read_file(self, path: str, max_bytes: int) -> bytes:
+        """The bytes of a file in HOME (at most ``max_bytes + 1``, so a caller sees it is over)."""
+        fd = self._open_in_home(path, os.O_RDONLY)
+        with os.fdopen(fd, "rb") as f:
+            return f.read(max_bytes + 1)
+
+    def write_file(self, path: str, data: bytes) -> None:
+        """Write a file in HOME (its folders made as needed), owned by the desktop user."""
+        fd = self._open_in_home(path, os.O_WRONLY | os.O_CREAT, make_parents=True)
+        with os.fdopen(fd, "wb") as f:
+            self._fchown(fd)
+            os.ftruncate(fd, 0)
+            f.write(data)
+
+    def _fchown(self, fd: int) -> None:
+        if self.user is not None:
+            os.fchown(fd, self.user.pw_uid, self.user.pw_gid)
+
+    def terminal_output(self) -> str | None:
+        """The text of the newest terminal, or None where it cannot be read (plain desktops)."""
+        return None
+
+    def upload_roots(self) -> list[Path]:
+        """Host folders whose files an ``upload_file`` step may copy in: the built-in tasks' folder
+        and the operator's ``upload_roots``."""
+        from agentenv.envs.tasks import BUILTIN_DIR
+
+        return [Path(os.path.realpath(r)) for r in (BUILTIN_DIR, *self.spec.upload_roots)]
 
     def memory_pss_kb(self) -> int:
         total = 0
@@ -426,6 +609,15 @@ class LocalDesktop:
             except (FileNotFoundError, ProcessLookupError, PermissionError):
                 pass
         return total
+
+
+def make_desktop(desktop_id: str, spec: DesktopSpec) -> LocalDesktop:
+    """The desktop ``spec`` asks for: sandboxed or on the host."""
+    if spec.sandbox:
+        from agentenv.envs.sandbox import SandboxDesktop
+
+        return SandboxDesktop(desktop_id, spec)
+    return LocalDesktop(desktop_id, spec)
 
 
 def _marked_pids(desktop_id: str) -> list[int]:

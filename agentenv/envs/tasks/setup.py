@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
-import shutil
 import subprocess
 import tempfile
 import time
@@ -259,30 +258,26 @@ def _close_window(desktop: Any, task: Task, p: dict[str, Any]) -> None:
 
 
 def write_desktop_file(desktop: Any, path: str, src: Path) -> None:
-    """Copy ``src`` to ``path`` on the desktop (a path of the task file: ``/home/user/x``, ``~/x``)."""
-    path = commands.map_path(desktop, path)
-    if hasattr(desktop, "write_file"):  # a desktop that writes its own files (the sandbox)
-        desktop.write_file(path, src.read_bytes())
-        return
-    dest = desktop.resolve_path(path)
-    missing = [d for d in [dest.parent, *dest.parent.parents] if not d.exists()]
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    for d in missing:  # folders we made belong to the desktop user, who must write in them
-        desktop._chown(d)
-    # O_NOFOLLOW: a symlink planted after resolve_path looked is refused, not written through.
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
-    with os.fdopen(fd, "wb") as f, open(src, "rb") as s:
-        shutil.copyfileobj(s, f)
-    desktop._chown(dest)
+    """Copy ``src`` to ``path`` on the desktop (a path of the task file: ``/home/user/x``, ``~/x``);
+    the desktop writes it without following a link in HOME."""
+    desktop.write_file(commands.map_path(desktop, path), src.read_bytes())
 
 
 def _upload_file(desktop: Any, task: Task, p: dict[str, Any]) -> None:
-    base = (Path(task.source).parent if task.source else Path.cwd()).resolve()
+    # A task ships its files in its own folder; it does not read the host's. Its ``source`` comes
+    # with the request, so the folder must also lie under a root the operator allowed.
+    if not task.source:
+        raise TaskSetupError("upload_file needs a task loaded from a file: its files lie beside it")
+    base = Path(task.source).parent.resolve()
+    roots = desktop.upload_roots()
     for f in p.get("files") or []:
         local = Path(f["local_path"])
         local = (local if local.is_absolute() else base / local).resolve()
-        if base not in local.parents:  # a task ships its files; it does not read the host's
+        if base not in local.parents:
             raise TaskSetupError(f"local file {f['local_path']!r} is outside the task's folder {str(base)!r}")
+        if not any(r in local.parents for r in roots):
+            raise TaskSetupError(f"local file {str(local)!r} is outside the folders tasks may upload from "
+                                 f"({', '.join(map(str, roots))}; serve-envs --upload-root adds one)")
         if not local.is_file():
             raise TaskSetupError(f"local file {str(local)!r} not found")
         write_desktop_file(desktop, f["path"], local)

@@ -1,0 +1,307 @@
+"""The first process inside a desktop's sandbox (standard library only: it runs on the system's
+python3, not the service's environment).
+
+    python3 -I /opt/agentenv/runner.py DISPLAY WIDTH HEIGHT DESKTOP_ID
+
+It starts the desktop's X server and its D-Bus session bus, then answers the env service on the
+unix socket /run/agentenv/runner.sock (a folder the service sees from the host): one JSON request
+per connection, one JSON line back. Everything a task or an agent runs is started here, so it
+lives in the sandbox's namespaces. Requests:
+
+    {"op": "ping"}
+    {"op": "run", "argv": [...] | "cmd", "shell": bool, "timeout": s, "max_output": bytes}
+    {"op": "spawn", "argv": [...], "keep": bool}       an app (keep: the window manager)
+    {"op": "reset"}       end every process but the X server, the bus and kept ones; remove what
+                          was written to the sandbox's own filesystem (/, /tmp, /var/tmp, /run/user)
+
+Nothing here is a privilege boundary: anything inside may talk to this socket, and it can do
+nothing the sandbox's user cannot do. But what the runner answers decides scores (evaluator
+commands run through it), so an answer carries an HMAC of the request's nonce and the answer, with
+a key the service wrote on the runner's stdin. The runner is not dumpable, so nothing else inside
+(same uid) can ptrace it or read its memory or descriptors: a fake runner put in the socket's
+place cannot forge an answer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import hmac
+import json
+import os
+import resource
+import shutil
+import signal
+import socketserver
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+CTL = "/run/agentenv"
+SOCK = CTL + "/runner.sock"
+RUNTIME = "/run/user/1000"
+BUS = RUNTIME + "/bus"
+# What the sandbox's writable places hold at start; a reset removes everything else.
+WRITABLE = ("/", "/tmp", "/var/tmp", "/dev/shm", RUNTIME)
+
+_lock = threading.Lock()
+_keep: set[int] = set()
+_children: list[subprocess.Popen] = []
+_initial: dict[str, set[str]] = {}
+# Apps and commands (not the X server, the bus or the runner) carry AGENTENV_DESKTOP=<id>, as on a
+# plain desktop: the host finds a desktop's apps by it.
+_app_env: dict[str, str] = dict(os.environ)
+
+
+def _log(msg: str) -> None:
+    with open(CTL + "/runner.log", "a") as f:
+        f.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+
+
+def _popen(argv: list[str] | str, keep: bool = False, log: str = "apps.log", **kw) -> subprocess.Popen:
+    out = open(os.path.join(CTL, log), "ab")
+    try:
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+                             cwd=os.environ.get("HOME", "/"), env=None if keep else _app_env, **kw)
+    finally:
+        out.close()
+    with _lock:
+        _children.append(p)
+        if keep:
+            _keep.add(p.pid)
+    return p
+
+
+def _reap_forever() -> None:
+    # Apps the runner started are its children: poll them so none stays a zombie.
+    while True:
+        time.sleep(0.5)
+        with _lock:
+            _children[:] = [p for p in _children if p.poll() is None]
+
+
+def _start_bus() -> None:
+    _popen(["dbus-daemon", "--session", "--nofork", "--nopidfile", "--address=unix:path=" + BUS],
+           keep=True, log="dbus.log")
+    deadline = time.monotonic() + 5
+    while not os.path.exists(BUS) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _start_audio() -> None:
+    # A sound server with a null sink, so `pactl` (OSWorld's volume tasks) has something to set;
+    # not kept: a reset ends it with the apps and starts a fresh one (volumes back to default).
+    if shutil.which("pulseaudio") is None:
+        return
+    _popen(["pulseaudio", "--daemonize=no", "--exit-idle-time=-1", "--disallow-exit", "--log-target=stderr",
+            "-n", "--load=module-null-sink", "--load=module-native-protocol-unix",
+            "--load=module-always-sink"], log="pulse.log")
+    deadline = time.monotonic() + 3  # ready before a task's first pactl
+    while not os.path.exists(RUNTIME + "/pulse/native") and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _kill_others(grace: float = 1.0) -> int:
+    me = os.getpid()
+    with _lock:
+        keep = set(_keep) | {1, me}
+    victims = [int(d) for d in os.listdir("/proc") if d.isdigit() and int(d) not in keep]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in victims:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            with _lock:
+                for p in _children:
+                    p.poll()
+            victims = [p for p in victims if _alive(p)]
+            if not victims:
+                break
+            time.sleep(0.01)
+    return len(victims)
+
+
+def _remove(path: str) -> None:
+    def fix(func, p, exc):  # a folder made unreadable by its owner (us) inside the sandbox
+        try:
+            os.chmod(os.path.dirname(p) or "/", 0o700)
+            os.chmod(p, 0o700)
+            func(p)
+        except OSError:
+            pass
+
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, onerror=fix)
+    else:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def _clean() -> list[str]:
+    removed = []
+    _remove(CTL + "/term")  # the terminals' transcripts (GET /terminal)
+    for top in WRITABLE:
+        try:
+            names = os.listdir(top)
+        except OSError:
+            continue
+        for name in names:
+            if name not in _initial.get(top, set()):
+                path = os.path.join(top, name)
+                _remove(path)
+                removed.append(path)
+    return removed
+
+
+def _run(req: dict) -> dict:
+    # Output is read from pipes, not capped with RLIMIT_FSIZE (that limit would also stop a command
+    # writing a big file, or a sound client sizing its shared memory: pactl). A command whose output
+    # passes max_output is ended, as the file limit did: one that prints without end must not run
+    # until its timeout.
+    max_output = int(req.get("max_output", 1 << 20))
+    timeout = float(req.get("timeout", 60))
+    try:
+        p = subprocess.Popen(req["argv"], shell=bool(req.get("shell")), stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                             cwd=os.environ.get("HOME", "/"), env=_app_env)
+    except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
+        return {"returncode": 127, "stdout": "", "stderr": str(e), "timed_out": False, "spawn_error": True}
+    bufs = {"stdout": bytearray(), "stderr": bytearray()}
+
+    def drain(stream, buf: bytearray) -> None:
+        fd = stream.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except OSError:
+                return
+            if not chunk:
+                return
+            if len(buf) <= max_output:
+                buf += chunk[: max_output + 1 - len(buf)]
+                if len(buf) > max_output:
+                    try:
+                        os.killpg(p.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+
+    readers = [threading.Thread(target=drain, args=(p.stdout, bufs["stdout"]), daemon=True),
+               threading.Thread(target=drain, args=(p.stderr, bufs["stderr"]), daemon=True)]
+    for t in readers:
+        t.start()
+    timed_out = False
+    try:
+        rc = p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        rc, timed_out = p.wait(), True
+    for t in readers:  # a background child may hold the pipes open: do not wait for it
+        t.join(1.0)
+    out: dict = {"returncode": rc, "timed_out": timed_out}
+    for k, buf in bufs.items():
+        data = bytes(buf)
+        out[k] = data[:max_output].decode("utf-8", "replace")
+        out[k + "_cut"] = len(data) > max_output
+    p.stdout.close()
+    p.stderr.close()
+    return out
+
+
+def _handle(req: dict) -> dict:
+    op = req.get("op")
+    if op == "ping":
+        return {"ok": True}
+    if op == "run":
+        return _run(req)
+    if op == "spawn":
+        try:
+            p = _popen(req["argv"], keep=bool(req.get("keep")), log=req.get("log", "apps.log"))
+        except (FileNotFoundError, PermissionError) as e:
+            return {"error": f"cannot start {req['argv'][0]!r}: {e}"}
+        return {"pid": p.pid}
+    if op == "reset":
+        left = _kill_others()
+        removed = _clean()
+        _start_audio()
+        return {"left": left, "removed": removed}
+    return {"error": f"unknown op {op!r}"}
+
+
+_key = b""
+
+
+def sign(key: bytes, nonce: str, body: str) -> str:
+    return hmac.new(key, (nonce + "\n" + body).encode(), hashlib.sha256).hexdigest()
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        line = self.rfile.readline(16 << 20)
+        nonce = ""
+        try:
+            req = json.loads(line)
+            nonce = str(req.get("nonce", ""))
+            resp = _handle(req)
+        except Exception as e:  # a bad request is answered, never the end of the sandbox
+            resp = {"error": f"{type(e).__name__}: {e}"}
+        body = json.dumps(resp)
+        self.wfile.write(json.dumps({"body": body, "mac": sign(_key, nonce, body)}).encode() + b"\n")
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    request_queue_size = 256  # many requests at once (the default 5 makes connect() fail with EAGAIN)
+
+
+def main() -> None:
+    global _key
+    # Not dumpable before the key is read: no process of the sandbox's user may ptrace this one.
+    PR_SET_DUMPABLE = 4
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise SystemExit("runner: prctl(PR_SET_DUMPABLE) failed")
+    _key = bytes.fromhex(sys.stdin.readline().strip())
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    display, width, height = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    _app_env["AGENTENV_DESKTOP"] = sys.argv[4]
+    os.makedirs(RUNTIME, mode=0o700, exist_ok=True)
+    xvfb = _popen(["Xvfb", display, "-screen", "0", f"{width}x{height}x24", "-nolisten", "tcp",
+                   "-auth", "/run/Xauthority", "-noreset"], keep=True, log="xvfb.log")
+    _start_bus()
+    _start_audio()
+    sock = f"/tmp/.X11-unix/X{display.lstrip(':')}"
+    deadline = time.monotonic() + 15  # the X server's lock and socket belong to the initial state
+    while not os.path.exists(sock) and xvfb.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for top in WRITABLE:
+        try:
+            _initial[top] = set(os.listdir(top))
+        except OSError:
+            _initial[top] = set()
+    threading.Thread(target=_reap_forever, daemon=True).start()
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # bwrap's init then ends the rest
+    if os.path.exists(SOCK):
+        os.unlink(SOCK)
+    server = _Server(SOCK, _Handler)
+    _log(f"runner up, X server pid {xvfb.pid}")
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

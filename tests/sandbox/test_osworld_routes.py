@@ -1,0 +1,116 @@
+"""OSWorld's other in-VM routes, on a sandboxed desktop (/run_python and /run_bash_script are
+served there only: they run arbitrary code)."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from agentenv.view.replay import free_port
+
+from .conftest import start_service
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory):
+    s = start_service(tmp_path_factory, sandbox=True, num=1, osworld_port=free_port())
+    yield s
+    s.service.stop()
+
+
+def test_run_python_and_run_bash_script(svc):
+    did = svc.ids()[0]
+    r = svc.post(did, "/run_python", json={"code": "import os, sys\nprint(os.getuid(), os.getcwd())\n"
+                                                    "print('to stderr', file=sys.stderr)"}).json()
+    assert r["status"] == "success" and r["return_code"] == 0 and r["output"].split() == ["1000", "/home/user"], r
+    assert "to stderr" in r["error"]
+    r = svc.post(did, "/run_python", json={"code": "raise SystemExit(3)"}).json()
+    assert r["status"] == "error" and r["return_code"] == 3
+    r = svc.post(did, "/run_bash_script", json={"script": "echo $HOME\npwd\nexit 4", "working_dir": "/tmp"}).json()
+    assert r["output"].split() == ["/home/user", "/tmp"] and r["returncode"] == 4 and r["status"] == "error", r
+    r = svc.post(did, "/run_bash_script", json={"script": "sleep 5", "timeout": 0.5}).json()
+    assert r["returncode"] == -1 and "timed out" in r["error"]
+
+
+def test_list_directory(svc):
+    did = svc.ids()[0]
+    svc.post(did, "/run_bash_script", json={"script": "mkdir -p ~/Desktop/a/b && touch ~/Desktop/a/f.txt"})
+    r = svc.post(did, "/list_directory", json={"path": "/home/user/Desktop"})
+    assert r.status_code == 200, r.text
+    tree = r.json()["directory_tree"]
+    assert tree["name"] == "Desktop" and tree["type"] == "directory"
+    a = next(c for c in tree["children"] if c["name"] == "a")
+    assert {(c["type"], c["name"]) for c in a["children"]} == {("directory", "b"), ("file", "f.txt")}
+    assert svc.post(did, "/list_directory", json={"path": "/nonexistent"}).status_code == 404
+
+
+def test_terminal_text_close_window_and_wallpaper(svc):
+    did = svc.ids()[0]
+    svc.post(did, "/reset", json={"task": None})
+    assert svc.post(did, "/step", json={"action": {"type": "hotkey", "keys": ["ctrl", "alt", "t"]},
+                                        "screenshot": False}).status_code == 200
+    deadline = time.monotonic() + 20
+    while "$" not in svc_terminal(svc, did) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for a in ({"type": "type", "text": "echo hello-$((6*7))"}, {"type": "key", "keys": ["Return"]}):
+        assert svc.post(did, "/step", json={"action": a, "screenshot": False}).status_code == 200
+    deadline = time.monotonic() + 10
+    while "hello-42" not in svc_terminal(svc, did) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    text = svc_terminal(svc, did)
+    assert "echo hello-$((6*7))" in text and "hello-42" in text, text
+    assert "\x1b" not in text
+    envs = httpx.get(svc.url + "/envs", headers=svc.h).json()
+    assert envs[0]["alive"]
+    r = svc.post(did, "/setup/close_window", json={"window_name": "Terminal"})
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "Terminal" in titles(svc, did):
+        time.sleep(0.2)
+    assert "Terminal" not in titles(svc, did)
+    assert svc.post(did, "/setup/close_window", json={"window_name": "Terminal"}).status_code == 404
+    r = svc.post(did, "/setup/change_wallpaper", json={"path": "~/Pictures/w.png"})
+    assert r.status_code == 200, r.text
+    out = svc.execute(did, "gsettings get org.gnome.desktop.background picture-uri")["output"]
+    assert out.strip() == "'file:///home/user/Pictures/w.png'"
+    r = httpx.get(f"{svc.url}/envs/{did}/accessibility", headers=svc.h)
+    assert r.status_code == 501 and "AT-SPI" in r.json()["detail"]
+
+
+def svc_terminal(svc, did) -> str:
+    r = httpx.get(f"{svc.url}/envs/{did}/terminal", headers=svc.h)
+    assert r.status_code == 200, r.text
+    return r.json()["output"]
+
+
+def titles(svc, did) -> str:
+    return svc.execute(did, "for w in $(xdotool search --onlyvisible --name .); do xdotool getwindowname $w; done")["output"]
+
+
+def test_osworlds_own_client_drives_a_desktop_on_its_port(svc):
+    """desktop_env's PythonController (OSWorld's client, unchanged) against the desktop's own port,
+    the token as the URL's password."""
+    from desktop_env.controllers.python import PythonController
+
+    port = svc.service.osworld_port
+    bad = httpx.get(f"http://127.0.0.1:{port}/screenshot")
+    assert bad.status_code == 401  # no token, no desktop
+    c = PythonController(vm_ip=f"agentenv:{svc.service.token}@127.0.0.1", server_port=port)
+    c.retry_times = 1
+    png = c.get_screenshot()
+    assert png is not None and png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert c.get_vm_screen_size() == {"width": 640, "height": 480}
+    r = c.execute_python_command("pyautogui.moveTo(33, 44)")
+    assert r is not None and r["returncode"] == 0, r
+    assert svc.post(svc.ids()[0], "/cursor_position").json() == [33, 44]
+    r = c.run_bash_script("echo hi > ~/Desktop/from-osworld.txt; echo done")
+    assert r["returncode"] == 0 and r["output"].strip() == "done", r
+    assert c.get_file("/home/user/Desktop/from-osworld.txt") == b"hi\n"
+    tree = c.get_vm_directory_tree("/home/user/Desktop")
+    assert any(ch["name"] == "from-osworld.txt" for ch in tree["children"])
+    assert c.run_python_script("print(6 * 7)")["output"].strip() == "42"
+    assert httpx.get(f"http://agentenv:{svc.service.token}@127.0.0.1:{port}/envs").status_code == 404
