@@ -75,9 +75,10 @@ def _tasks(argv: list[str]) -> int:
     c.add_argument("--quiet", action="store_true", help="only the table and the summary, no line per task")
     c.add_argument("--json-out", default=None, help="also write every task's report to this JSON file")
     c.add_argument("--offline", action="store_true", help="as AGENTENV_OFFLINE=1: an uncached URL is missing")
-    c.add_argument("--osworld-like", action="store_true",
-                   help="the desktops look like OSWorld's VM from inside (sandboxed): GNOME settings, sudo, "
-                        "Ctrl+Alt+T... are not missing")
+    c.add_argument("--plain-desktops", action="store_true",
+                   help="for desktops run without the sandbox (env.sandbox false), where sudo, python, "
+                        "/home/user, GNOME settings, Ctrl+Alt+T... are missing; by default the desktops are "
+                        "sandboxed and look like OSWorld's VM from inside")
     f = sub.add_parser("fetch", help="download every file the tasks fetch (download steps, cloud_file) into "
                                      "the cache ($AGENTENV_HOME/cache/downloads); the last line is JSON")
     f.add_argument("dir")
@@ -103,7 +104,7 @@ def _tasks(argv: list[str]) -> int:
         print(json.dumps(out))
         return 1 if out["failed"] else 0
     cache = DownloadCache.from_config(cfg.model_copy(update={"offline": cfg.offline or a.offline}))
-    reports = check_tasks(a.dir, cache, osworld_like=a.osworld_like)
+    reports = check_tasks(a.dir, cache, osworld_like=not a.plain_desktops)
     print(render(reports, verbose=not a.quiet))
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(reports_json(reports), indent=1))

@@ -34,8 +34,9 @@ class PreflightError(RuntimeError):
 
 # ----------------------------------------------------------------------------- tasks
 
-def check_tasks(t: TaskConfig) -> list[Any]:
-    """The task items of the run (``load_items``), or PreflightError when the source is unusable."""
+def check_tasks(t: TaskConfig, osworld_like: bool = True) -> list[Any]:
+    """The task items of the run (``load_items``), or PreflightError when the source is unusable.
+    ``osworld_like``: the run's desktops are sandboxed (they look like OSWorld's VM from inside)."""
     from agentenv.rollout.sources import BrokenTask, TaskSource, load_items
 
     try:
@@ -61,11 +62,11 @@ def check_tasks(t: TaskConfig) -> list[Any]:
     if len(broken) == len(chosen):
         reasons = "; ".join(b.reason for b in broken[:3])
         raise PreflightError(f"every task of {t.source!r} is broken: {reasons}")
-    warn_missing(chosen)
+    warn_missing(chosen, osworld_like)
     return items
 
 
-def warn_missing(items: list[Any]) -> list[Any]:
+def warn_missing(items: list[Any], osworld_like: bool = True) -> list[Any]:
     """Tasks that will fail at setup or scoring on this machine, in one warning before the run
     (they still run: each ends as a recorded task or evaluator error)."""
     from loguru import logger
@@ -75,7 +76,7 @@ def warn_missing(items: list[Any]) -> list[Any]:
     from agentenv.types import Task
 
     cache = DownloadCache.from_config()
-    reports = [check_task(i, Path(i.source or i.id), Path(i.source or ".").parent, cache)
+    reports = [check_task(i, Path(i.source or i.id), Path(i.source or ".").parent, cache, osworld_like)
                for i in items if isinstance(i, Task)]
     bad = [r for r in reports if r.status == "missing" or (r.status == "needs_fetch" and cache.offline)]
     if bad:

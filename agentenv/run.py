@@ -173,7 +173,7 @@ def run(cfg: RunConfig) -> dict:
     """Check, start, run, stop. Raises PreflightError (nothing was admitted) or Interrupted."""
     from agentenv.services import EnvService, VLLMService
 
-    items = check_tasks(cfg.tasks)              # before any service: a typo fails in a second
+    items = check_tasks(cfg.tasks, osworld_like=cfg.env.sandbox)              # before any service: a typo fails in a second
     check_output(cfg.output)
     with _signals_interrupt(), contextlib.ExitStack() as stack:
         tiny = cfg.llm.url is None or (cfg.llm.model or "").startswith("tiny-uitars")

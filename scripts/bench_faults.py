@@ -204,7 +204,6 @@ def _mutate(req, pool: list, rng: random.Random):
 
 def fuzz_http(inputs: int, seeds: int, port: int) -> dict:
     import httpx
-    from hypothesis import strategies as st
 
     from agentenv.services import EnvService
     from tests.fuzz import harness as h

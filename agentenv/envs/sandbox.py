@@ -146,6 +146,7 @@ class RemoteProcess:
 
 class SandboxDesktop(LocalDesktop):
     sandboxed = True
+    osworld_like = True  # task commands run as written: python, sudo -S, /home/user (tasks/commands.py)
     terminal = f"{INNER}/bin/terminal"
 
     def __init__(self, desktop_id: str, spec: Any = None):

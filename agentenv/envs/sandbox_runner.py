@@ -29,13 +29,11 @@ import hashlib
 import hmac
 import json
 import os
-import resource
 import shutil
 import signal
 import socketserver
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -231,8 +229,10 @@ def _handle(req: dict) -> dict:
     if op == "spawn":
         try:
             p = _popen(req["argv"], keep=bool(req.get("keep")), log=req.get("log", "apps.log"))
-        except (FileNotFoundError, PermissionError) as e:
-            return {"error": f"cannot start {req['argv'][0]!r}: {e}"}
+        except FileNotFoundError:
+            return {"error": "not installed (run scripts/install.sh)"}
+        except PermissionError as e:
+            return {"error": str(e)}
         return {"pid": p.pid}
     if op == "reset":
         left = _kill_others()

@@ -13,15 +13,18 @@ import pytest
 
 from agentenv.envs.tasks.evaluate import evaluate
 from agentenv.envs.tasks.setup import TaskSetupError
-from agentenv.envs.xvfb import DesktopSpec, LocalDesktop
+from agentenv.envs.xvfb import DesktopSpec, LocalDesktop, make_desktop
 from agentenv.types import Action, Task
 from tests.tasks.conftest import load_sample
 
 
-@pytest.fixture(scope="module")
-def desktop():
-    # the default scratch folder: the desktop user must reach its HOME (pytest's tmp is root's, 700)
-    d = LocalDesktop(f"tasks-test-{os.getpid()}", DesktopSpec(width=1280, height=800)).start()
+@pytest.fixture(scope="module", params=["sandboxed", "plain"])
+def desktop(request):
+    # Both kinds: the sandbox (the default) runs task commands as OSWorld writes them, the plain one
+    # rewrites them. The default scratch folder: the desktop user must reach its HOME (pytest's tmp
+    # is root's, 700).
+    spec = DesktopSpec(width=1280, height=800, sandbox=request.param == "sandboxed")
+    d = make_desktop(f"tasks-test-{request.param}-{os.getpid()}", spec).start()
     try:
         yield d
     finally:
@@ -116,6 +119,12 @@ def test_pyautogui_setup_code_goes_through_the_allow_list(desktop, agentenv_home
     bad = Task(id="bad", instruction="-", extra={"snapshot": "os"}, config=[
         {"type": "execute", "parameters": {"command": ["python", "-c",
                                                        "import pyautogui, os; os.system('touch ~/ran.txt')"]}}])
+    if desktop.sandboxed:  # as in OSWorld's VM it runs as code, inside the sandbox only
+        desktop.reset(bad)
+        assert marker.exists()
+        desktop.reset(Task(id="clean", instruction="-"))
+        assert not marker.exists()
+        return
     with pytest.raises(TaskSetupError, match="refused pyautogui code"):
         desktop.reset(bad)
     assert not marker.exists()

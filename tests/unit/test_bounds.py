@@ -4,7 +4,6 @@ bounds. Real files in a temporary folder; no services."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -264,7 +264,7 @@ def _turns(prompts_and_replies, image_steps, reward=1.0):
 
 
 def test_sequence_and_step_samples_mask_exactly_the_model_tokens():
-    from agentenv.rollout.samples import group_samples, sequence_sample, step_samples, trajectory_samples
+    from agentenv.rollout.samples import group_samples, sequence_sample, step_samples
     from agentenv.types import Group
 
     p0 = [1, 2, 9, 9, 9]                  # system + instruction + image 0

@@ -23,7 +23,6 @@ pytestmark = pytest.mark.slow
 verl_mod = pytest.importorskip("agentenv.integrations.verl", reason="verl is installed by scripts/install.sh")
 
 from agentenv.config import TINY_MODEL  # noqa: E402
-from agentenv.envs.tasks import builtin_tasks  # noqa: E402
 from agentenv.integrations.verl import (AGENT_NAME, HTTPServerManager, StreamingVerlRollout,  # noqa: E402
                                         VerlBatcher, close_worker_pools, write_dataset)
 from agentenv.rollout.llm import TokenServerLLM, as_llm  # noqa: E402

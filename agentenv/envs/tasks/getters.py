@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -46,20 +45,13 @@ class EvalContext:
 # ----------------------------------------------------------------------------- reading the desktop
 
 def read_desktop_file(desktop: Any, path: str) -> bytes | None:
-    """A file of the desktop (a task file's path), or None if it is not there or not a regular file."""
+    """A file of the desktop (a task file's path), or None if it is not there or not a regular file.
+    The desktop reads it without following a link (``LocalDesktop.read_file``)."""
     path = commands.map_path(desktop, path)
-    if hasattr(desktop, "read_file"):  # a desktop that reads its own files (the sandbox)
-        return desktop.read_file(path, MAX_READ_BYTES)
     try:
-        p = desktop.resolve_path(path)
-        # O_NONBLOCK: a FIFO the agent left there must not hang the evaluator
-        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        data = desktop.read_file(path, MAX_READ_BYTES)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            return None
-        data = f.read(MAX_READ_BYTES + 1)
     if len(data) > MAX_READ_BYTES:
         raise EvaluatorError(f"{path!r} is over {MAX_READ_BYTES} bytes: not read")
     return data
@@ -145,11 +137,12 @@ def os_vm_command_error(ctx: EvalContext, spec: dict) -> str | None:
 
 
 def terminal_text(desktop: Any) -> str | None:
-    """The text of the desktop's terminal window. A desktop that reads it through AT-SPI says so
-    (``terminal_output``); otherwise the terminal selects all and copies (xfce4-terminal:
+    """The text of the desktop's terminal window: a sandboxed desktop's transcript of its newest
+    terminal (``terminal_output``); on a plain desktop the terminal selects all and copies (xfce4-terminal:
     Ctrl+Shift+A, Ctrl+Shift+C) and the clipboard is read: it changes the selection, nothing else."""
-    if hasattr(desktop, "terminal_output"):
-        return desktop.terminal_output()
+    text = desktop.terminal_output()  # a sandboxed desktop keeps its terminals' transcripts
+    if text:  # none for a terminal started on its own (xfce4-terminal ...): read from the screen
+        return text
     r = desktop.run(["xdotool", "search", "--onlyvisible", "--limit", "1", "--class", "xfce4-terminal",
                      "windowactivate", "--sync"],
                     timeout=10)
@@ -169,8 +162,6 @@ def os_list_directory(ctx: EvalContext, spec: dict) -> dict | None:
     """OSWorld's directory tree: {"type": "directory", "name", "children": [...]}; files
     {"type": "file", "name"}. Symlinks are listed as files and not followed."""
     path = commands.map_path(ctx.desktop, spec["path"])
-    if hasattr(ctx.desktop, "list_directory"):
-        return ctx.desktop.list_directory(path)
     root = ctx.desktop.resolve_path(path)
     if not root.is_dir():
         return None
