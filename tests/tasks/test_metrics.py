@@ -26,17 +26,27 @@ def _xlsx(path: Path, rows: list[tuple], title: str = "Sheet1") -> str:
 
 
 def test_desktop_env_metrics_load_without_its_pinned_stack():
+    import subprocess
     import sys
 
-    fns = osworld_lib.load()
-    for name in ("compare_table", "compare_csv", "exact_match", "check_include_exclude", "is_in_list",
-                 "check_line_number", "check_json_settings", "check_json_keybindings", "compare_text_file",
-                 "compare_config", "check_moved_jpgs"):
-        assert name in fns, name
-        assert fns[name].__module__.startswith("desktop_env.evaluators.metrics."), fns[name].__module__
-    assert "torch" not in sys.modules and "easyocr" not in sys.modules
-    # the package's own __init__ (which imports every domain) never ran
-    assert not getattr(sys.modules["desktop_env.evaluators.metrics"], "__file__", None)
+    # In a fresh interpreter: other tests of the session import torch themselves.
+    probe = """
+import sys
+from agentenv.envs.tasks import osworld_lib
+fns = osworld_lib.load()
+for name in ("compare_table", "compare_csv", "exact_match", "check_include_exclude", "is_in_list",
+             "check_line_number", "check_json_settings", "check_json_keybindings", "compare_text_file",
+             "compare_config", "check_moved_jpgs"):
+    assert name in fns, name
+    assert fns[name].__module__.startswith("desktop_env.evaluators.metrics."), fns[name].__module__
+assert "torch" not in sys.modules and "easyocr" not in sys.modules, "the pinned stack was imported"
+# the package's own __init__ (which imports every domain) never ran
+assert not getattr(sys.modules["desktop_env.evaluators.metrics"], "__file__", None)
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
 def test_compare_table_rules(tmp_path):

@@ -68,7 +68,6 @@ async def live_run(vllm_server, env_service, tmp_path_factory, tiny_pixels):
     try:
         async with serve_live(sched, 0, out) as page, async_playwright() as p:
             base = f"http://127.0.0.1:{page.port}"
-            run = asyncio.ensure_future(sched.run())
             browser = await _browser(p)
             try:
                 tab = await browser.new_page()
@@ -78,6 +77,8 @@ async def live_run(vllm_server, env_service, tmp_path_factory, tiny_pixels):
                     seen["unauthorized"] = (await http.get("/api/state")).status_code
                     seen["traversal"] = (await http.get("/shot/../run.json",
                                                         headers={"Authorization": f"Bearer {page.token}"})).status_code
+                    # the run starts once the page is open: a slow browser start must not miss it
+                    run = asyncio.ensure_future(sched.run())
                     while not run.done():
                         s = (await http.get("/api/state", headers={"Authorization": f"Bearer {page.token}"})).json()
                         seen["states"].append(s)
