@@ -1,6 +1,6 @@
 """``agentenv run``: the main job. Tasks -> streaming scheduler -> trajectories on disk.
 
-    agentenv run [--config run.yaml] [--set section.key=value ...] [--resume [DIR]]
+    agentenv run [--config run.yaml] [--set section.key=value ...] [--resume [DIR]] [--ray [ADDRESS]]
 
 Each run writes to a new directory, runs/<stamp> (runs/latest points at it); --resume continues
 runs/latest, or DIR: what is on disk is skipped, trajectories that ended by an infrastructure
@@ -9,7 +9,9 @@ service), the model server and the desktops, and stops with a message that says 
 
 With no services configured it starts what it needs on loopback (the tiny model on vLLM, an env
 service with ``env.local_desktops`` desktops) and stops them at the end; they are tied to this
-process and end with it, however it ends. SIGINT/SIGTERM: stop admitting, let trajectories in
+process and end with it, however it ends. With ``--ray`` (the ``ray`` section) the desktops are
+env services on the Ray cluster's nodes that advertise ``ray.resource``, found and watched by
+``agentenv.integrations.ray``: a node lost mid-run costs reruns, not trajectories. SIGINT/SIGTERM: stop admitting, let trajectories in
 flight finish, flush, exit; a second signal abandons them (they rerun on --resume). While
 starting, a signal stops what was started and exits.
 """
@@ -85,7 +87,9 @@ def _metrics_server(port: int, sched: StreamingScheduler) -> None:
 
 
 async def run_async(cfg: RunConfig, llm: Any, services: list[ServiceSpec], *, tiny: bool = False,
-                    items: list[Any] | None = None) -> dict:
+                    items: list[Any] | None = None, fleet: Any = None) -> dict:
+    """``fleet``: a started ``RayEnvFleet`` whose services are among ``services``; it is watched
+    while the scheduler runs (lost nodes out of the pool, returning ones back in)."""
     try:
         pool = await EnvPool(services, timeout_s=cfg.loop.step_timeout_s).start()
     except EnvError as e:
@@ -120,7 +124,8 @@ async def run_async(cfg: RunConfig, llm: Any, services: list[ServiceSpec], *, ti
     try:
         progress = asyncio.ensure_future(_progress(sched, total, cfg.progress))
         try:
-            async with serve_live(sched, cfg.output.live_port, cfg.output.dir):
+            async with serve_live(sched, cfg.output.live_port, cfg.output.dir), \
+                    (fleet.watching(pool) if fleet is not None else contextlib.nullcontext()):
                 summary = await sched.run()
         finally:
             progress.cancel()
@@ -142,6 +147,8 @@ async def run_async(cfg: RunConfig, llm: Any, services: list[ServiceSpec], *, ti
         logger.error("could not merge the part files: {}", e)
         summary["output"] = str(Path(cfg.output.dir, "parts"))
         summary.setdefault("error", f"could not merge the part files: {e}")
+    if fleet is not None:
+        summary["ray"] = {"env_services": len(fleet.members), "lost": fleet.dropped, "returned": fleet.added}
     summary["stopped_early"] = sched.stopping
     summary["run_dir"] = cfg.output.dir
     with contextlib.suppress(OSError):
@@ -189,11 +196,36 @@ def run(cfg: RunConfig) -> dict:
             cfg.output.max_ready_groups = 0
         logger.info("run directory: {}", run_dir)
         services = [ServiceSpec(s.url, s.token, s.desktops) for s in cfg.env.services]
-        if not services:
+        fleet = None
+        if cfg.ray.address:
+            fleet, specs = _start_fleet(cfg, stack)
+            services += specs
+        elif not services:
             es = stack.enter_context(EnvService(cfg.env.local_desktops, cfg.env.local_port, cfg.env.width,
                                                 cfg.env.height, log=run_dir / "env-service.log"))
             services = [ServiceSpec(es.url, es.token)]
-        return asyncio.run(run_async(cfg, llm, services, tiny=tiny, items=items))
+        return asyncio.run(run_async(cfg, llm, services, tiny=tiny, items=items, fleet=fleet))
+
+
+def _start_fleet(cfg: RunConfig, stack: contextlib.ExitStack) -> tuple[Any, list[ServiceSpec]]:
+    """Join the Ray cluster and start an env service on each node with desktops (stopped on the
+    way out); the fleet and its services."""
+    import ray
+
+    from agentenv.integrations.ray import RayEnvFleet, RaySetupError, init_ray
+
+    try:
+        init_ray(cfg.ray, cfg.env.local_desktops)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise PreflightError(f"cannot join the Ray cluster at {cfg.ray.address!r}: {e}") from e
+    stack.callback(ray.shutdown)
+    fleet = RayEnvFleet(cfg.ray, cfg.env)
+    try:
+        specs = fleet.start()
+    except RaySetupError as e:
+        raise PreflightError(str(e)) from e
+    stack.callback(fleet.shutdown)
+    return fleet, specs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,9 +236,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="override a config value, e.g. --set scheduler.rollout_n=4 (repeatable)")
     ap.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
                     help="continue a run: runs/latest, or DIR (its finished trajectories are skipped)")
+    ap.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                    help="desktops on a Ray cluster: the one this machine joined (auto), HOST:PORT, or local "
+                         "(one of our own); nodes with desktops advertise the resource ray.resource")
     a = ap.parse_args(argv)
+    extra = ([f"output.resume={a.resume}"] if a.resume else []) + ([f"ray.address={a.ray}"] if a.ray else [])
     try:
-        cfg = load_config(a.config, a.set + ([f"output.resume={a.resume}"] if a.resume else []))
+        cfg = load_config(a.config, a.set + extra)
     except (ValueError, ValidationError) as e:
         print(f"agentenv run: {e}", file=sys.stderr)
         return 2

@@ -127,13 +127,14 @@ class VLLMService:
 
 
 class EnvService:
-    """``agentenv serve-envs`` as a child process on loopback; a context manager."""
+    """``agentenv serve-envs`` as a child process (on loopback unless ``host`` says otherwise: a Ray
+    node serves its desktops on its own address); a context manager."""
 
     def __init__(self, num: int = 4, port: int = 8100, width: int = 1920, height: int = 1080,
-                 token: str | None = None, log: Path | None = None):
-        self.num, self.port, self.width, self.height = num, port, width, height
+                 token: str | None = None, log: Path | None = None, host: str = "127.0.0.1"):
+        self.num, self.port, self.width, self.height, self.host = num, port, width, height, host
         self.token = token or secrets.token_urlsafe(16)
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"http://{host}:{port}"
         self.log = log
         self.proc: subprocess.Popen | None = None
 
@@ -143,8 +144,8 @@ class EnvService:
         out = private_log(self.log) if self.log else subprocess.DEVNULL
         try:
             self.proc = spawn_tied(
-                [sys.executable, "-m", "agentenv", "serve-envs", "--num", str(self.num), "--port", str(self.port),
-                 "--width", str(self.width), "--height", str(self.height)],
+                [sys.executable, "-m", "agentenv", "serve-envs", "--num", str(self.num), "--host", self.host,
+                 "--port", str(self.port), "--width", str(self.width), "--height", str(self.height)],
                 env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True)
         finally:
             if self.log:
