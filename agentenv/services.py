@@ -1,5 +1,5 @@
 """Start and stop the local services a run needs when none are given: the tiny model on vLLM
-(through scripts/start_vllm_service.sh) and an env service with N desktops.
+(through start_vllm_service.sh, shipped in the package) and an env service with N desktops.
 
 Each is ended by the process group it was started in; nothing is looked up by name. Both are
 tied to the life of the process that starts them (``spawn_tied``): if it dies, SIGKILL included,
@@ -23,8 +23,8 @@ from loguru import logger
 from agentenv.config import AGENTENV_HOME
 from agentenv.procs import spawn_tied
 
-ROOT = Path(__file__).resolve().parent.parent
-START_VLLM = ROOT / "scripts" / "start_vllm_service.sh"
+ROOT = Path(__file__).resolve().parent.parent  # the folder that holds the package (repo or site-packages)
+START_VLLM = Path(__file__).resolve().parent / "start_vllm_service.sh"  # package data: no scripts/ folder needed
 
 
 def private_log(path: Path) -> int:
@@ -56,6 +56,17 @@ def stop_group(proc: subprocess.Popen, grace: float) -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # what is left of the group (engine processes, stragglers)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(5)
+
+
+def _vllm_env() -> dict[str, str]:
+    """The script's environment: vLLM from this Python when it has it (an installed agentenv), else
+    the script's default ($AGENTENV_HOME/venv)."""
+    import importlib.util
+
+    env = dict(os.environ)
+    if "AGENTENV_PYTHON" not in env and importlib.util.find_spec("vllm") is not None:
+        env["AGENTENV_PYTHON"] = sys.executable
+    return env
 
 
 def _healthy(url: str) -> bool:
@@ -96,7 +107,8 @@ class VLLMService:
         logger.info("starting the tiny model on vLLM (about a minute on a CPU; log: {})", self.log)
         out = private_log(self.log)
         try:
-            self.proc = spawn_tied(cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = spawn_tied(cmd, env=_vllm_env(), stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
         finally:
             os.close(out)
         deadline = time.monotonic() + timeout
