@@ -101,6 +101,10 @@ class RayConfig(_Strict):
     return_timeout_s: float = 600.0  # an empty pool waits this long for a lost service to come back
     start_timeout_s: float = 300.0   # every env service up, or `run` stops
     local_cpus: int = 2              # address=local: the cluster of our own (its desktops: env.local_desktops)
+    # Model servers as Ray actors when llm.url is unset (else llm.url's servers are used as given):
+    vllm_actors: int = Field(0, ge=0)
+    vllm_resources: dict[str, float] = Field(default_factory=lambda: {"GPU": 1.0})  # each actor's
+    vllm_args: list[str] = Field(default_factory=list)  # start_vllm_service.sh options: --model PATH, ...
 
 
 class TaskConfig(_Strict):

@@ -182,13 +182,20 @@ def run(cfg: RunConfig) -> dict:
     items = check_tasks(cfg.tasks)              # before any service: a typo fails in a second
     check_output(cfg.output)
     with _signals_interrupt(), contextlib.ExitStack() as stack:
+        if cfg.ray.address:
+            _join_ray(cfg, stack)
         tiny = cfg.llm.url is None or (cfg.llm.model or "").startswith("tiny-uitars")
-        if cfg.llm.url is None:
+        keys: dict[str, str] = {}
+        if cfg.llm.url is None and cfg.ray.address and cfg.ray.vllm_actors:
+            url, model, keys = _start_vllm_actors(cfg, stack)
+            tiny = model.startswith("tiny-uitars")
+        elif cfg.llm.url is None:
             svc = stack.enter_context(VLLMService(port=cfg.llm.port))
             url, model = svc.url, svc.model
         else:
             url, model = cfg.llm.url, cfg.llm.model
-        llm: Any = as_llm(url, model=model, timeout_s=cfg.llm.timeout_s, max_retries=cfg.llm.max_retries)
+        llm: Any = as_llm(url, model=model, timeout_s=cfg.llm.timeout_s, max_retries=cfg.llm.max_retries,
+                          **({"api_key": keys} if keys else {}))
         asyncio.run(check_llm(llm, model))     # before the desktops: a dead URL fails in seconds
         run_dir = prepare_run_dir(cfg.output)
         cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": str(run_dir)})})
@@ -204,21 +211,41 @@ def run(cfg: RunConfig) -> dict:
             es = stack.enter_context(EnvService(cfg.env.local_desktops, cfg.env.local_port, cfg.env.width,
                                                 cfg.env.height, log=run_dir / "env-service.log"))
             services = [ServiceSpec(es.url, es.token)]
-        return asyncio.run(run_async(cfg, llm, services, tiny=tiny, items=items, fleet=fleet))
+        summary = asyncio.run(run_async(cfg, llm, services, tiny=tiny, items=items, fleet=fleet))
+        if "ray" in summary:
+            summary["ray"]["vllm_actors"] = len(keys)
+        return summary
 
 
-def _start_fleet(cfg: RunConfig, stack: contextlib.ExitStack) -> tuple[Any, list[ServiceSpec]]:
-    """Join the Ray cluster and start an env service on each node with desktops (stopped on the
-    way out); the fleet and its services."""
+def _join_ray(cfg: RunConfig, stack: contextlib.ExitStack) -> None:
     import ray
 
-    from agentenv.integrations.ray import RayEnvFleet, RaySetupError, init_ray
+    from agentenv.integrations.ray import init_ray
 
     try:
         init_ray(cfg.ray, cfg.env.local_desktops)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise PreflightError(f"cannot join the Ray cluster at {cfg.ray.address!r}: {e}") from e
     stack.callback(ray.shutdown)
+
+
+def _start_vllm_actors(cfg: RunConfig, stack: contextlib.ExitStack) -> tuple[list[str], str, dict[str, str]]:
+    """vLLM servers as Ray actors (stopped on the way out): their URLs, served name, API keys."""
+    from agentenv.integrations.ray import RaySetupError, start_vllm_actors, stop_actors
+
+    try:
+        handles, infos = start_vllm_actors(cfg.ray)
+    except RaySetupError as e:
+        raise PreflightError(str(e)) from e
+    stack.callback(stop_actors, handles)
+    return [i["url"] for i in infos], cfg.llm.model or infos[0]["model"], {i["url"]: i["api_key"] for i in infos}
+
+
+def _start_fleet(cfg: RunConfig, stack: contextlib.ExitStack) -> tuple[Any, list[ServiceSpec]]:
+    """An env service on each node of the cluster with desktops (stopped on the way out); the
+    fleet and its services."""
+    from agentenv.integrations.ray import RayEnvFleet, RaySetupError
+
     fleet = RayEnvFleet(cfg.ray, cfg.env)
     try:
         specs = fleet.start()

@@ -77,43 +77,50 @@ def _healthy(url: str) -> bool:
 
 
 class VLLMService:
-    """The tiny UI-TARS model served by vLLM on loopback; a context manager."""
+    """A vLLM server through start_vllm_service.sh (by default the tiny UI-TARS model on loopback);
+    a context manager. ``extra``: the script's options (``--model``, ``--tokens-api``...); ``host``
+    other than loopback (a Ray node's address) wants an ``api_key`` (given in the environment)."""
 
-    def __init__(self, port: int = 8000, extra: list[str] | None = None, run_dir: Path | None = None):
-        self.port = port
+    def __init__(self, port: int = 8000, extra: list[str] | None = None, run_dir: Path | None = None,
+                 host: str = "127.0.0.1", model: str = "tiny-uitars", api_key: str | None = None):
+        self.port, self.host, self.api_key = port, host, api_key
         self.extra = extra or []
         self.run_dir = run_dir or AGENTENV_HOME / "run"
-        self.url = f"http://127.0.0.1:{port}/v1"
-        self.model = "tiny-uitars"
+        self.url = f"http://{host}:{port}/v1"
+        self.model = model
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 420.0) -> "VLLMService":
         pidfile = self.run_dir / f"vllm-{self.port}.pid"
-        if pidfile.exists() and _healthy(f"http://127.0.0.1:{self.port}/health"):
+        health = f"http://{self.host}:{self.port}/health"
+        if pidfile.exists() and _healthy(health):
             # Started earlier by start_vllm_service.sh (by the user): use it, and leave it running.
             logger.info("using the vLLM server already running on port {}", self.port)
             self.owned = False
             return self
-        if _healthy(f"http://127.0.0.1:{self.port}/health"):
+        if _healthy(health):
             raise RuntimeError(f"port {self.port} already serves a model server we did not start: use it "
-                               f"(llm.url=http://127.0.0.1:{self.port}/v1) or choose another llm.port")
+                               f"(llm.url={self.url}) or choose another llm.port")
         self.owned = True
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log = self.run_dir / f"vllm-{self.port}.log"
         # In the foreground, as our child, tied to our life: whatever ends us (SIGKILL included)
         # ends the server too. Its own session: stop() ends its whole process group.
-        cmd = ["bash", str(START_VLLM), "--foreground", "--port", str(self.port), "--run-dir", str(self.run_dir),
-               *self.extra]
+        cmd = ["bash", str(START_VLLM), "--foreground", "--host", self.host, "--port", str(self.port),
+               "--run-dir", str(self.run_dir), *self.extra]
+        env = _vllm_env()
+        if self.api_key:  # in the environment, never on the command line
+            env["VLLM_API_KEY"] = self.api_key
         logger.info("starting the tiny model on vLLM (about a minute on a CPU; log: {})", self.log)
         out = private_log(self.log)
         try:
-            self.proc = spawn_tied(cmd, env=_vllm_env(), stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+            self.proc = spawn_tied(cmd, env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
                                    start_new_session=True)
         finally:
             os.close(out)
         deadline = time.monotonic() + timeout
         try:
-            while not _healthy(f"http://127.0.0.1:{self.port}/health"):
+            while not _healthy(health):
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"the vLLM server exited with {self.proc.returncode} during start-up; "
                                        f"last lines of {self.log}:\n{_tail(self.log)}")

@@ -62,11 +62,11 @@ class EnvPool:
         return len(self._all) - len(self._free)
 
     def _client(self, s: ServiceSpec | AsyncEnvClient | str) -> tuple[AsyncEnvClient, int | None]:
-        if isinstance(s, AsyncEnvClient):
-            return s, None
         if isinstance(s, str):
             return AsyncEnvClient(s, timeout_s=self.timeout_s), None
-        return AsyncEnvClient(s.url, s.token, timeout_s=self.timeout_s), s.desktops
+        if isinstance(s, ServiceSpec):
+            return AsyncEnvClient(s.url, s.token, timeout_s=self.timeout_s), s.desktops
+        return s, None  # an AsyncEnvClient, or anything with its methods (the benchmarks' simulated services)
 
     @staticmethod
     async def _desktops_of(client: AsyncEnvClient, want: int | None) -> list[AsyncDesktopEnv]:

@@ -20,6 +20,10 @@ the trajectories that ran on them fail with ``EnvDeadError`` and rerun elsewhere
 pool. While actors are on their way back an empty pool waits (``return_timeout_s``) instead of
 ending the run. The serve-envs child is tied to its actor (``spawn_tied``): an actor that dies
 takes its env service and desktops with it.
+
+Model servers: URLs as without Ray, or ``start_vllm_actors`` (``ray.vllm_actors``): vLLM servers as
+Ray actors where ``ray.vllm_resources`` fit (GPU nodes), each with an API key it makes itself;
+not restarted (``ServiceLLM`` fails over to the others).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from loguru import logger
 from agentenv.config import EnvConfig, RayConfig
 from agentenv.envs.pool import EnvPool, ServiceSpec
 
-ACTOR_PREFIX = "agentenv-envs-"
+ACTOR_PREFIX = "agentenv-envs-"  # env-service actors are named agentenv-envs-<i> in the run's namespace
 _PENDING = ("DEPENDENCIES_UNREADY", "PENDING_CREATION", "RESTARTING")
 
 
@@ -114,6 +118,71 @@ class EnvServiceActor:
         """Close the desktops and end the service (by its process group)."""
         self._stopping = True
         self.svc.stop()
+
+
+class VLLMServiceActor:
+    """A vLLM server (``start_vllm_service.sh``, tied to this actor) on the node Ray placed it on
+    (``ray.vllm_resources``: GPU nodes), on its node's address with an API key it makes itself."""
+
+    def __init__(self, args: list[str], host: str | None = None, start_timeout_s: float = 900.0):
+        from agentenv.services import VLLMService
+
+        self.node_id = ray.get_runtime_context().get_node_id()
+        host = host or ray.util.get_node_ip_address()
+        name = _arg(args, "--served-model-name") or Path(_arg(args, "--model") or "tiny-uitars").name
+        run_dir = _log_dir() / f"agentenv-vllm-{os.getpid()}"
+        self.svc = VLLMService(port=_free_port(host), extra=list(args), run_dir=run_dir, host=host, model=name,
+                               api_key=secrets.token_urlsafe(24)).start(timeout=start_timeout_s)
+
+    def info(self) -> dict[str, Any]:
+        pid = self.svc.proc.pid if self.svc.proc else None
+        return {"url": self.svc.url, "api_key": self.svc.api_key, "model": self.svc.model, "node_id": self.node_id,
+                "actor_pid": os.getpid(), "pids": [pid] if pid else []}
+
+    def stop(self) -> None:
+        self.svc.stop()
+
+
+def _arg(args: list[str], flag: str) -> str | None:
+    return args[args.index(flag) + 1] if flag in args and args.index(flag) + 1 < len(args) else None
+
+
+def start_vllm_actors(rcfg: RayConfig) -> tuple[list[Any], list[dict[str, Any]]]:
+    """``rcfg.vllm_actors`` model servers as Ray actors: their handles and ``info()`` (URL, API key,
+    served name). Not restarted by Ray: ``ServiceLLM`` fails over to the others when one is lost."""
+    resources = dict(rcfg.vllm_resources)
+    opts: dict[str, Any] = {"num_cpus": resources.pop("CPU", 0), "num_gpus": resources.pop("GPU", 0),
+                            "resources": resources, "max_restarts": 0}
+    cls = ray.remote(VLLMServiceActor)
+    handles = [cls.options(name=f"agentenv-vllm-{i}", **opts).remote(rcfg.vllm_args, rcfg.host)
+               for i in range(rcfg.vllm_actors)]
+    refs = [h.info.remote() for h in handles]
+    _, pending = ray.wait(refs, num_returns=len(refs), timeout=rcfg.start_timeout_s)
+    try:
+        if pending:
+            raise RaySetupError(f"{len(pending)} of {len(refs)} vLLM actors did not start within "
+                                f"{rcfg.start_timeout_s:.0f}s (ray.start_timeout_s; resources {rcfg.vllm_resources})")
+        infos = ray.get(refs)
+    except Exception as e:
+        stop_actors(handles)
+        if isinstance(e, RaySetupError):
+            raise
+        raise RaySetupError(f"a vLLM actor failed to start: {e}") from e
+    logger.info("ray: {} vLLM servers: {}", len(infos), ", ".join(i["url"] for i in infos))
+    return handles, infos
+
+
+def stop_actors(handles: list[Any], timeout_s: float = 60.0) -> None:
+    """Ask each actor to stop its service, then end the actors for good."""
+    stops = []
+    for h in handles:
+        with contextlib.suppress(Exception):
+            stops.append(h.stop.remote())
+    with contextlib.suppress(Exception):
+        ray.wait(stops, num_returns=len(stops), timeout=timeout_s)
+    for h in handles:
+        with contextlib.suppress(Exception):
+            ray.kill(h, no_restart=True)
 
 
 @dataclass
@@ -276,15 +345,7 @@ class RayEnvFleet:
     # ------------------------------------------------------------------ stop
     def shutdown(self, timeout_s: float = 60.0) -> None:
         """Stop every service (closing its desktops), then the actors, for good."""
-        stops = []
-        for m in self.members:
-            with contextlib.suppress(Exception):
-                stops.append(m.handle.stop.remote())
-        with contextlib.suppress(Exception):
-            ray.wait(stops, num_returns=len(stops), timeout=timeout_s)
-        for m in self.members:
-            with contextlib.suppress(Exception):
-                ray.kill(m.handle, no_restart=True)
+        stop_actors([m.handle for m in self.members], timeout_s)
         self.members = []
 
 

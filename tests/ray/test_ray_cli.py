@@ -1,5 +1,6 @@
-"""`agentenv run --ray local`: the main job with its desktops as env-service actors on a Ray cluster
-of its own (loopback), the real tiny model; nothing of it left after it exits."""
+"""`agentenv run --ray local`: the main job on a Ray cluster of its own (loopback), its desktops an
+env-service actor and its model server (the real tiny model on vLLM, with an API key it made) a
+vLLM actor, both found by the run; nothing of it left after it exits."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,32 +22,34 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_agentenv_run_with_ray_local(vllm_server, tmp_path):
+def test_agentenv_run_with_ray_local(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "agentenv", "run", "--ray", "local",
-           "--set", f"llm.url={vllm_server.url}", "--set", f"llm.model={vllm_server.model}",
+           "--set", "ray.vllm_actors=1", "--set", "ray.vllm_resources={}",
            "--set", "env.local_desktops=2", "--set", "env.width=1280", "--set", "env.height=720",
            "--set", "tasks.ids=[terminal-mkdir, calc-add]", "--set", "loop.max_steps=2",
            "--set", f"output.dir={out}", "--set", "progress=false", "--set", "ray.local_cpus=1"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_SERVER_URL", "VLLM_MODEL_NAME", "ENV_SERVER_URL")}
+    env["PYTHONPATH"] = str(ROOT)
+    log_out, log_err = tmp_path / "stdout", tmp_path / "stderr"
+    with log_out.open("w") as o, log_err.open("w") as e:
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=o, stderr=e, stdin=subprocess.DEVNULL)
     seen: set[tuple[int, str]] = set()
+    deadline = time.monotonic() + 600
     try:
-        while p.poll() is None:
+        while p.poll() is None and time.monotonic() < deadline:
             seen |= idents(descendants(p.pid))
-            try:
-                p.wait(1.0)
-            except subprocess.TimeoutExpired:
-                pass
-        stdout, stderr = p.communicate(timeout=30)
+            time.sleep(1.0)
     finally:
         if p.poll() is None:
             p.kill()
+            p.wait()
+    stdout, stderr = log_out.read_text(), log_err.read_text()
     assert p.returncode == 0, stderr[-3000:]
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["trajectories"] == 4 and summary["groups"] == 2, summary
-    assert summary["ray"] == {"env_services": 1, "lost": 0, "returned": 0}
+    assert summary["ray"] == {"env_services": 1, "lost": 0, "returned": 0, "vllm_actors": 1}
     assert summary["env_pool"]["desktops"] == 2
-    assert len(seen) >= 5, "the run started too few processes to have used Ray (raylet, worker, service, X)"
-    # the cluster, the actor, the env service and its X servers all ended with the run
+    assert len(seen) >= 8, "the run started too few processes to have used Ray (raylet, workers, vLLM, service, X)"
+    # the cluster, the actors, the vLLM server, the env service and its X servers all ended with the run
     assert not wait_gone(seen, 30.0)
