@@ -13,7 +13,7 @@
    (100 desktops each) and 10,000 concurrent trajectories, a node lost mid-run (10 services
    dropped, their trajectories rerun) and returned (10 services added); on a virtual clock.
 
-    python scripts/bench_ray.py [--rounds 3] [--desktops-per-node 2] [--nodes 1,2,3] [--scale 10000]
+    python scripts/bench_ray.py [--rounds 5] [--desktops-per-node 2] [--nodes 1,2,3] [--scale 10000]
 
 Last line: one JSON object.
 """
@@ -309,7 +309,7 @@ def main() -> int:
     logger.remove()
     logger.add(sys.stderr, level="ERROR")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--nodes", default="1,2,3", help="node counts to measure, comma-separated")
     ap.add_argument("--desktops-per-node", type=int, default=2)
     ap.add_argument("--trajectories-per-desktop", type=int, default=2)

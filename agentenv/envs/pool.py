@@ -171,7 +171,7 @@ class EnvPool:
 
     async def release(self, env: AsyncDesktopEnv, broken: bool = False) -> None:
         """Give a desktop back; a broken one is replaced before it is leased again."""
-        if env.name not in self._all:  # replaced already, or its service was dropped
+        if self._all.get(env.name) is not env:  # replaced already, or its service was dropped
             return
         if broken or not await env.alive():
             replacement = await self._replace(env)

@@ -194,7 +194,6 @@ class _Member:
     incarnation: int = -1           # Ray's restart count when it was added
     node_id: str = ""
     down_since: float | None = None
-    health_failures: int = 0
     info: dict[str, Any] | None = None
 
 
@@ -277,7 +276,7 @@ class RayEnvFleet:
         return out
 
     async def _healthy(self, http: httpx.AsyncClient, url: str) -> bool | None:
-        """True: it answers; False: nothing listens (gone); None: no answer in time (not sure yet)."""
+        """True: it answers; False: nothing listens (gone); None: no answer in time (not sure)."""
         try:
             return (await http.get(url + "/health")).status_code == 200
         except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
@@ -296,16 +295,15 @@ class RayEnvFleet:
                 why = None
                 if st != "ALIVE" or restarts != m.incarnation:
                     why = f"actor {m.name} is {st.lower()} (restarts {restarts})"
-                else:
-                    ok = await self._healthy(http, m.url)
-                    m.health_failures = 0 if ok else m.health_failures + 1
-                    if ok is False or m.health_failures >= 3:
-                        why = f"its /health {'refuses connections' if ok is False else 'does not answer'}"
+                elif await self._healthy(http, m.url) is False:
+                    # Nothing listens: the service is gone (its actor exits and Ray restarts it on a
+                    # new port). No answer in time is not proof (load): the steps' own timeouts judge that.
+                    why = "its /health refuses connections"
                 if why is None:
                     continue
                 pool.drop_service(m.url, f"{why}; node {m.node_id[:12]}")
                 self.dropped += 1
-                m.url, m.down_since, m.health_failures = None, now, 0
+                m.url, m.down_since = None, now
             if st == "ALIVE":
                 try:
                     info = await asyncio.wait_for(m.handle.info.remote(), timeout=10.0)
@@ -358,10 +356,12 @@ def discover(timeout_s: float = 30.0) -> list[ServiceSpec]:
 
 
 def stay_on_loopback() -> None:
-    """Make this driver reach a cluster on 127.0.0.1 at 127.0.0.1. Ray swaps a loopback address
-    given to ``ray.init`` for the machine's outward address (``resolve_ip_for_localhost``), where a
-    cluster started on loopback does not listen; its switch for that (meant for laptops) is read
-    at import, so it is set here too."""
+    """Keep Ray on loopback: a driver reaches a cluster on 127.0.0.1 at 127.0.0.1, and a cluster
+    this process starts (``address="local"``, ``Cluster``) registers its nodes, and so binds its
+    servers and our actors' services, on 127.0.0.1. Ray swaps loopback for the machine's outward
+    address (``resolve_ip_for_localhost``) unless its switch for laptops is off; the switch is an
+    environment variable (inherited by the raylets and workers started from here) read at import,
+    so it is set in both places."""
     from ray._private import ray_constants
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -372,7 +372,8 @@ def init_ray(rcfg: RayConfig, desktops: int) -> None:
     """Connect to the cluster ``rcfg.address`` names; ``local`` starts one of our own on loopback
     with ``desktops`` units of the resource. Our processes' output stays in Ray's log files."""
     kw: dict[str, Any] = {"namespace": rcfg.namespace, "log_to_driver": False}
-    if rcfg.address == "local":
+    if rcfg.address == "local":  # _node_ip_address alone is not enough: Ray registers the node outward
+        stay_on_loopback()
         kw.update(address="local", num_cpus=rcfg.local_cpus, resources={rcfg.resource: desktops},
                   include_dashboard=False, _node_ip_address="127.0.0.1")
     else:

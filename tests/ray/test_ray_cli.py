@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("ray")
 
 from agentenv.procs import descendants  # noqa: E402
-from tests.ray.pids import idents, wait_gone  # noqa: E402
+from tests.ray.pids import all_loopback, idents, listening_addresses, wait_gone  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,10 +35,13 @@ def test_agentenv_run_with_ray_local(tmp_path):
     with log_out.open("w") as o, log_err.open("w") as e:
         p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=o, stderr=e, stdin=subprocess.DEVNULL)
     seen: set[tuple[int, str]] = set()
+    addresses: set[str] = set()
     deadline = time.monotonic() + 600
     try:
         while p.poll() is None and time.monotonic() < deadline:
-            seen |= idents(descendants(p.pid))
+            now = descendants(p.pid)
+            seen |= idents(now)
+            addresses |= listening_addresses(now)
             time.sleep(1.0)
     finally:
         if p.poll() is None:
@@ -50,6 +53,8 @@ def test_agentenv_run_with_ray_local(tmp_path):
     assert summary["trajectories"] == 4 and summary["groups"] == 2, summary
     assert summary["ray"] == {"env_services": 1, "lost": 0, "returned": 0, "vllm_actors": 1}
     assert summary["env_pool"]["desktops"] == 2
+    # Ray's servers, the vLLM server and the env service listened on loopback only
+    assert all_loopback(addresses), addresses
     assert len(seen) >= 8, "the run started too few processes to have used Ray (raylet, workers, vLLM, service, X)"
     # the cluster, the actors, the vLLM server, the env service and its X servers all ended with the run
     assert not wait_gone(seen, 30.0)

@@ -26,7 +26,7 @@ from agentenv.procs import descendants  # noqa: E402
 from agentenv.rollout.buffer import read_trajectories  # noqa: E402
 from agentenv.types import Status  # noqa: E402
 from agentenv.envs.tasks import builtin_tasks  # noqa: E402
-from tests.ray.pids import ident as _ident, wait_gone as _wait_gone  # noqa: E402
+from tests.ray.pids import all_loopback, ident as _ident, listening_addresses, wait_gone as _wait_gone  # noqa: E402
 from tests.osworld.test_streaming_task_sampling import CLICK_ONLY, ROLLOUT_N, check_complete, make_scheduler  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -51,33 +51,6 @@ def _ended_well(t) -> bool:
 def tasks() -> list:
     by_id = {t.id: t for t in builtin_tasks()}
     return [by_id[i] for i in TASK_IDS]
-
-
-def _listening(pids: set[int]) -> list[str]:
-    """The TCP addresses the given processes listen on (from /proc/net and their fds)."""
-    inodes: dict[str, int] = {}
-    for pid in pids:
-        try:
-            for fd in Path(f"/proc/{pid}/fd").iterdir():
-                link = os.readlink(fd)
-                if link.startswith("socket:["):
-                    inodes[link[8:-1]] = pid
-        except OSError:
-            continue
-    out = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            f = line.split()
-            if f[3] == "0A" and f[9] in inodes:  # LISTEN
-                out.append(f[1])
-    return out
-
-
-def _is_loopback(hex_addr: str) -> bool:
-    ip = hex_addr.split(":")[0]
-    if len(ip) == 8:
-        return bytes.fromhex(ip)[::-1][0] == 127
-    return ip in ("00000000000000000000000001000000", "0000000000000000FFFF00000100007F")
 
 
 class LocalCluster:
@@ -150,8 +123,8 @@ async def test_desktops_on_three_nodes_stream_like_on_one(local_cluster, fleet_p
     assert sorted(s.url for s in await asyncio.to_thread(discover)) == sorted(pool.services())
     # everything we started listens on loopback only
     pids = local_cluster.snapshot()
-    addrs = _listening(pids)
-    assert addrs and all(_is_loopback(a) for a in addrs), addrs
+    addrs = listening_addresses(pids)
+    assert all_loopback(addrs), addrs
 
     async with fleet.watching(pool):
         sched = make_scheduler(vllm_server.url, pool, tmp_path, tasks(), tiny_pixels)
