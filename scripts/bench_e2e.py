@@ -197,6 +197,14 @@ async def bench(a, vllm_url, model, env_url, token) -> dict:
             "max_steps": a.max_steps, "history_images": a.history_images, "server_cores": a.server_cores}
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def pin(pid: int, cores: set[int]) -> int:
     """Pin a process tree (every thread of each process) to ``cores``; how many threads."""
     from agentenv.procs import descendants
@@ -229,7 +237,7 @@ def main() -> int:
     ap.add_argument("--server-cores", default=None, metavar="LIST",
                     help="pin the vLLM server to these cores (e.g. 1) and everything else to the rest")
     a = ap.parse_args()
-    with VLLMService(port=18600) as v, EnvService(num=a.desktops, port=18700) as e:
+    with VLLMService(port=_free_port()) as v, EnvService(num=a.desktops, port=_free_port()) as e:
         if a.server_cores:
             server = {int(c) for c in a.server_cores.split(",")}
             rest = set(os.sched_getaffinity(0)) - server

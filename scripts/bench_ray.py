@@ -325,6 +325,10 @@ def main() -> int:
     result = {"scale_simulation": sim, "real_desktops": real}
     if real:
         result["ray_overhead_pct_by_nodes"] = {k: v["overhead_pct"] for k, v in real["by_nodes"].items()}
+        pooled = [x["ratio"] for v in real["by_nodes"].values() for x in v["rounds"]]
+        result["ray_over_plain_pooled_median"] = round(statistics.median(pooled), 3)
+        print(f"all node counts: Ray / plain median {statistics.median(pooled):.3f} over {len(pooled)} rounds "
+              f"(spread {min(pooled):.3f}-{max(pooled):.3f})", flush=True)
     result["scheduler_cpu_us_per_step"] = sim["cpu_us_per_step_scheduler"]
     print(json.dumps(result))
     return 0
