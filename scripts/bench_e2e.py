@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentenv.config import tiny_model_pixels  # noqa: E402
-from agentenv.envs.client import AsyncDesktopEnv, AsyncEnvClient  # noqa: E402
+from agentenv.envs.client import AsyncDesktopEnv, AsyncEnvClient, EnvRequestError  # noqa: E402
 from agentenv.envs.pool import EnvPool, ServiceSpec  # noqa: E402
 from agentenv.envs.tasks import builtin_tasks  # noqa: E402
 from agentenv.rollout.agent import UITarsAgent  # noqa: E402
@@ -66,19 +66,24 @@ async def ours(llm, pool, agent, sampling, tasks, n, max_steps) -> dict:
 async def lockstep(llm, client: AsyncEnvClient, agent, sampling, tasks, n, max_steps, desktops) -> dict:
     steps = 0
     trajectories = 0
+    failed = 0
     queue: asyncio.Queue = asyncio.Queue()
     for t in tasks:
         queue.put_nowait(t)
 
     async def group_slot() -> None:
-        nonlocal steps, trajectories
+        nonlocal steps, trajectories, failed
         while not queue.empty():
             task = queue.get_nowait()
             created = await asyncio.gather(*[client.create() for _ in range(n)])  # a desktop per sample
             envs = [AsyncDesktopEnv(client, e["id"], (e["width"], e["height"])) for e in created]
             try:
                 size = agent.image_size(envs[0].screen)
-                obs = await asyncio.gather(*[e.reset(task, size) for e in envs])
+                try:
+                    obs = await asyncio.gather(*[e.reset(task, size) for e in envs])
+                except EnvRequestError:  # a setup that failed (an app slow to open under load): the
+                    failed += 1          # group ends as ours would end it (task_error), the run goes on
+                    continue
                 states = [agent.start(task.instruction, o.screen) for o in obs]
                 active = list(range(n))
                 for _ in range(max_steps):
@@ -106,25 +111,31 @@ async def lockstep(llm, client: AsyncEnvClient, agent, sampling, tasks, n, max_s
     await asyncio.gather(*[group_slot() for _ in range(max(1, desktops // n))])
     dt = time.perf_counter() - t0
     return {"seconds": round(dt, 1), "trajectories": trajectories, "steps": steps,
-            "steps_per_s": round(steps / dt, 3), "traj_per_hour": round(trajectories / dt * 3600)}
+            "steps_per_s": round(steps / dt, 3), "traj_per_hour": round(trajectories / dt * 3600),
+            "groups_failed_setup": failed}
 
 
 async def lockstep_strong(llm, pool: EnvPool, agent, sampling, tasks, n, max_steps, desktops) -> dict:
     """The strongest lock-step: desktops reused, the group's model calls together, no polling."""
     steps = 0
     trajectories = 0
+    failed = 0
     queue: asyncio.Queue = asyncio.Queue()
     for t in tasks:
         queue.put_nowait(t)
 
     async def group_slot() -> None:
-        nonlocal steps, trajectories
+        nonlocal steps, trajectories, failed
         while not queue.empty():
             task = queue.get_nowait()
             envs = [await pool.acquire() for _ in range(n)]
             try:
                 size = agent.image_size(envs[0].screen)
-                obs = await asyncio.gather(*[e.reset(task, size) for e in envs])
+                try:
+                    obs = await asyncio.gather(*[e.reset(task, size) for e in envs])
+                except EnvRequestError:  # a setup that failed (an app slow to open under load): the
+                    failed += 1          # group ends as ours would end it (task_error), the run goes on
+                    continue
                 states = [agent.start(task.instruction, o.screen) for o in obs]
                 active = list(range(n))
                 for _ in range(max_steps):
@@ -155,7 +166,8 @@ async def lockstep_strong(llm, pool: EnvPool, agent, sampling, tasks, n, max_ste
     await asyncio.gather(*[group_slot() for _ in range(max(1, desktops // n))])
     dt = time.perf_counter() - t0
     return {"seconds": round(dt, 1), "trajectories": trajectories, "steps": steps,
-            "steps_per_s": round(steps / dt, 3), "traj_per_hour": round(trajectories / dt * 3600)}
+            "steps_per_s": round(steps / dt, 3), "traj_per_hour": round(trajectories / dt * 3600),
+            "groups_failed_setup": failed}
 
 
 def _ratios(rounds: list[dict], other: str) -> dict:
