@@ -117,14 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from agentenv.view.cli import replay_main, view_main
 
-    commands = {"serve-envs": _serve_envs, "verl-dataset": _verl_dataset, "view": view_main, "replay": replay_main,
-                "tasks": _tasks}
-    try:
-        from agentenv.run import main as run_main
+    from agentenv.run import main as run_main  # an ImportError here is a broken install: let it say so
 
-        commands["run"] = run_main
-    except ImportError:
-        pass
+    commands = {"run": run_main, "serve-envs": _serve_envs, "verl-dataset": _verl_dataset, "view": view_main,
+                "replay": replay_main, "tasks": _tasks}
     if not argv or argv[0] not in commands:
         print(f"usage: agentenv {{{','.join(commands)}}} [options]  (agentenv COMMAND --help)", file=sys.stderr)
         return 2

@@ -90,6 +90,28 @@ class EnvConfig(_Strict):
     upload_roots: list[str] = Field(default_factory=list)  # folders upload_file steps may read (besides the task source's)
 
 
+class RayConfig(_Strict):
+    """Desktops on a Ray cluster (``agentenv run --ray [ADDRESS]``; ``agentenv.integrations.ray``).
+    Each node advertises ``resource`` (``ray start --resources '{"desktop": 8}'``): one unit, one
+    desktop. The env services run as Ray actors; the scheduler talks to them over HTTP."""
+
+    address: str | None = None       # None: no Ray; auto: the cluster this machine joined; local: one of our own; HOST:PORT
+    namespace: str = "agentenv"
+    resource: str = "desktop"
+    desktops_per_actor: int | None = Field(None, ge=1)  # None: one env service per node with all its desktops
+    actors: int | None = Field(None, ge=1)  # with desktops_per_actor; None: as many as the cluster's resource allows
+    host: str | None = None          # what the env services bind; None: their node's address
+    max_restarts: int = -1           # Ray restarts a lost env service this often (-1: always)
+    watch_s: float = Field(1.0, gt=0)  # how often lost and returned services are looked for
+    return_timeout_s: float = 600.0  # an empty pool waits this long for a lost service to come back
+    start_timeout_s: float = 300.0   # every env service up, or `run` stops
+    local_cpus: int = 2              # address=local: the cluster of our own (its desktops: env.local_desktops)
+    # Model servers as Ray actors when llm.url is unset (else llm.url's servers are used as given):
+    vllm_actors: int = Field(0, ge=0)
+    vllm_resources: dict[str, float] = Field(default_factory=lambda: {"GPU": 1.0})  # each actor's
+    vllm_args: list[str] = Field(default_factory=list)  # start_vllm_service.sh options: --model PATH, ...
+
+
 class TaskConfig(_Strict):
     source: str = "builtin"          # builtin | a task JSON file | a folder | .jsonl | .parquet
     ids: list[str] | None = None
@@ -166,6 +188,7 @@ class RunConfig(_Strict):
     downloads: DownloadConfig = Field(default_factory=DownloadConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
     metrics_port: int | None = None
     progress: bool = True
 

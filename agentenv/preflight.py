@@ -163,8 +163,8 @@ async def check_llm(llm: Any, model: str | None) -> None:
     endpoints = getattr(llm, "endpoints", None)
     if not endpoints:
         return
-    key = getattr(llm, "_api_key", None)
-    served = await asyncio.gather(*(_models(u, key) for u in endpoints))
+    key_of = getattr(llm, "api_key", None)
+    served = await asyncio.gather(*(_models(u, key_of(u) if callable(key_of) else None) for u in endpoints))
     if model:
         for url, names in zip(endpoints, served):
             if model not in names:

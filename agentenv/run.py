@@ -1,6 +1,6 @@
 """``agentenv run``: the main job. Tasks -> streaming scheduler -> trajectories on disk.
 
-    agentenv run [--config run.yaml] [--set section.key=value ...] [--resume [DIR]]
+    agentenv run [--config run.yaml] [--set section.key=value ...] [--resume [DIR]] [--ray [ADDRESS]]
 
 Each run writes to a new directory, runs/<stamp> (runs/latest points at it); --resume continues
 runs/latest, or DIR: what is on disk is skipped, trajectories that ended by an infrastructure
@@ -9,7 +9,9 @@ service), the model server and the desktops, and stops with a message that says 
 
 With no services configured it starts what it needs on loopback (the tiny model on vLLM, an env
 service with ``env.local_desktops`` desktops) and stops them at the end; they are tied to this
-process and end with it, however it ends. SIGINT/SIGTERM: stop admitting, let trajectories in
+process and end with it, however it ends. With ``--ray`` (the ``ray`` section) the desktops are
+env services on the Ray cluster's nodes that advertise ``ray.resource``, found and watched by
+``agentenv.integrations.ray``: a node lost mid-run costs reruns, not trajectories. SIGINT/SIGTERM: stop admitting, let trajectories in
 flight finish, flush, exit; a second signal abandons them (they rerun on --resume). While
 starting, a signal stops what was started and exits.
 """
@@ -86,7 +88,9 @@ def _metrics_server(port: int, sched: StreamingScheduler) -> None:
 
 
 async def run_async(cfg: RunConfig, llm: Any, services: list[ServiceSpec], *, tiny: bool = False,
-                    items: list[Any] | None = None) -> dict:
+                    items: list[Any] | None = None, fleet: Any = None) -> dict:
+    """``fleet``: a started ``RayEnvFleet`` whose services are among ``services``; it is watched
+    while the scheduler runs (lost nodes out of the pool, returning ones back in)."""
     try:
         pool = await EnvPool(services, timeout_s=cfg.loop.step_timeout_s).start()
     except EnvError as e:
@@ -121,7 +125,8 @@ async def run_async(cfg: RunConfig, llm: Any, services: list[ServiceSpec], *, ti
     try:
         progress = asyncio.ensure_future(_progress(sched, total, cfg.progress))
         try:
-            async with serve_live(sched, cfg.output.live_port, cfg.output.dir):
+            async with serve_live(sched, cfg.output.live_port, cfg.output.dir), \
+                    (fleet.watching(pool) if fleet is not None else contextlib.nullcontext()):
                 summary = await sched.run()
         finally:
             progress.cancel()
@@ -143,6 +148,8 @@ async def run_async(cfg: RunConfig, llm: Any, services: list[ServiceSpec], *, ti
         logger.error("could not merge the part files: {}", e)
         summary["output"] = str(Path(cfg.output.dir, "parts"))
         summary.setdefault("error", f"could not merge the part files: {e}")
+    if fleet is not None:
+        summary["ray"] = {"env_services": len(fleet.members), "lost": fleet.dropped, "returned": fleet.added}
     summary["stopped_early"] = sched.stopping
     summary["run_dir"] = cfg.output.dir
     with contextlib.suppress(OSError):
@@ -176,13 +183,20 @@ def run(cfg: RunConfig) -> dict:
     items = check_tasks(cfg.tasks, osworld_like=cfg.env.sandbox)              # before any service: a typo fails in a second
     check_output(cfg.output)
     with _signals_interrupt(), contextlib.ExitStack() as stack:
+        if cfg.ray.address:
+            _join_ray(cfg, stack)
         tiny = cfg.llm.url is None or (cfg.llm.model or "").startswith("tiny-uitars")
-        if cfg.llm.url is None:
+        keys: dict[str, str] = {}
+        if cfg.llm.url is None and cfg.ray.address and cfg.ray.vllm_actors:
+            url, model, keys = _start_vllm_actors(cfg, stack)
+            tiny = model.startswith("tiny-uitars")
+        elif cfg.llm.url is None:
             svc = stack.enter_context(VLLMService(port=cfg.llm.port))
             url, model = svc.url, svc.model
         else:
             url, model = cfg.llm.url, cfg.llm.model
-        llm: Any = as_llm(url, model=model, timeout_s=cfg.llm.timeout_s, max_retries=cfg.llm.max_retries)
+        llm: Any = as_llm(url, model=model, timeout_s=cfg.llm.timeout_s, max_retries=cfg.llm.max_retries,
+                          **({"api_key": keys} if keys else {}))
         asyncio.run(check_llm(llm, model))     # before the desktops: a dead URL fails in seconds
         run_dir = prepare_run_dir(cfg.output)
         cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": str(run_dir)})})
@@ -190,7 +204,11 @@ def run(cfg: RunConfig) -> dict:
             cfg.output.max_ready_groups = 0
         logger.info("run directory: {}", run_dir)
         services = [ServiceSpec(s.url, s.token, s.desktops) for s in cfg.env.services]
-        if not services:
+        fleet = None
+        if cfg.ray.address:
+            fleet, specs = _start_fleet(cfg, stack)
+            services += specs
+        elif not services:
             os.environ.update(cfg.downloads.to_env())  # the env service runs the downloads
             roots = list(cfg.env.upload_roots)
             src = Path(cfg.tasks.source)
@@ -201,7 +219,48 @@ def run(cfg: RunConfig) -> dict:
                                                 sandbox=cfg.env.sandbox, upload_roots=roots,
                                                 network=cfg.env.sandbox_network))
             services = [ServiceSpec(es.url, es.token)]
-        return asyncio.run(run_async(cfg, llm, services, tiny=tiny, items=items))
+        summary = asyncio.run(run_async(cfg, llm, services, tiny=tiny, items=items, fleet=fleet))
+        if "ray" in summary:
+            summary["ray"]["vllm_actors"] = len(keys)
+        return summary
+
+
+def _join_ray(cfg: RunConfig, stack: contextlib.ExitStack) -> None:
+    import ray
+
+    from agentenv.integrations.ray import init_ray
+
+    try:
+        init_ray(cfg.ray, cfg.env.local_desktops)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise PreflightError(f"cannot join the Ray cluster at {cfg.ray.address!r}: {e}") from e
+    stack.callback(ray.shutdown)
+
+
+def _start_vllm_actors(cfg: RunConfig, stack: contextlib.ExitStack) -> tuple[list[str], str, dict[str, str]]:
+    """vLLM servers as Ray actors (stopped on the way out): their URLs, served name, API keys."""
+    from agentenv.integrations.ray import RaySetupError, start_vllm_actors, stop_actors
+
+    try:
+        handles, infos = start_vllm_actors(cfg.ray)
+    except RaySetupError as e:
+        raise PreflightError(str(e)) from e
+    stack.callback(stop_actors, handles)
+    return [i["url"] for i in infos], cfg.llm.model or infos[0]["model"], {i["url"]: i["api_key"] for i in infos}
+
+
+def _start_fleet(cfg: RunConfig, stack: contextlib.ExitStack) -> tuple[Any, list[ServiceSpec]]:
+    """An env service on each node of the cluster with desktops (stopped on the way out); the
+    fleet and its services."""
+    from agentenv.integrations.ray import RayEnvFleet, RaySetupError
+
+    fleet = RayEnvFleet(cfg.ray, cfg.env)
+    try:
+        specs = fleet.start()
+    except RaySetupError as e:
+        raise PreflightError(str(e)) from e
+    stack.callback(fleet.shutdown)
+    return fleet, specs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,9 +271,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="override a config value, e.g. --set scheduler.rollout_n=4 (repeatable)")
     ap.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
                     help="continue a run: runs/latest, or DIR (its finished trajectories are skipped)")
+    ap.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                    help="desktops on a Ray cluster: the one this machine joined (auto), HOST:PORT, or local "
+                         "(one of our own); nodes with desktops advertise the resource ray.resource")
     a = ap.parse_args(argv)
+    extra = ([f"output.resume={a.resume}"] if a.resume else []) + ([f"ray.address={a.ray}"] if a.ray else [])
     try:
-        cfg = load_config(a.config, a.set + ([f"output.resume={a.resume}"] if a.resume else []))
+        cfg = load_config(a.config, a.set + extra)
     except (ValueError, ValidationError) as e:
         print(f"agentenv run: {e}", file=sys.stderr)
         return 2

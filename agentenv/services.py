@@ -1,5 +1,5 @@
 """Start and stop the local services a run needs when none are given: the tiny model on vLLM
-(through scripts/start_vllm_service.sh) and an env service with N desktops.
+(through start_vllm_service.sh, shipped in the package) and an env service with N desktops.
 
 Each is ended by the process group it was started in; nothing is looked up by name. Both are
 tied to the life of the process that starts them (``spawn_tied``): if it dies, SIGKILL included,
@@ -23,8 +23,8 @@ from loguru import logger
 from agentenv.config import AGENTENV_HOME
 from agentenv.procs import spawn_tied
 
-ROOT = Path(__file__).resolve().parent.parent
-START_VLLM = ROOT / "scripts" / "start_vllm_service.sh"
+ROOT = Path(__file__).resolve().parent.parent  # the folder that holds the package (repo or site-packages)
+START_VLLM = Path(__file__).resolve().parent / "start_vllm_service.sh"  # package data: no scripts/ folder needed
 
 
 def private_log(path: Path) -> int:
@@ -58,6 +58,17 @@ def stop_group(proc: subprocess.Popen, grace: float) -> None:
         proc.wait(5)
 
 
+def _vllm_env() -> dict[str, str]:
+    """The script's environment: vLLM from this Python when it has it (an installed agentenv), else
+    the script's default ($AGENTENV_HOME/venv)."""
+    import importlib.util
+
+    env = dict(os.environ)
+    if "AGENTENV_PYTHON" not in env and importlib.util.find_spec("vllm") is not None:
+        env["AGENTENV_PYTHON"] = sys.executable
+    return env
+
+
 def _healthy(url: str) -> bool:
     try:
         return httpx.get(url, timeout=2).status_code == 200
@@ -66,42 +77,50 @@ def _healthy(url: str) -> bool:
 
 
 class VLLMService:
-    """The tiny UI-TARS model served by vLLM on loopback; a context manager."""
+    """A vLLM server through start_vllm_service.sh (by default the tiny UI-TARS model on loopback);
+    a context manager. ``extra``: the script's options (``--model``, ``--tokens-api``...); ``host``
+    other than loopback (a Ray node's address) wants an ``api_key`` (given in the environment)."""
 
-    def __init__(self, port: int = 8000, extra: list[str] | None = None, run_dir: Path | None = None):
-        self.port = port
+    def __init__(self, port: int = 8000, extra: list[str] | None = None, run_dir: Path | None = None,
+                 host: str = "127.0.0.1", model: str = "tiny-uitars", api_key: str | None = None):
+        self.port, self.host, self.api_key = port, host, api_key
         self.extra = extra or []
         self.run_dir = run_dir or AGENTENV_HOME / "run"
-        self.url = f"http://127.0.0.1:{port}/v1"
-        self.model = "tiny-uitars"
+        self.url = f"http://{host}:{port}/v1"
+        self.model = model
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 420.0) -> "VLLMService":
         pidfile = self.run_dir / f"vllm-{self.port}.pid"
-        if pidfile.exists() and _healthy(f"http://127.0.0.1:{self.port}/health"):
+        health = f"http://{self.host}:{self.port}/health"
+        if pidfile.exists() and _healthy(health):
             # Started earlier by start_vllm_service.sh (by the user): use it, and leave it running.
             logger.info("using the vLLM server already running on port {}", self.port)
             self.owned = False
             return self
-        if _healthy(f"http://127.0.0.1:{self.port}/health"):
+        if _healthy(health):
             raise RuntimeError(f"port {self.port} already serves a model server we did not start: use it "
-                               f"(llm.url=http://127.0.0.1:{self.port}/v1) or choose another llm.port")
+                               f"(llm.url={self.url}) or choose another llm.port")
         self.owned = True
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log = self.run_dir / f"vllm-{self.port}.log"
         # In the foreground, as our child, tied to our life: whatever ends us (SIGKILL included)
         # ends the server too. Its own session: stop() ends its whole process group.
-        cmd = ["bash", str(START_VLLM), "--foreground", "--port", str(self.port), "--run-dir", str(self.run_dir),
-               *self.extra]
+        cmd = ["bash", str(START_VLLM), "--foreground", "--host", self.host, "--port", str(self.port),
+               "--run-dir", str(self.run_dir), *self.extra]
+        env = _vllm_env()
+        if self.api_key:  # in the environment, never on the command line
+            env["VLLM_API_KEY"] = self.api_key
         logger.info("starting the tiny model on vLLM (about a minute on a CPU; log: {})", self.log)
         out = private_log(self.log)
         try:
-            self.proc = spawn_tied(cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = spawn_tied(cmd, env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
         finally:
             os.close(out)
         deadline = time.monotonic() + timeout
         try:
-            while not _healthy(f"http://127.0.0.1:{self.port}/health"):
+            while not _healthy(health):
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"the vLLM server exited with {self.proc.returncode} during start-up; "
                                        f"last lines of {self.log}:\n{_tail(self.log)}")
@@ -127,17 +146,18 @@ class VLLMService:
 
 
 class EnvService:
-    """``agentenv serve-envs`` as a child process on loopback; a context manager."""
+    """``agentenv serve-envs`` as a child process (on loopback unless ``host`` says otherwise: a Ray
+    node serves its desktops on its own address); a context manager."""
 
     def __init__(self, num: int = 4, port: int = 8100, width: int = 1920, height: int = 1080,
                  token: str | None = None, log: Path | None = None, sandbox: bool = True,
                  upload_roots: list[str | Path] | None = None, osworld_port: int | None = None,
-                 network: bool = False):
-        self.num, self.port, self.width, self.height = num, port, width, height
+                 network: bool = False, host: str = "127.0.0.1"):
+        self.num, self.port, self.width, self.height, self.host = num, port, width, height, host
         self.sandbox, self.upload_roots = sandbox, [str(r) for r in upload_roots or ()]
         self.osworld_port, self.network = osworld_port, network
         self.token = token or secrets.token_urlsafe(16)
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"http://{host}:{port}"
         self.log = log
         self.proc: subprocess.Popen | None = None
 
@@ -147,8 +167,8 @@ class EnvService:
         out = private_log(self.log) if self.log else subprocess.DEVNULL
         try:
             self.proc = spawn_tied(
-                [sys.executable, "-m", "agentenv", "serve-envs", "--num", str(self.num), "--port", str(self.port),
-                 "--width", str(self.width), "--height", str(self.height),
+                [sys.executable, "-m", "agentenv", "serve-envs", "--num", str(self.num), "--host", self.host,
+                 "--port", str(self.port), "--width", str(self.width), "--height", str(self.height),
                  "--sandbox" if self.sandbox else "--no-sandbox",
                  *[a for r in self.upload_roots for a in ("--upload-root", r)],
                  *(["--osworld-port", str(self.osworld_port)] if self.osworld_port else []),

@@ -1,17 +1,25 @@
 #!/usr/bin/env python
 """End to end on real components: the tiny model on vLLM and real desktops on this machine.
 
-Our StreamingScheduler against the lock-step design emulated on the same server and the same env
-service, in one run, same tasks, same sampling:
+Our StreamingScheduler against two lock-step designs on the same server and the same env service,
+same tasks, same sampling, in alternating rounds (ours, seed, strong, ours, seed, strong, ...):
 
 - ours: a pool of ``--desktops`` desktops reused between tasks, every sample independent;
-- lock-step: ``desktops // rollout_n`` groups at a time; per group, desktops created and destroyed,
-  the group's model calls one after another, every step waits for the group's slowest sample,
-  completion polled every 5 s.
+- lock-step, the seed's design: ``desktops // rollout_n`` groups at a time; per group, desktops
+  created and destroyed, the group's model calls one after another, every step waits for the
+  group's slowest sample, completion polled every 5 s (after the last group too);
+- lock-step, strongest: what a competent engineer writes without streaming: desktops reused (from
+  the pool), the group's model calls sent together, no polling; every step still waits for the
+  whole group.
 
-    python scripts/bench_e2e.py [--desktops 4] [--tasks 12] [--rollout-n 2] [--max-steps 6]
+Configurations (README): 2 x 4 (rollout_n 2, 4 desktops), GRPO-sized 8 x 16 (``--rollout-n 8
+--desktops 16``), and either with the model server on cores of its own (``--server-cores 1``: the
+vLLM server's processes pinned there, this process and the desktops on the others).
 
-Last line: JSON with ratio_vs_lockstep and each side's steps/s.
+    python scripts/bench_e2e.py [--desktops 4] [--tasks 4] [--rollout-n 2] [--max-steps 6] [--rounds 3]
+                                [--server-cores 1]
+
+Last line: JSON: per baseline the median ratio of steps/s (ours / theirs), its spread, the rounds.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentenv.config import tiny_model_pixels  # noqa: E402
-from agentenv.envs.client import AsyncDesktopEnv, AsyncEnvClient  # noqa: E402
+from agentenv.envs.client import AsyncDesktopEnv, AsyncEnvClient, EnvRequestError  # noqa: E402
 from agentenv.envs.pool import EnvPool, ServiceSpec  # noqa: E402
 from agentenv.envs.tasks import builtin_tasks  # noqa: E402
 from agentenv.rollout.agent import UITarsAgent  # noqa: E402
@@ -56,19 +66,24 @@ async def ours(llm, pool, agent, sampling, tasks, n, max_steps) -> dict:
 async def lockstep(llm, client: AsyncEnvClient, agent, sampling, tasks, n, max_steps, desktops) -> dict:
     steps = 0
     trajectories = 0
+    failed = 0
     queue: asyncio.Queue = asyncio.Queue()
     for t in tasks:
         queue.put_nowait(t)
 
     async def group_slot() -> None:
-        nonlocal steps, trajectories
+        nonlocal steps, trajectories, failed
         while not queue.empty():
             task = queue.get_nowait()
             created = await asyncio.gather(*[client.create() for _ in range(n)])  # a desktop per sample
             envs = [AsyncDesktopEnv(client, e["id"], (e["width"], e["height"])) for e in created]
             try:
                 size = agent.image_size(envs[0].screen)
-                obs = await asyncio.gather(*[e.reset(task, size) for e in envs])
+                try:
+                    obs = await asyncio.gather(*[e.reset(task, size) for e in envs])
+                except EnvRequestError:  # a setup that failed (an app slow to open under load): the
+                    failed += 1          # group ends as ours would end it (task_error), the run goes on
+                    continue
                 states = [agent.start(task.instruction, o.screen) for o in obs]
                 active = list(range(n))
                 for _ in range(max_steps):
@@ -96,7 +111,69 @@ async def lockstep(llm, client: AsyncEnvClient, agent, sampling, tasks, n, max_s
     await asyncio.gather(*[group_slot() for _ in range(max(1, desktops // n))])
     dt = time.perf_counter() - t0
     return {"seconds": round(dt, 1), "trajectories": trajectories, "steps": steps,
-            "steps_per_s": round(steps / dt, 3), "traj_per_hour": round(trajectories / dt * 3600)}
+            "steps_per_s": round(steps / dt, 3), "traj_per_hour": round(trajectories / dt * 3600),
+            "groups_failed_setup": failed}
+
+
+async def lockstep_strong(llm, pool: EnvPool, agent, sampling, tasks, n, max_steps, desktops) -> dict:
+    """The strongest lock-step: desktops reused, the group's model calls together, no polling."""
+    steps = 0
+    trajectories = 0
+    failed = 0
+    queue: asyncio.Queue = asyncio.Queue()
+    for t in tasks:
+        queue.put_nowait(t)
+
+    async def group_slot() -> None:
+        nonlocal steps, trajectories, failed
+        while not queue.empty():
+            task = queue.get_nowait()
+            envs = [await pool.acquire() for _ in range(n)]
+            try:
+                size = agent.image_size(envs[0].screen)
+                try:
+                    obs = await asyncio.gather(*[e.reset(task, size) for e in envs])
+                except EnvRequestError:  # a setup that failed (an app slow to open under load): the
+                    failed += 1          # group ends as ours would end it (task_error), the run goes on
+                    continue
+                states = [agent.start(task.instruction, o.screen) for o in obs]
+                active = list(range(n))
+                for _ in range(max_steps):
+                    for i in active:
+                        agent.observe(states[i], obs[i].png)
+                    replies = await asyncio.gather(*[llm.chat(agent.messages(states[i]), sampling,
+                                                              session=f"{task.id}#{i}") for i in active])
+                    actions = {}
+                    for i, c in zip(active, replies):
+                        agent.record_reply(states[i], c.text)
+                        actions[i] = agent.parse(states[i], c.text).actions
+                    steps += len(active)
+                    acting = [i for i in active if actions[i]]
+                    results = await asyncio.gather(*[envs[i].step(actions[i][0], size) for i in acting])
+                    for i, (o, _, _) in zip(acting, results):
+                        if o is not None:
+                            obs[i] = o
+                    active = [i for i in active if not (actions[i] and actions[i][0].is_terminal)]
+                    if not active:
+                        break
+                await asyncio.gather(*[e.evaluate(task) for e in envs])
+                trajectories += n
+            finally:
+                for e in envs:
+                    await pool.release(e)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*[group_slot() for _ in range(max(1, desktops // n))])
+    dt = time.perf_counter() - t0
+    return {"seconds": round(dt, 1), "trajectories": trajectories, "steps": steps,
+            "steps_per_s": round(steps / dt, 3), "traj_per_hour": round(trajectories / dt * 3600),
+            "groups_failed_setup": failed}
+
+
+def _ratios(rounds: list[dict], other: str) -> dict:
+    r = [x["ours"]["steps_per_s"] / x[other]["steps_per_s"] for x in rounds]
+    return {"median": round(statistics.median(r), 2), "spread": [round(min(r), 2), round(max(r), 2)],
+            "rounds": len(r)}
 
 
 async def bench(a, vllm_url, model, env_url, token) -> dict:
@@ -109,19 +186,54 @@ async def bench(a, vllm_url, model, env_url, token) -> dict:
     llm = ServiceLLM(vllm_url, model)
     pool = await EnvPool([ServiceSpec(env_url, token)]).start()
     client = AsyncEnvClient(env_url, token)
+    rounds = []
     try:
-        o = await ours(llm, pool, agent, sampling, tasks, a.rollout_n, a.max_steps)
-        print(f"ours:      {o}", flush=True)
-        lk = await lockstep(llm, client, agent, sampling, tasks, a.rollout_n, a.max_steps, a.desktops)
-        print(f"lock-step: {lk}", flush=True)
+        for r in range(a.rounds):
+            o = await ours(llm, pool, agent, sampling, tasks, a.rollout_n, a.max_steps)
+            seed = await lockstep(llm, client, agent, sampling, tasks, a.rollout_n, a.max_steps, a.desktops)
+            strong = await lockstep_strong(llm, pool, agent, sampling, tasks, a.rollout_n, a.max_steps, a.desktops)
+            rounds.append({"ours": o, "seed": seed, "strong": strong})
+            print(f"round {r + 1}: ours {o['steps_per_s']} steps/s, lock-step (seed) {seed['steps_per_s']}, "
+                  f"lock-step (strongest) {strong['steps_per_s']}", flush=True)
     finally:
         await client.aclose()
         await pool.aclose()
         await llm.aclose()
-    return {"ratio_vs_lockstep": round(o["steps_per_s"] / lk["steps_per_s"], 2),
-            "ours_steps_per_s": o["steps_per_s"], "lockstep_steps_per_s": lk["steps_per_s"],
-            "ours": o, "lockstep": lk, "desktops": a.desktops, "tasks": a.tasks, "rollout_n": a.rollout_n,
-            "max_steps": a.max_steps, "history_images": a.history_images}
+    vs_seed, vs_strong = _ratios(rounds, "seed"), _ratios(rounds, "strong")
+    print(f"ours / lock-step (seed's design): median {vs_seed['median']}x (spread {vs_seed['spread']}); "
+          f"ours / lock-step (strongest): median {vs_strong['median']}x (spread {vs_strong['spread']}); "
+          f"{a.rounds} rounds", flush=True)
+    return {"ratio_vs_lockstep_strong": vs_strong, "ratio_vs_lockstep_seed": vs_seed,
+            "ours_steps_per_s_median": statistics.median(x["ours"]["steps_per_s"] for x in rounds),
+            "rounds": rounds, "desktops": a.desktops, "tasks": a.tasks, "rollout_n": a.rollout_n,
+            "max_steps": a.max_steps, "history_images": a.history_images, "server_cores": a.server_cores}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pin(pid: int, cores: set[int]) -> int:
+    """Pin a process tree (every thread of each process) to ``cores``; how many threads."""
+    from agentenv.procs import descendants
+
+    n = 0
+    for p in [pid, *descendants(pid)]:
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{p}/task")]
+        except OSError:
+            continue
+        for t in tids:
+            try:
+                os.sched_setaffinity(t, cores)
+                n += 1
+            except OSError:
+                pass
+    return n
 
 
 def main() -> int:
@@ -129,12 +241,22 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--desktops", type=int, default=4)
-    ap.add_argument("--tasks", type=int, default=12)
+    ap.add_argument("--tasks", type=int, default=4, help="tasks per round (each runs rollout_n samples)")
     ap.add_argument("--rollout-n", type=int, default=2)
     ap.add_argument("--max-steps", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of ours, seed lock-step, strongest lock-step")
     ap.add_argument("--history-images", type=int, default=5, help="screenshots kept in the prompt (UI-TARS: 5)")
+    ap.add_argument("--server-cores", default=None, metavar="LIST",
+                    help="pin the vLLM server to these cores (e.g. 1) and everything else to the rest")
     a = ap.parse_args()
-    with VLLMService(port=18600) as v, EnvService(num=a.desktops, port=18700) as e:
+    with VLLMService(port=_free_port()) as v, EnvService(num=a.desktops, port=_free_port()) as e:
+        if a.server_cores:
+            server = {int(c) for c in a.server_cores.split(",")}
+            rest = set(os.sched_getaffinity(0)) - server
+            if not rest:
+                raise SystemExit(f"--server-cores {a.server_cores} leaves no core for the desktops")
+            print(f"model server on cores {sorted(server)} ({pin(v.proc.pid, server)} threads), desktops and "
+                  f"scheduler on {sorted(rest)} ({pin(e.proc.pid, rest) + pin(os.getpid(), rest)} threads)", flush=True)
         result = asyncio.run(bench(a, v.url, v.model, e.url, e.token))
     print(json.dumps(result))
     return 0

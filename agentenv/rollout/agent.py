@@ -33,7 +33,7 @@ def make_agent(name: str, **kwargs: Any) -> "Agent":
 
 @dataclass
 class Turn:
-    image_url: str        # the screenshot as a data URL, encoded once and reused every turn
+    image_url: str        # the screenshot as a data URL, encoded once and reused every turn ("": out of the window)
     reply: str | None = None  # the model's reply to it (None until it answered; "" is a reply)
 
 
@@ -108,6 +108,14 @@ class UITarsAgent(Agent):
             if turn.reply is not None:
                 msgs.append({"role": "assistant", "content": turn.reply})
         return msgs
+
+    def observe(self, state: AgentState, png: bytes) -> None:
+        super().observe(state, png)
+        # The screenshot that just left the history window is never shown again: drop its data URL,
+        # so a trajectory holds at most history_images screenshots, not one per step.
+        gone = len(state.turns) - self.history_images - 1
+        if gone >= 0:
+            state.turns[gone].image_url = ""
 
     def _first_image(self, state: AgentState) -> int:
         return max(0, len(state.turns) - self.history_images)

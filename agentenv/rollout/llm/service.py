@@ -48,6 +48,7 @@ class _Endpoint:
     draining: bool = False      # takes no new calls (a weight update is under way)
     model: str | None = None    # the model name to send, when it differs per endpoint (a LoRA adapter)
     version: int | None = None  # the policy version its weights are
+    api_key: str = "EMPTY"      # its bearer token (vLLM --api-key / VLLM_API_KEY)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -73,7 +74,7 @@ class ServiceLLM:
         endpoints: str | list[str] | Any,
         model: str | None = None,
         *,
-        api_key: str | None = None,
+        api_key: str | dict[str, str] | None = None,
         timeout_s: float = 120.0,
         connect_timeout_s: float = 5.0,
         max_retries: int = 4,
@@ -94,7 +95,9 @@ class ServiceLLM:
         self._sessions: dict[str, _Endpoint] = {}
         self._max_sessions = max_sessions
         self._model_lock = asyncio.Lock()
-        self._api_key = api_key or os.environ.get("VLLM_API_KEY") or "EMPTY"
+        # One key for every endpoint, or a key per endpoint URL (servers that made their own: Ray actors).
+        keys = {_normalize_url(u): k for u, k in api_key.items()} if isinstance(api_key, dict) else {}
+        self._api_key = (None if isinstance(api_key, dict) else api_key) or os.environ.get("VLLM_API_KEY") or "EMPTY"
         if isinstance(endpoints, str):
             endpoints = [u for u in endpoints.split(",") if u.strip()]
         if isinstance(endpoints, (list, tuple)):
@@ -102,20 +105,25 @@ class ServiceLLM:
                 raise ValueError("ServiceLLM needs at least one endpoint URL")
             self._endpoints = [
                 _Endpoint(url=(u := _normalize_url(e)),
-                          client=openai.AsyncOpenAI(base_url=u, api_key=self._api_key, timeout=self.timeout,
-                                                    max_retries=0), version=policy_version)
+                          client=openai.AsyncOpenAI(base_url=u, api_key=keys.get(u, self._api_key), timeout=self.timeout,
+                                                    max_retries=0), version=policy_version,
+                          api_key=keys.get(u, self._api_key))
                 for e in endpoints
             ]
         else:  # an OpenAI or AsyncOpenAI client given by the caller
             client = endpoints
             is_async = asyncio.iscoroutinefunction(client.chat.completions.create)
             self._endpoints = [_Endpoint(url=str(client.base_url).rstrip("/"), client=client,
-                                         is_async=is_async, version=policy_version)]
+                                         is_async=is_async, version=policy_version, api_key=self._api_key)]
 
     # ------------------------------------------------------------------ state
     @property
     def endpoints(self) -> list[str]:
         return [e.url for e in self._endpoints]
+
+    def api_key(self, url: str) -> str:
+        """The key sent to the endpoint ``url`` (one of ``endpoints``)."""
+        return next(e.api_key for e in self._endpoints if e.url == url)
 
     def stats(self) -> dict[str, dict[str, Any]]:
         now = time.monotonic()
@@ -333,7 +341,7 @@ class ServiceLLM:
                 ep.draining = False
 
     async def _post(self, ep: _Endpoint, path: str, body: Any, *, timeout: float, optional: bool = False) -> None:
-        headers = {"Authorization": f"Bearer {self._api_key}"}
+        headers = {"Authorization": f"Bearer {ep.api_key}"}
         try:
             async with httpx.AsyncClient(timeout=timeout) as http:
                 r = await http.post(ep.root + path, json=body, headers=headers)

@@ -1,0 +1,211 @@
+"""Desktops on a real local Ray cluster: a head node without desktops and 3 nodes that advertise
+{"desktop": 2}, all on loopback, each with its own raylet and workers (ray.cluster_utils.Cluster).
+
+The streaming test's checks with the desktops on 3 nodes; placement by the resource; a node killed
+mid-run (its raylet, workers, env service and X servers gone): its trajectories rerun elsewhere,
+every trajectory ends exactly once, the actor is restarted by Ray on a node that joins, and the
+pool takes its desktops back; after shutdown no process we started is left (by PID).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from agentenv.config import EnvConfig, RayConfig  # noqa: E402
+from agentenv.envs.pool import EnvPool  # noqa: E402
+from agentenv.integrations.ray import RayEnvFleet, discover, stay_on_loopback  # noqa: E402
+from agentenv.procs import descendants  # noqa: E402
+from agentenv.rollout.buffer import read_trajectories  # noqa: E402
+from agentenv.types import Status  # noqa: E402
+from agentenv.envs.tasks import builtin_tasks  # noqa: E402
+from tests.ray.pids import all_loopback, ident as _ident, listening_addresses, wait_gone as _wait_gone  # noqa: E402
+from tests.osworld.test_streaming_task_sampling import CLICK_ONLY, ROLLOUT_N, check_complete, make_scheduler  # noqa: E402
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+MB = 1024 * 1024
+NODE = {"node_ip_address": "127.0.0.1", "num_cpus": 1, "object_store_memory": 80 * MB}
+DESKTOPS_PER_NODE = 2
+# The lightest apps (a terminal, a calculator), on small screens: this machine's 2 cores also run
+# the model server and 4 raylets here, and the scheduler is under test, not the apps.
+TASK_IDS = ["terminal-mkdir", "calc-add", "terminal-sort", "calc-multiply", "terminal-copy", "calc-subtract"]
+SCREEN = EnvConfig(width=1280, height=720)
+
+
+def _ended_well(t) -> bool:
+    """A policy outcome; or, on this machine's 2 shared cores, an app that did not open its window
+    within the setup's 45 s (load from the other sessions, recorded as the task's failure). Never a
+    desktop or model-service failure."""
+    return t.status in (Status.MAX_STEPS, Status.FINISHED, Status.CALL_USER) or (
+        t.status == Status.TASK_ERROR and "no window appeared" in t.reason)
+
+
+def tasks() -> list:
+    by_id = {t.id: t for t in builtin_tasks()}
+    return [by_id[i] for i in TASK_IDS]
+
+
+class LocalCluster:
+    """Our own Ray cluster on loopback; every process it starts is remembered by PID."""
+
+    def __init__(self, exclude: set[int]):
+        from ray.cluster_utils import Cluster
+
+        os.environ["PYTHONPATH"] = str(ROOT)  # the actors import agentenv from this checkout
+        stay_on_loopback()
+        self.exclude = exclude  # the vLLM server's processes: not the cluster's
+        self.cluster = Cluster(initialize_head=True, head_node_args={
+            **NODE, "include_dashboard": False,
+            "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}})
+        self.desktop_nodes = [self.add_desktop_node() for _ in range(3)]
+        ray.init(address=self.cluster.address, namespace=f"agentenv-test-{uuid.uuid4().hex[:6]}",
+                 log_to_driver=False, _node_ip_address="127.0.0.1")
+        self.ours: set[tuple[int, str]] = set()
+        self.snapshot()
+
+    def add_desktop_node(self):
+        return self.cluster.add_node(**NODE, resources={"desktop": DESKTOPS_PER_NODE})
+
+    def snapshot(self) -> set[int]:
+        pids = {p for p in descendants(os.getpid()) if p not in self.exclude}
+        self.ours |= {i for p in pids if (i := _ident(p))}
+        return pids
+
+    def node(self, node_id: str):
+        return next(n for n in self.cluster.worker_nodes if n.node_id == node_id)
+
+    def shutdown(self) -> None:
+        if ray.is_initialized():
+            ray.shutdown()
+        self.cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_cluster(vllm_server):
+    vllm = {vllm_server.proc.pid, *descendants(vllm_server.proc.pid)} if vllm_server.proc else set()
+    c = LocalCluster(exclude=vllm)
+    yield c
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+async def fleet_pool(local_cluster):
+    fleet = RayEnvFleet(RayConfig(watch_s=0.5), SCREEN)
+    specs = await asyncio.to_thread(fleet.start)
+    pool = await EnvPool(specs, replace_timeout_s=30).start()
+    local_cluster.snapshot()
+    yield fleet, pool
+    await pool.aclose()
+    fleet.shutdown()
+
+
+def _node_of(fleet: RayEnvFleet, env_name: str) -> str:
+    return next(m.node_id for m in fleet.members if m.url and env_name.startswith(m.url + "/"))
+
+
+async def test_desktops_on_three_nodes_stream_like_on_one(local_cluster, fleet_pool, vllm_server, tmp_path,
+                                                          tiny_pixels):
+    fleet, pool = fleet_pool
+    head = local_cluster.cluster.head_node.node_id
+    desktop_nodes = {n.node_id for n in local_cluster.desktop_nodes}
+    # placement: one service per node that advertises the resource, none on the head (it has none)
+    assert sorted(m.node_id for m in fleet.members) == sorted(desktop_nodes) and head not in desktop_nodes
+    assert pool.size == 3 * DESKTOPS_PER_NODE and all(m.desktops == DESKTOPS_PER_NODE for m in fleet.members)
+    # discovery from any process of the cluster, by actor name: the same services
+    assert sorted(s.url for s in await asyncio.to_thread(discover)) == sorted(pool.services())
+    # everything we started listens on loopback only
+    pids = local_cluster.snapshot()
+    addrs = listening_addresses(pids)
+    assert all_loopback(addrs), addrs
+
+    async with fleet.watching(pool):
+        sched = make_scheduler(vllm_server.url, pool, tmp_path, tasks(), tiny_pixels)
+        summary = await sched.run()
+    assert summary["groups"] == len(TASK_IDS) and summary["trajectories"] == len(TASK_IDS) * ROLLOUT_N
+    ev = sched.stats.events
+    admits = [e for e in ev if e.kind == "admit"]
+    releases = [e for e in ev if e.kind == "release"]
+    groups = [e for e in ev if e.kind == "group"]
+    assert groups[0].t < admits[-1].t  # streaming: a group was in the buffer before the last admission
+    n = pool.size  # a freed desktop is leased again at once, in the order they were freed
+    assert [a.env for a in admits[n:]] == [r.env for r in releases[:len(admits) - n]]
+    assert {_node_of(fleet, a.env) for a in admits} == desktop_nodes  # all three nodes did work
+    trajs = check_complete(tmp_path, TASK_IDS)
+    assert all(_ended_well(t) for t in trajs), [(t.key, t.status, t.reason) for t in trajs]
+    ran = [t for t in trajs if t.status != Status.TASK_ERROR]
+    assert len(ran) >= len(trajs) - 2
+    for t in ran:
+        assert t.steps and all(s.token_ids for s in t.steps) and t.final_screenshot
+    assert fleet.dropped == 0 and pool.stats()["replaced"] == 0
+
+    # the env services' tokens are in no file of Ray's session (its logs) nor our services' logs
+    tokens = [m.info["token"] for m in fleet.members]
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    for f in [*session.rglob("*"), *Path("/tmp").glob("agentenv-envs-*/*")]:
+        if f.is_file() and f.stat().st_size < 50 * MB:
+            data = f.read_bytes()
+            assert not any(t.encode() in data for t in tokens), f"a token leaked into {f}"
+
+
+async def test_node_killed_mid_run_loses_nothing_and_its_desktops_come_back(local_cluster, fleet_pool, vllm_server,
+                                                                            tmp_path, tiny_pixels):
+    fleet, pool = fleet_pool
+    ids = TASK_IDS[:5]
+    sched = make_scheduler(vllm_server.url, pool, tmp_path, tasks()[:5], tiny_pixels, max_steps=6, regex=CLICK_ONLY)
+    killed: dict = {}
+
+    async def kill_a_busy_node() -> None:
+        while sched.stats.steps < 4:
+            await asyncio.sleep(0.05)
+        done = {(e.key, e.sample) for e in sched.stats.events if e.kind in ("release", "done")}
+        victim = next(e for e in reversed([e for e in sched.stats.events if e.kind == "admit"])
+                      if (e.key, e.sample) not in done)
+        node_id = _node_of(fleet, victim.env)
+        member = next(m for m in fleet.members if m.node_id == node_id)
+        busy = {(e.key, e.sample) for e in sched.stats.events if e.kind == "admit" and
+                (e.key, e.sample) not in done and _node_of(fleet, e.env) == node_id}
+        killed.update(node=node_id, url=member.url, trajs=busy, pids={i for p in member.info["pids"] + [member.info["actor_pid"]]
+                                                      if (i := _ident(p))})
+        await asyncio.to_thread(local_cluster.cluster.remove_node, local_cluster.node(node_id), False)
+        while fleet.dropped < 1:
+            await asyncio.sleep(0.1)
+        killed["size_after_loss"] = pool.size
+        local_cluster.desktop_nodes.append(local_cluster.add_desktop_node())  # a node joins: Ray restarts there
+
+    async with fleet.watching(pool):
+        await asyncio.gather(sched.run(), kill_a_busy_node())
+        deadline = time.monotonic() + 90
+        while pool.size < 3 * DESKTOPS_PER_NODE and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+    local_cluster.snapshot()
+
+    # the lost node's desktops left the pool; its actor came back on the new node with its desktops
+    assert killed["size_after_loss"] == 2 * DESKTOPS_PER_NODE
+    assert fleet.dropped == 1 and fleet.added == 1 and pool.size == 3 * DESKTOPS_PER_NODE
+    assert killed["node"] not in {m.node_id for m in fleet.members}
+    assert local_cluster.desktop_nodes[-1].node_id in {m.node_id for m in fleet.members}
+    assert not _wait_gone(killed["pids"]), "the killed node's actor, env service or X servers are still running"
+    # every trajectory ended exactly once; those on the lost node reran elsewhere and finished
+    trajs = {t.key: t for t in check_complete(tmp_path, ids)}
+    assert all(_ended_well(t) for t in trajs.values()), [(t.key, t.status, t.reason) for t in trajs.values()]
+    assert killed["trajs"]
+    for key in killed["trajs"]:
+        t = trajs[key]
+        assert t.attempts >= 2 and "rerun after" in t.reason, (key, t.attempts, t.reason)
+        assert not t.env_id.startswith(killed["url"] + "/")  # its last attempt ran on another node
+    assert len(read_trajectories(tmp_path)) == len(ids) * ROLLOUT_N
+
+    # shutdown: every process the cluster, the actors and the env services started is gone
+    await pool.aclose()
+    fleet.shutdown()
+    local_cluster.shutdown()
+    left = await asyncio.to_thread(_wait_gone, local_cluster.ours, 60.0)
+    assert not left, f"processes left after shutdown: {left}"
