@@ -9,6 +9,7 @@ from pathlib import Path
 import openpyxl
 import pytest
 
+from agentenv.envs.tasks import commands, metrics
 from agentenv.envs.tasks.evaluate import EvaluatorError, evaluate, validate_evaluator
 from agentenv.envs.tasks.getters import read_sheet_cells
 from agentenv.types import Task
