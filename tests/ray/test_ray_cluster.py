@@ -56,12 +56,14 @@ def tasks() -> list:
 class LocalCluster:
     """Our own Ray cluster on loopback; every process it starts is remembered by PID."""
 
-    def __init__(self, exclude: set[int]):
+    def __init__(self):
         from ray.cluster_utils import Cluster
 
         os.environ["PYTHONPATH"] = str(ROOT)  # the actors import agentenv from this checkout
         stay_on_loopback()
-        self.exclude = exclude  # the vLLM server's processes: not the cluster's
+        # What runs under pytest already (the session's vLLM server, env service and their children,
+        # now and later) is not the cluster's.
+        self.before = set(descendants(os.getpid()))
         self.cluster = Cluster(initialize_head=True, head_node_args={
             **NODE, "include_dashboard": False,
             "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}})
@@ -75,7 +77,8 @@ class LocalCluster:
         return self.cluster.add_node(**NODE, resources={"desktop": DESKTOPS_PER_NODE})
 
     def snapshot(self) -> set[int]:
-        pids = {p for p in descendants(os.getpid()) if p not in self.exclude}
+        others = {d for p in self.before for d in (p, *descendants(p))}
+        pids = {p for p in descendants(os.getpid()) if p not in others}
         self.ours |= {i for p in pids if (i := _ident(p))}
         return pids
 
@@ -90,8 +93,7 @@ class LocalCluster:
 
 @pytest.fixture(scope="module")
 def local_cluster(vllm_server):
-    vllm = {vllm_server.proc.pid, *descendants(vllm_server.proc.pid)} if vllm_server.proc else set()
-    c = LocalCluster(exclude=vllm)
+    c = LocalCluster()
     yield c
     c.shutdown()
 
