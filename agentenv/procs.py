@@ -6,13 +6,18 @@ to the *thread* that forked it, not the process, so every tied child is forked f
 long-lived thread of ours: a worker thread that ends (a request handler, a thread pool shut
 down after start-up) must not take its children with it.
 
+``guard(argv, grace)`` (``python agentenv/procs.py --grace S -- argv``) runs a server whose own
+children must not outlive it: tied in its place, it ends the server's whole process group.
+
 ``descendants(pid)`` is the process tree under a PID, read from /proc: tests and benchmarks use
 it to prove that nothing we started is left, without ever looking processes up by name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import os
 import signal
 import subprocess
 import threading
@@ -90,3 +95,62 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Every process in process group ``pgid`` but this one."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                    out.append(int(d.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def guard(argv: list[str], grace: float) -> int:
+    """Run ``argv`` as a child in this process's group and leave nothing of that group behind.
+
+    A server that forks helpers (vLLM's engine processes) may leave them orphaned when it is
+    signalled while it starts: PR_SET_PDEATHSIG reaches only the server. Started by ``spawn_tied``
+    in a session of its own, this guard is what gets the signal; it passes SIGTERM on to the
+    server, waits ``grace`` seconds, then SIGKILLs whatever is left in the group. It does the same
+    when the server exits on its own. Returns the server's exit status.
+    """
+    if os.getpgrp() != os.getpid():
+        os.setpgid(0, 0)
+    got: list[int] = []
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, lambda signum, _frame: got.append(signum))
+    child = subprocess.Popen(argv)
+    while child.poll() is None and not got:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(0.5)
+    if child.poll() is None:
+        child.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(grace)
+    for _ in range(3):  # a process that forked while we looked is caught on the next pass
+        for pid in _group_members(os.getpgrp()):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(1)
+    rc = child.returncode
+    return 128 + signal.SIGKILL if rc is None else (128 - rc if rc < 0 else rc)
+
+
+if __name__ == "__main__":  # python -I agentenv/procs.py --grace SECONDS -- argv...
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python agentenv/procs.py", description=guard.__doc__.split("\n")[0])
+    ap.add_argument("--grace", type=float, default=20.0)
+    ap.add_argument("argv", nargs=argparse.REMAINDER)
+    a = ap.parse_args()
+    argv = a.argv[1:] if a.argv[:1] == ["--"] else a.argv
+    if not argv:
+        ap.error("no command given")
+    sys.exit(guard(argv, a.grace))

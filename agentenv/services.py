@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 from loguru import logger
 
+from agentenv import procs
 from agentenv.config import AGENTENV_HOME
 from agentenv.procs import spawn_tied
 
@@ -106,7 +107,9 @@ class VLLMService:
         self.log = self.run_dir / f"vllm-{self.port}.log"
         # In the foreground, as our child, tied to our life: whatever ends us (SIGKILL included)
         # ends the server too. Its own session: stop() ends its whole process group.
-        cmd = ["bash", str(START_VLLM), "--foreground", "--host", self.host, "--port", str(self.port),
+        # Through the guard: a signal while the server starts must not orphan its engine process.
+        cmd = [sys.executable, "-I", str(Path(procs.__file__)), "--grace", "20", "--",
+               "bash", str(START_VLLM), "--foreground", "--host", self.host, "--port", str(self.port),
                "--run-dir", str(self.run_dir), *self.extra]
         env = _vllm_env()
         if self.api_key:  # in the environment, never on the command line
