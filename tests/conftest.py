@@ -8,13 +8,25 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_PORT = int(os.environ.get("AGENTENV_TEST_VLLM_PORT", "18000"))
 ENV_PORT = int(os.environ.get("AGENTENV_TEST_ENV_PORT", "18100"))
+
+
+def wait_for(pred: Callable[[], object], timeout: float = 10.0, every: float = 0.2) -> bool:
+    """Poll ``pred`` until it is true or ``timeout`` seconds pass; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(every)
+    return bool(pred())
 
 
 @pytest.fixture(scope="session")

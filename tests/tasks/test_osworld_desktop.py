@@ -15,6 +15,7 @@ from agentenv.envs.tasks.evaluate import evaluate
 from agentenv.envs.tasks.setup import TaskSetupError
 from agentenv.envs.xvfb import DesktopSpec, LocalDesktop, make_desktop
 from agentenv.types import Action, Task
+from tests.conftest import wait_for
 from tests.tasks.conftest import load_sample
 
 
@@ -35,15 +36,6 @@ def act(d: LocalDesktop, *actions: Action, settle: float = 0.4) -> None:
     for a in actions:
         assert d.execute(a) == {}, a
     time.sleep(settle)
-
-
-def wait_for(pred, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def test_sudo_python_and_home_user_setup_then_vm_command_line(desktop, samples, agentenv_home):

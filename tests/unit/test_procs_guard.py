@@ -6,8 +6,9 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from tests.conftest import wait_for
 
 from agentenv import procs
 from agentenv.procs import alive, descendants
@@ -15,24 +16,15 @@ from agentenv.procs import alive, descendants
 GUARD = [sys.executable, "-I", str(Path(procs.__file__))]
 
 
-def _wait_for(pred, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
-
-
 def test_a_signalled_guard_ends_a_server_that_ignores_sigterm_and_its_children():
     # The "server" ignores SIGTERM and has a child of its own, as vLLM's engine process is.
     server = "trap '' TERM; sleep 300 & sleep 300; wait"
     g = subprocess.Popen(GUARD + ["--grace", "1", "--", "bash", "-c", server], start_new_session=True)
-    assert _wait_for(lambda: len(descendants(g.pid)) >= 3), descendants(g.pid)
+    assert wait_for(lambda: len(descendants(g.pid)) >= 3), descendants(g.pid)
     tree = descendants(g.pid)
     g.send_signal(signal.SIGTERM)
     assert g.wait(20) == 128 + signal.SIGKILL  # the server never exited by itself: it was killed
-    assert _wait_for(lambda: not any(alive(p) for p in tree)), [p for p in tree if alive(p)]
+    assert wait_for(lambda: not any(alive(p) for p in tree)), [p for p in tree if alive(p)]
 
 
 def test_a_server_that_exits_leaves_no_orphan_and_its_status_is_passed_on():
@@ -40,4 +32,4 @@ def test_a_server_that_exits_leaves_no_orphan_and_its_status_is_passed_on():
                          stdout=subprocess.PIPE, text=True)
     orphan = int(g.stdout.readline())
     assert g.wait(20) == 3
-    assert _wait_for(lambda: not alive(orphan))
+    assert wait_for(lambda: not alive(orphan))
