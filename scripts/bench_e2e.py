@@ -63,7 +63,13 @@ async def ours(llm, pool, agent, sampling, tasks, n, max_steps) -> dict:
             "steps_per_s": round(s["steps"] / dt, 3), "traj_per_hour": round(s["trajectories"] / dt * 3600)}
 
 
-async def lockstep(llm, client: AsyncEnvClient, agent, sampling, tasks, n, max_steps, desktops) -> dict:
+async def lockstep(llm, agent, sampling, tasks, n, max_steps, desktops, *, acquire, release,
+                   calls_together: bool, poll_s: float) -> dict:
+    """``desktops // n`` groups at a time; every step waits for the group's slowest sample.
+
+    ``acquire(n)`` / ``release(envs)`` give a group its desktops and take them back; the group's
+    model calls go one after another or together; ``poll_s`` > 0: completion is polled that often
+    (the seed's 5 s, after the last group too)."""
     steps = 0
     trajectories = 0
     failed = 0
@@ -75,60 +81,7 @@ async def lockstep(llm, client: AsyncEnvClient, agent, sampling, tasks, n, max_s
         nonlocal steps, trajectories, failed
         while not queue.empty():
             task = queue.get_nowait()
-            created = await asyncio.gather(*[client.create() for _ in range(n)])  # a desktop per sample
-            envs = [AsyncDesktopEnv(client, e["id"], (e["width"], e["height"])) for e in created]
-            try:
-                size = agent.image_size(envs[0].screen)
-                try:
-                    obs = await asyncio.gather(*[e.reset(task, size) for e in envs])
-                except EnvRequestError:  # a setup that failed (an app slow to open under load): the
-                    failed += 1          # group ends as ours would end it (task_error), the run goes on
-                    continue
-                states = [agent.start(task.instruction, o.screen) for o in obs]
-                active = list(range(n))
-                for _ in range(max_steps):
-                    actions = {}
-                    for i in active:  # the group's model calls, one after another
-                        agent.observe(states[i], obs[i].png)
-                        c = await llm.chat(agent.messages(states[i]), sampling, session=f"{task.id}#{i}")
-                        agent.record_reply(states[i], c.text)
-                        actions[i] = agent.parse(states[i], c.text).actions
-                        steps += 1
-                    results = await asyncio.gather(*[envs[i].step(actions[i][0], size) for i in active
-                                                     if actions[i]])  # lock-step: wait for all
-                    for i, (o, _, _) in zip([i for i in active if actions[i]], results):
-                        obs[i] = o
-                    active = [i for i in active if not (actions[i] and actions[i][0].is_terminal)]
-                    if not active:
-                        break
-                await asyncio.gather(*[e.evaluate(task) for e in envs])
-                trajectories += n
-            finally:
-                await asyncio.gather(*[client.close(e.id) for e in envs])  # destroyed per task
-            await asyncio.sleep(5.0 - (time.monotonic() % 5.0))  # completion polled every 5 s
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*[group_slot() for _ in range(max(1, desktops // n))])
-    dt = time.perf_counter() - t0
-    return {"seconds": round(dt, 1), "trajectories": trajectories, "steps": steps,
-            "steps_per_s": round(steps / dt, 3), "traj_per_hour": round(trajectories / dt * 3600),
-            "groups_failed_setup": failed}
-
-
-async def lockstep_strong(llm, pool: EnvPool, agent, sampling, tasks, n, max_steps, desktops) -> dict:
-    """The strongest lock-step: desktops reused, the group's model calls together, no polling."""
-    steps = 0
-    trajectories = 0
-    failed = 0
-    queue: asyncio.Queue = asyncio.Queue()
-    for t in tasks:
-        queue.put_nowait(t)
-
-    async def group_slot() -> None:
-        nonlocal steps, trajectories, failed
-        while not queue.empty():
-            task = queue.get_nowait()
-            envs = [await pool.acquire() for _ in range(n)]
+            envs = await acquire(n)
             try:
                 size = agent.image_size(envs[0].screen)
                 try:
@@ -141,8 +94,14 @@ async def lockstep_strong(llm, pool: EnvPool, agent, sampling, tasks, n, max_ste
                 for _ in range(max_steps):
                     for i in active:
                         agent.observe(states[i], obs[i].png)
-                    replies = await asyncio.gather(*[llm.chat(agent.messages(states[i]), sampling,
-                                                              session=f"{task.id}#{i}") for i in active])
+
+                    def call(i: int):
+                        return llm.chat(agent.messages(states[i]), sampling, session=f"{task.id}#{i}")
+
+                    if calls_together:
+                        replies = await asyncio.gather(*[call(i) for i in active])
+                    else:
+                        replies = [await call(i) for i in active]
                     actions = {}
                     for i, c in zip(active, replies):
                         agent.record_reply(states[i], c.text)
@@ -159,8 +118,9 @@ async def lockstep_strong(llm, pool: EnvPool, agent, sampling, tasks, n, max_ste
                 await asyncio.gather(*[e.evaluate(task) for e in envs])
                 trajectories += n
             finally:
-                for e in envs:
-                    await pool.release(e)
+                await release(envs)
+            if poll_s:
+                await asyncio.sleep(poll_s - (time.monotonic() % poll_s))
 
     t0 = time.perf_counter()
     await asyncio.gather(*[group_slot() for _ in range(max(1, desktops // n))])
@@ -168,6 +128,33 @@ async def lockstep_strong(llm, pool: EnvPool, agent, sampling, tasks, n, max_ste
     return {"seconds": round(dt, 1), "trajectories": trajectories, "steps": steps,
             "steps_per_s": round(steps / dt, 3), "traj_per_hour": round(trajectories / dt * 3600),
             "groups_failed_setup": failed}
+
+
+def lockstep_seed(llm, client: AsyncEnvClient, agent, sampling, tasks, n, max_steps, desktops):
+    """The seed's design: a group's desktops made and destroyed per task, its model calls one after
+    another, completion polled every 5 s."""
+    async def acquire(k: int) -> list[AsyncDesktopEnv]:
+        created = await asyncio.gather(*[client.create() for _ in range(k)])
+        return [AsyncDesktopEnv(client, e["id"], (e["width"], e["height"])) for e in created]
+
+    async def release(envs: list[AsyncDesktopEnv]) -> None:
+        await asyncio.gather(*[client.close(e.id) for e in envs])
+
+    return lockstep(llm, agent, sampling, tasks, n, max_steps, desktops, acquire=acquire, release=release,
+                    calls_together=False, poll_s=5.0)
+
+
+def lockstep_strong(llm, pool: EnvPool, agent, sampling, tasks, n, max_steps, desktops):
+    """The strongest lock-step: desktops reused (from the pool), the group's calls together, no polling."""
+    async def acquire(k: int) -> list:
+        return [await pool.acquire() for _ in range(k)]
+
+    async def release(envs: list) -> None:
+        for e in envs:
+            await pool.release(e)
+
+    return lockstep(llm, agent, sampling, tasks, n, max_steps, desktops, acquire=acquire, release=release,
+                    calls_together=True, poll_s=0.0)
 
 
 def _ratios(rounds: list[dict], other: str) -> dict:
@@ -190,7 +177,7 @@ async def bench(a, vllm_url, model, env_url, token) -> dict:
     try:
         for r in range(a.rounds):
             o = await ours(llm, pool, agent, sampling, tasks, a.rollout_n, a.max_steps)
-            seed = await lockstep(llm, client, agent, sampling, tasks, a.rollout_n, a.max_steps, a.desktops)
+            seed = await lockstep_seed(llm, client, agent, sampling, tasks, a.rollout_n, a.max_steps, a.desktops)
             strong = await lockstep_strong(llm, pool, agent, sampling, tasks, a.rollout_n, a.max_steps, a.desktops)
             rounds.append({"ours": o, "seed": seed, "strong": strong})
             print(f"round {r + 1}: ours {o['steps_per_s']} steps/s, lock-step (seed) {seed['steps_per_s']}, "
