@@ -21,7 +21,7 @@ ray = pytest.importorskip("ray")
 
 from agentenv.config import EnvConfig, RayConfig  # noqa: E402
 from agentenv.envs.pool import EnvPool  # noqa: E402
-from agentenv.integrations.ray import RayEnvFleet, discover, stay_on_loopback  # noqa: E402
+from agentenv.integrations.ray import RayFleet, discover, stay_on_loopback  # noqa: E402
 from agentenv.procs import descendants  # noqa: E402
 from agentenv.rollout.buffer import read_trajectories  # noqa: E402
 from agentenv.types import Status  # noqa: E402
@@ -100,7 +100,7 @@ def local_cluster(vllm_server):
 
 @pytest.fixture(scope="module")
 async def fleet_pool(local_cluster):
-    fleet = RayEnvFleet(RayConfig(watch_s=0.5), SCREEN)
+    fleet = RayFleet(RayConfig(watch_s=0.5), SCREEN)
     specs = await asyncio.to_thread(fleet.start)
     pool = await EnvPool(specs, replace_timeout_s=30).start()
     local_cluster.snapshot()
@@ -109,7 +109,7 @@ async def fleet_pool(local_cluster):
     fleet.shutdown()
 
 
-def _node_of(fleet: RayEnvFleet, env_name: str) -> str:
+def _node_of(fleet: RayFleet, env_name: str) -> str:
     return next(m.node_id for m in fleet.members if m.url and env_name.startswith(m.url + "/"))
 
 
@@ -146,7 +146,7 @@ async def test_desktops_on_three_nodes_stream_like_on_one(local_cluster, fleet_p
     assert len(ran) >= len(trajs) - 2
     for t in ran:
         assert t.steps and all(s.token_ids for s in t.steps) and t.final_screenshot
-    assert fleet.dropped == 0 and pool.stats()["replaced"] == 0
+    assert fleet.lost["env"] == 0 and pool.stats()["replaced"] == 0
 
     # the env services' tokens are in no file of Ray's session (its logs) nor our services' logs
     tokens = [m.info["token"] for m in fleet.members]
@@ -177,7 +177,7 @@ async def test_node_killed_mid_run_loses_nothing_and_its_desktops_come_back(loca
         killed.update(node=node_id, url=member.url, trajs=busy, pids={i for p in member.info["pids"] + [member.info["actor_pid"]]
                                                       if (i := _ident(p))})
         await asyncio.to_thread(local_cluster.cluster.remove_node, local_cluster.node(node_id), False)
-        while fleet.dropped < 1:
+        while fleet.lost["env"] < 1:
             await asyncio.sleep(0.1)
         killed["size_after_loss"] = pool.size
         local_cluster.desktop_nodes.append(local_cluster.add_desktop_node())  # a node joins: Ray restarts there
@@ -191,7 +191,7 @@ async def test_node_killed_mid_run_loses_nothing_and_its_desktops_come_back(loca
 
     # the lost node's desktops left the pool; its actor came back on the new node with its desktops
     assert killed["size_after_loss"] == 2 * DESKTOPS_PER_NODE
-    assert fleet.dropped == 1 and fleet.added == 1 and pool.size == 3 * DESKTOPS_PER_NODE
+    assert fleet.lost["env"] == 1 and fleet.returned["env"] == 1 and pool.size == 3 * DESKTOPS_PER_NODE
     assert killed["node"] not in {m.node_id for m in fleet.members}
     assert local_cluster.desktop_nodes[-1].node_id in {m.node_id for m in fleet.members}
     assert not _wait_gone(killed["pids"]), "the killed node's actor, env service or X servers are still running"
