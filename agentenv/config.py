@@ -103,7 +103,7 @@ class RayConfig(_Strict):
     host: str | None = None          # what the env services bind; None: their node's address
     max_restarts: int = -1           # Ray restarts a lost env service or vLLM actor this often (-1: always)
     watch_s: float = Field(1.0, gt=0)  # how often lost and returned services are looked for
-    return_timeout_s: float = 600.0  # an empty pool, or an LLM with no endpoint up, waits this long for one to come back
+    return_timeout_s: float = 600.0  # an empty pool, or an LLM with no endpoint up, waits this long for one back
     start_timeout_s: float = 300.0   # every env service up, or `run` stops
     local_cpus: int = 2              # address=local: the cluster of our own (its desktops: env.local_desktops)
     # Start nothing: use the actors another run of this namespace started (rank 0 of tasks.world_size

@@ -152,6 +152,8 @@ async def run_async(cfg: RunConfig, llm: Any, services: list[ServiceSpec], *, ti
         logger.error("could not merge the part files: {}", e)
         summary["output"] = str(Path(cfg.output.dir, "parts"))
         summary.setdefault("error", f"could not merge the part files: {e}")
+    if hasattr(sched.llm, "stats"):  # calls served by each model server in use at the end
+        summary["llm_endpoints"] = sched.llm.stats()
     if fleet is not None:
         summary["ray"] = fleet.report()
     summary["stopped_early"] = sched.stopping

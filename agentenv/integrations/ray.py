@@ -226,8 +226,8 @@ def share(items: list[Any], rank: int, world_size: int) -> list[Any]:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
     mine = items[rank::world_size]
     if not mine:
-        raise RaySetupError(f"scheduler {rank} of {world_size} gets no env service: the cluster has {len(items)} "
-                            "(use fewer schedulers, or ray.desktops_per_actor for more, smaller services)")
+        raise RaySetupError(f"scheduler {rank} of {world_size} gets no env service: there are {len(items)} (use "
+                            "fewer schedulers, or ray.desktops_per_actor for more, smaller services)")
     return mine
 
 

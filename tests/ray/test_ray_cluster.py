@@ -1,7 +1,8 @@
 """Desktops on a real local Ray cluster: a head node without desktops and 3 nodes that advertise
 {"desktop": 2}, all on loopback, each with its own raylet and workers (ray.cluster_utils.Cluster).
 
-The streaming test's checks with the desktops on 3 nodes; placement by the resource; a node killed
+The streaming test's checks with the desktops on 3 nodes; placement by the resource; two schedulers
+each with its share of the services and of the tasks; a node killed
 mid-run (its raylet, workers, env service and X servers gone): its trajectories rerun elsewhere,
 every trajectory ends exactly once, the actor is restarted by Ray on a node that joins, and the
 pool takes its desktops back; after shutdown no process we started is left (by PID).
@@ -155,6 +156,47 @@ async def test_desktops_on_three_nodes_stream_like_on_one(local_cluster, fleet_p
         if f.is_file() and f.stat().st_size < 50 * MB:
             data = f.read_bytes()
             assert not any(t.encode() in data for t in tokens), f"a token leaked into {f}"
+
+
+async def test_one_scheduler_per_node_each_with_its_share(local_cluster, fleet_pool, vllm_server, tmp_path,
+                                                       tiny_pixels):
+    """Two schedulers (as on two nodes: one process each would do the same) take the actors the
+    fleet started: each its share of the env services (RayFleet.attach) and of the tasks
+    (TaskSource rank / world_size), each its own buffer."""
+    fleet, _ = fleet_pool  # started the services; its own pool stays idle here
+    ids = TASK_IDS[:4]
+    every = [m.url for m in fleet.members]
+    fleets = [RayFleet(RayConfig(watch_s=0.5, start_timeout_s=60)) for _ in range(2)]
+    specs = [await asyncio.to_thread(f.attach, rank, 2, vllm=False) for rank, f in enumerate(fleets)]
+    # each its share, disjoint, together every service; a one-off look gives the same shares
+    assert [[s.url for s in sp] for sp in specs] == [every[0::2], every[1::2]]
+    for rank in range(2):
+        assert [s.url for s in await asyncio.to_thread(discover, rank=rank, world_size=2)] == every[rank::2]
+    pools = [await EnvPool(sp, replace_timeout_s=30).start() for sp in specs]
+    outs = [tmp_path / f"rank{rank}" for rank in range(2)]
+    scheds = [make_scheduler(vllm_server.url, pools[r], outs[r], tasks()[:4], tiny_pixels, max_steps=2, rank=r,
+                             world_size=2) for r in range(2)]
+    try:
+        async with fleets[0].watching(pools[0]), fleets[1].watching(pools[1]):
+            summaries = await asyncio.gather(*(s.run() for s in scheds))
+    finally:
+        for p in pools:
+            await p.aclose()
+    for rank, (sched, summary) in enumerate(zip(scheds, summaries)):
+        assert summary["trajectories"] == len(ids[rank::2]) * ROLLOUT_N and "error" not in summary
+        # its desktops only: every admission on a service of its share
+        mine = every[rank::2]
+        assert all(any(e.env.startswith(u + "/") for u in mine) for e in sched.stats.events if e.kind == "admit")
+    # the tasks: disjoint shares that together are the task set, each in its own buffer, nothing twice
+    written = [check_complete(outs[r], ids[r::2]) for r in range(2)]
+    keys = [{t.key for t in w} for w in written]
+    assert not keys[0] & keys[1] and keys[0] | keys[1] == {(i, s) for i in ids for s in range(ROLLOUT_N)}
+    assert all(_ended_well(t) for w in written for t in w), [(t.key, t.status, t.reason) for w in written for t in w]
+    # the attached fleets leave the actors running (the fleet that started them stops them)
+    for f in fleets:
+        f.shutdown()
+    assert sorted(s.url for s in await asyncio.to_thread(discover)) == sorted(every)
+    assert fleet.lost["env"] == 0 and all(f.lost["env"] == 0 for f in fleets)
 
 
 async def test_node_killed_mid_run_loses_nothing_and_its_desktops_come_back(local_cluster, fleet_pool, vllm_server,

@@ -137,7 +137,8 @@ class ServiceLLM:
     async def add_endpoint(self, url: str, api_key: str | None = None) -> None:
         """Take a new server in (a restarted one: new port, new key). It must answer ``/health``;
         after an ``update_weights`` it first loads those weights (drained meanwhile), so it never
-        serves an older policy. Raises ``LLMError`` (and adds nothing) when either fails."""
+        serves an older policy. Raises (and adds nothing) when either fails: ``LLMError`` for a
+        server that does not answer."""
         ep = self._endpoint(url, api_key)
         if any(e.url == ep.url for e in self._endpoints):
             await ep.client.close()
