@@ -11,7 +11,9 @@ pool takes its desktops back; after shutdown no process we started is left (by P
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -160,43 +162,58 @@ async def test_desktops_on_three_nodes_stream_like_on_one(local_cluster, fleet_p
 
 async def test_one_scheduler_per_node_each_with_its_share(local_cluster, fleet_pool, vllm_server, tmp_path,
                                                        tiny_pixels):
-    """Two schedulers (as on two nodes: one process each would do the same) take the actors the
-    fleet started: each its share of the env services (RayFleet.attach) and of the tasks
-    (TaskSource rank / world_size), each its own buffer."""
+    """Two schedulers, as on two nodes, over the actors the fleet started: rank 0 in this process
+    (RayFleet.attach), rank 1 an `agentenv run --ray ADDRESS --set ray.attach=true` process; each
+    takes its share of the env services and of the tasks (rank / world_size) and writes its own buffer."""
     fleet, _ = fleet_pool  # started the services; its own pool stays idle here
-    ids = TASK_IDS[:4]
+    # both shard the same list: the task source's order (here the built-in tasks'), then every 2nd
+    items = [t for t in builtin_tasks() if t.id in TASK_IDS[:4]]
+    ids = [t.id for t in items]
     every = [m.url for m in fleet.members]
-    fleets = [RayFleet(RayConfig(watch_s=0.5, start_timeout_s=60)) for _ in range(2)]
-    specs = [await asyncio.to_thread(f.attach, rank, 2, vllm=False) for rank, f in enumerate(fleets)]
-    # each its share, disjoint, together every service; a one-off look gives the same shares
-    assert [[s.url for s in sp] for sp in specs] == [every[0::2], every[1::2]]
-    for rank in range(2):
-        assert [s.url for s in await asyncio.to_thread(discover, rank=rank, world_size=2)] == every[rank::2]
-    pools = [await EnvPool(sp, replace_timeout_s=30).start() for sp in specs]
+    # a one-off look from any process: disjoint shares that together are every service
+    shares = [[s.url for s in await asyncio.to_thread(discover, rank=r, world_size=2)] for r in range(2)]
+    assert shares == [every[0::2], every[1::2]]
     outs = [tmp_path / f"rank{rank}" for rank in range(2)]
-    scheds = [make_scheduler(vllm_server.url, pools[r], outs[r], tasks()[:4], tiny_pixels, max_steps=2, rank=r,
-                             world_size=2) for r in range(2)]
+
+    own = RayFleet(RayConfig(watch_s=0.5, start_timeout_s=60))
+    specs = await asyncio.to_thread(own.attach, 0, 2, vllm=False)
+    assert [s.url for s in specs] == shares[0]
+    pool = await EnvPool(specs, replace_timeout_s=30).start()
+    sched = make_scheduler(vllm_server.url, pool, outs[0], items, tiny_pixels, max_steps=2, rank=0, world_size=2)
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agentenv", "run", "--ray", local_cluster.cluster.address,
+        "--set", f"ray.namespace={ray.get_runtime_context().namespace}", "--set", "ray.attach=true",
+        "--set", "tasks.rank=1", "--set", "tasks.world_size=2", "--set", f"tasks.ids=[{', '.join(ids)}]",
+        "--set", f"llm.url={vllm_server.url}", "--set", f"llm.model={vllm_server.model}",
+        "--set", "loop.max_steps=2", "--set", f"output.dir={outs[1]}", "--set", "progress=false",
+        "--set", "env.width=1280", "--set", "env.height=720",
+        cwd=ROOT, env={k: v for k, v in os.environ.items() if k not in ("VLLM_SERVER_URL", "ENV_SERVER_URL")},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
     try:
-        async with fleets[0].watching(pools[0]), fleets[1].watching(pools[1]):
-            summaries = await asyncio.gather(*(s.run() for s in scheds))
+        async with own.watching(pool):
+            summary, (out, err) = await asyncio.gather(sched.run(), cli.communicate())
     finally:
-        for p in pools:
-            await p.aclose()
-    for rank, (sched, summary) in enumerate(zip(scheds, summaries)):
-        assert summary["trajectories"] == len(ids[rank::2]) * ROLLOUT_N and "error" not in summary
-        # its desktops only: every admission on a service of its share
-        mine = every[rank::2]
-        assert all(any(e.env.startswith(u + "/") for u in mine) for e in sched.stats.events if e.kind == "admit")
+        if cli.returncode is None:
+            cli.kill()
+            await cli.wait()
+        await pool.aclose()
+    assert cli.returncode == 0, err.decode()[-3000:]
+    cli_summary = json.loads(out.decode().strip().splitlines()[-1])
+    for rank, sm in enumerate([summary, cli_summary]):
+        assert sm["trajectories"] == len(ids[rank::2]) * ROLLOUT_N and "error" not in sm, sm
+    assert cli_summary["ray"]["env_services"] == len(shares[1]) and cli_summary["ray"]["vllm_actors"] == 0
     # the tasks: disjoint shares that together are the task set, each in its own buffer, nothing twice
     written = [check_complete(outs[r], ids[r::2]) for r in range(2)]
     keys = [{t.key for t in w} for w in written]
     assert not keys[0] & keys[1] and keys[0] | keys[1] == {(i, s) for i in ids for s in range(ROLLOUT_N)}
     assert all(_ended_well(t) for w in written for t in w), [(t.key, t.status, t.reason) for w in written for t in w]
-    # the attached fleets leave the actors running (the fleet that started them stops them)
-    for f in fleets:
-        f.shutdown()
+    # each ran on its share of the desktops only
+    for rank, w in enumerate(written):
+        assert all(any(t.env_id.startswith(u + "/") for u in shares[rank]) for t in w), [t.env_id for t in w]
+    # attached schedulers leave the actors running (the fleet that started them stops them)
+    own.shutdown()
     assert sorted(s.url for s in await asyncio.to_thread(discover)) == sorted(every)
-    assert fleet.lost["env"] == 0 and all(f.lost["env"] == 0 for f in fleets)
+    assert fleet.lost["env"] == 0 and own.lost["env"] == 0 and cli_summary["ray"]["lost"] == 0
 
 
 async def test_node_killed_mid_run_loses_nothing_and_its_desktops_come_back(local_cluster, fleet_pool, vllm_server,
