@@ -101,12 +101,16 @@ class RayConfig(_Strict):
     desktops_per_actor: int | None = Field(None, ge=1)  # None: one env service per node with all its desktops
     actors: int | None = Field(None, ge=1)  # with desktops_per_actor; None: as many as the cluster's resource allows
     host: str | None = None          # what the env services bind; None: their node's address
-    max_restarts: int = -1           # Ray restarts a lost env service this often (-1: always)
+    max_restarts: int = -1           # Ray restarts a lost env service or vLLM actor this often (-1: always)
     watch_s: float = Field(1.0, gt=0)  # how often lost and returned services are looked for
-    return_timeout_s: float = 600.0  # an empty pool waits this long for a lost service to come back
+    return_timeout_s: float = 600.0  # an empty pool, or an LLM with no endpoint up, waits this long for one back
     start_timeout_s: float = 300.0   # every env service up, or `run` stops
     local_cpus: int = 2              # address=local: the cluster of our own (its desktops: env.local_desktops)
-    # Model servers as Ray actors when llm.url is unset (else llm.url's servers are used as given):
+    # Start nothing: use the actors another run of this namespace started (rank 0 of tasks.world_size
+    # schedulers): this run's share (tasks.rank) of the env services, and its vLLM actors if llm.url is unset.
+    attach: bool = False
+    # Model servers as Ray actors when llm.url is unset (else llm.url's servers are used as given),
+    # restarted by Ray (max_restarts) and taken back in by ServiceLLM like the env services:
     vllm_actors: int = Field(0, ge=0)
     vllm_resources: dict[str, float] = Field(default_factory=lambda: {"GPU": 1.0})  # each actor's
     vllm_args: list[str] = Field(default_factory=list)  # start_vllm_service.sh options: --model PATH, ...

@@ -10,8 +10,11 @@ service), the model server and the desktops, and stops with a message that says 
 With no services configured it starts what it needs on loopback (the tiny model on vLLM, an env
 service with ``env.local_desktops`` desktops) and stops them at the end; they are tied to this
 process and end with it, however it ends. With ``--ray`` (the ``ray`` section) the desktops are
-env services on the Ray cluster's nodes that advertise ``ray.resource``, found and watched by
-``agentenv.integrations.ray``: a node lost mid-run costs reruns, not trajectories. SIGINT/SIGTERM: stop admitting, let trajectories in
+env services on the Ray cluster's nodes that advertise ``ray.resource`` (and, with
+``ray.vllm_actors``, the model servers are Ray actors too), found and watched by
+``agentenv.integrations.ray``: a node or server lost mid-run costs reruns or a wait, not
+trajectories. With ``tasks.world_size`` > 1 each scheduler uses its share of the env services:
+rank 0 starts them all, the others attach (``ray.attach``). SIGINT/SIGTERM: stop admitting, let trajectories in
 flight finish, flush, exit; a second signal abandons them (they rerun on --resume). While
 starting, a signal stops what was started and exits.
 """
@@ -89,8 +92,9 @@ def _metrics_server(port: int, sched: StreamingScheduler) -> None:
 
 async def run_async(cfg: RunConfig, llm: Any, services: list[ServiceSpec], *, tiny: bool = False,
                     items: list[Any] | None = None, fleet: Any = None) -> dict:
-    """``fleet``: a started ``RayEnvFleet`` whose services are among ``services``; it is watched
-    while the scheduler runs (lost nodes out of the pool, returning ones back in)."""
+    """``fleet``: a started ``RayFleet`` whose services are among ``services`` (and whose vLLM
+    actors serve ``llm``, if it has any); it is watched while the scheduler runs (lost services and
+    model servers out, returning ones back in)."""
     try:
         pool = await EnvPool(services, timeout_s=cfg.loop.step_timeout_s).start()
     except EnvError as e:
@@ -126,7 +130,7 @@ async def run_async(cfg: RunConfig, llm: Any, services: list[ServiceSpec], *, ti
         progress = asyncio.ensure_future(_progress(sched, total, cfg.progress))
         try:
             async with serve_live(sched, cfg.output.live_port, cfg.output.dir), \
-                    (fleet.watching(pool) if fleet is not None else contextlib.nullcontext()):
+                    (fleet.watching(pool, sched.llm) if fleet is not None else contextlib.nullcontext()):
                 summary = await sched.run()
         finally:
             progress.cancel()
@@ -148,8 +152,10 @@ async def run_async(cfg: RunConfig, llm: Any, services: list[ServiceSpec], *, ti
         logger.error("could not merge the part files: {}", e)
         summary["output"] = str(Path(cfg.output.dir, "parts"))
         summary.setdefault("error", f"could not merge the part files: {e}")
+    if hasattr(sched.llm, "stats"):  # calls served by each model server in use at the end
+        summary["llm_endpoints"] = sched.llm.stats()
     if fleet is not None:
-        summary["ray"] = {"env_services": len(fleet.members), "lost": fleet.dropped, "returned": fleet.added}
+        summary["ray"] = fleet.report()
     summary["stopped_early"] = sched.stopping
     summary["run_dir"] = cfg.output.dir
     with contextlib.suppress(OSError):
@@ -183,12 +189,20 @@ def run(cfg: RunConfig) -> dict:
     items = check_tasks(cfg.tasks, osworld_like=cfg.env.sandbox)              # before any service: a typo fails in a second
     check_output(cfg.output)
     with _signals_interrupt(), contextlib.ExitStack() as stack:
+        fleet, specs, endpoints = None, [], []
+        rank, world_size = cfg.tasks.rank, cfg.tasks.world_size
         if cfg.ray.address:
-            _join_ray(cfg, stack)
+            fleet = _join_ray(cfg, stack)
+            if cfg.ray.attach:  # another scheduler (rank 0) started them: our share, and its model servers
+                specs = _ray_setup(fleet.attach, rank, world_size, vllm=cfg.llm.url is None)
+                endpoints = fleet.llm_endpoints()
+            elif cfg.llm.url is None and cfg.ray.vllm_actors:
+                endpoints = _ray_setup(fleet.start_vllm)
         tiny = cfg.llm.url is None or (cfg.llm.model or "").startswith("tiny-uitars")
         keys: dict[str, str] = {}
-        if cfg.llm.url is None and cfg.ray.address and cfg.ray.vllm_actors:
-            url, model, keys = _start_vllm_actors(cfg, stack)
+        if cfg.llm.url is None and endpoints:
+            url, model = [e.url for e in endpoints], cfg.llm.model or endpoints[0].model
+            keys = {e.url: e.api_key for e in endpoints}
             tiny = model.startswith("tiny-uitars")
         elif cfg.llm.url is None:
             svc = stack.enter_context(VLLMService(port=cfg.llm.port))
@@ -204,9 +218,9 @@ def run(cfg: RunConfig) -> dict:
             cfg.output.max_ready_groups = 0
         logger.info("run directory: {}", run_dir)
         services = [ServiceSpec(s.url, s.token, s.desktops) for s in cfg.env.services]
-        fleet = None
-        if cfg.ray.address:
-            fleet, specs = _start_fleet(cfg, stack)
+        if fleet is not None:
+            if not cfg.ray.attach:
+                specs = _ray_setup(fleet.start, rank, world_size)
             services += specs
         elif not services:
             os.environ.update(cfg.downloads.to_env())  # the env service runs the downloads
@@ -219,48 +233,33 @@ def run(cfg: RunConfig) -> dict:
                                                 sandbox=cfg.env.sandbox, upload_roots=roots,
                                                 network=cfg.env.sandbox_network))
             services = [ServiceSpec(es.url, es.token)]
-        summary = asyncio.run(run_async(cfg, llm, services, tiny=tiny, items=items, fleet=fleet))
-        if "ray" in summary:
-            summary["ray"]["vllm_actors"] = len(keys)
-        return summary
+        return asyncio.run(run_async(cfg, llm, services, tiny=tiny, items=items, fleet=fleet))
 
 
-def _join_ray(cfg: RunConfig, stack: contextlib.ExitStack) -> None:
+def _join_ray(cfg: RunConfig, stack: contextlib.ExitStack) -> Any:
+    """Join the cluster; the fleet of this run's actors, stopped on the way out (then Ray)."""
     import ray
 
-    from agentenv.integrations.ray import init_ray
+    from agentenv.integrations.ray import RayFleet, init_ray
 
     try:
         init_ray(cfg.ray, cfg.env.local_desktops)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise PreflightError(f"cannot join the Ray cluster at {cfg.ray.address!r}: {e}") from e
     stack.callback(ray.shutdown)
-
-
-def _start_vllm_actors(cfg: RunConfig, stack: contextlib.ExitStack) -> tuple[list[str], str, dict[str, str]]:
-    """vLLM servers as Ray actors (stopped on the way out): their URLs, served name, API keys."""
-    from agentenv.integrations.ray import RaySetupError, start_vllm_actors, stop_actors
-
-    try:
-        handles, infos = start_vllm_actors(cfg.ray)
-    except RaySetupError as e:
-        raise PreflightError(str(e)) from e
-    stack.callback(stop_actors, handles)
-    return [i["url"] for i in infos], cfg.llm.model or infos[0]["model"], {i["url"]: i["api_key"] for i in infos}
-
-
-def _start_fleet(cfg: RunConfig, stack: contextlib.ExitStack) -> tuple[Any, list[ServiceSpec]]:
-    """An env service on each node of the cluster with desktops (stopped on the way out); the
-    fleet and its services."""
-    from agentenv.integrations.ray import RayEnvFleet, RaySetupError
-
-    fleet = RayEnvFleet(cfg.ray, cfg.env)
-    try:
-        specs = fleet.start()
-    except RaySetupError as e:
-        raise PreflightError(str(e)) from e
+    fleet = RayFleet(cfg.ray, cfg.env)
     stack.callback(fleet.shutdown)
-    return fleet, specs
+    return fleet
+
+
+def _ray_setup(step: Any, *args: Any, **kw: Any) -> Any:
+    """A fleet's start or attach, its failure said as a preflight error."""
+    from agentenv.integrations.ray import RaySetupError
+
+    try:
+        return step(*args, **kw)
+    except RaySetupError as e:
+        raise PreflightError(str(e)) from e
 
 
 def main(argv: list[str] | None = None) -> int:

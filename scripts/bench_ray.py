@@ -96,7 +96,7 @@ def real_desktops(a) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
-    from agentenv.integrations.ray import RayEnvFleet, stay_on_loopback
+    from agentenv.integrations.ray import RayFleet, stay_on_loopback
     from agentenv.services import EnvService
 
     os.environ["PYTHONPATH"] = str(ROOT)
@@ -111,7 +111,7 @@ def real_desktops(a) -> dict:
                  _node_ip_address="127.0.0.1")
         screen = EnvConfig(width=1280, height=720)
         for k in a.nodes:
-            fleet = RayEnvFleet(RayConfig(desktops_per_actor=a.desktops_per_node, actors=k), screen)
+            fleet = RayFleet(RayConfig(desktops_per_actor=a.desktops_per_node, actors=k), screen)
             plain = [EnvService(a.desktops_per_node, port=_free_port(), width=1280, height=720) for _ in range(k)]
             try:
                 ray_specs = fleet.start()

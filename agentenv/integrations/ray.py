@@ -1,34 +1,43 @@
-"""Desktops across a Ray cluster: env services as Ray actors, found and watched by the scheduler.
+"""Desktops and model servers across a Ray cluster: services as Ray actors, found and watched by
+the scheduler.
 
 Each node that should run desktops advertises a custom resource, one unit per desktop::
 
     ray start --head                                           # the scheduler's machine
     ray start --address HEAD:6379 --resources '{"desktop": 8}'   # each desktop machine
 
-``RayEnvFleet`` starts one ``EnvServiceActor`` per such node (or actors of ``desktops_per_actor``
-desktops each, placed by Ray wherever the resource is free). An actor runs ``agentenv serve-envs``
-as its child, on its node's address, with a bearer token it makes itself; the scheduler learns
-every service (URL and token, from the actor's ``info()`` reply, never from a log) without a list
-typed by hand. The data path stays HTTP between the scheduler and the env services: screenshots
-never go through Ray's object store.
+``RayFleet.start()`` starts one ``EnvServiceActor`` per such node (or actors of
+``desktops_per_actor`` desktops each, placed by Ray wherever the resource is free). An actor runs
+``agentenv serve-envs`` as its child, on its node's address, with a bearer token it makes itself;
+the scheduler learns every service (URL and token, from the actor's ``info()`` reply, never from a
+log) without a list typed by hand. The data path stays HTTP between the scheduler and the env
+services: screenshots never go through Ray's object store.
 
-Node loss: the fleet watches its actors (Ray's actor table, and each service's ``/health``).
-When a node dies, its service is dropped from the ``EnvPool`` (its desktops are never replaced;
-the trajectories that ran on them fail with ``EnvDeadError`` and rerun elsewhere, within
-``scheduler.env_retries``), Ray restarts the actor (``max_restarts``) where the resource is free
-(the node that comes back, another one), and the fleet brings the new service's desktops into the
-pool. While actors are on their way back an empty pool waits (``return_timeout_s``) instead of
-ending the run. The serve-envs child is tied to its actor (``spawn_tied``): an actor that dies
-takes its env service and desktops with it.
+Model servers: URLs as without Ray, or ``RayFleet.start_vllm()`` (``ray.vllm_actors``): vLLM
+servers as ``VLLMServiceActor``s where ``ray.vllm_resources`` fit (GPU nodes), each with an API key
+it makes itself.
 
-Model servers: URLs as without Ray, or ``start_vllm_actors`` (``ray.vllm_actors``): vLLM servers as
-Ray actors where ``ray.vllm_resources`` fit (GPU nodes), each with an API key it makes itself;
-not restarted (``ServiceLLM`` fails over to the others).
+Loss: the fleet watches its actors of both kinds (Ray's actor table, and each server's
+``/health``). When a node dies or a server exits, its service is dropped from the ``EnvPool`` (its
+desktops are never replaced; the trajectories that ran on them fail with ``EnvDeadError`` and rerun
+elsewhere, within ``scheduler.env_retries``) or its endpoint from the ``ServiceLLM`` (calls in
+flight there fail and are retried on the others); Ray restarts the actor (``max_restarts``) where
+its resources are free, and the fleet takes the new service's desktops, or the new server's URL and
+key, back in. While actors are on their way back an empty pool, or an LLM with no endpoint up,
+waits (``return_timeout_s``) instead of ending the run. Each server is its actor's tied child
+(``spawn_tied``), and an actor whose server exits exits too: they live and die together.
+
+Several schedulers (one per node, past ~10,000 trajectories): each takes the share ``rank`` of
+``world_size`` of the env services (``start(rank, world_size)`` in the one that starts them,
+``attach(rank, world_size)`` in the others; ``discover(rank=, world_size=)`` for a one-off look) and
+the same share of the tasks (``tasks.rank`` / ``tasks.world_size``); every scheduler uses every
+model server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import secrets
@@ -47,17 +56,39 @@ from loguru import logger
 from agentenv.config import EnvConfig, RayConfig
 from agentenv.envs.pool import EnvPool, ServiceSpec
 
-ACTOR_PREFIX = "agentenv-envs-"  # env-service actors are named agentenv-envs-<i> in the run's namespace
+# Actors are named <prefix><i> in the run's namespace: other processes of the cluster find them by name.
+ENV_PREFIX = "agentenv-envs-"
+VLLM_PREFIX = "agentenv-vllm-"
 _PENDING = ("DEPENDENCIES_UNREADY", "PENDING_CREATION", "RESTARTING")
 
 
 class RaySetupError(RuntimeError):
-    """The cluster cannot serve the desktops asked for (no node with the resource, actors that do
-    not start in time)."""
+    """The cluster cannot serve what was asked for (no node with the resource, actors that do not
+    start in time, no actors to attach to)."""
+
+
+@dataclass
+class LLMEndpoint:
+    """A model server that a Ray actor runs: where it is and the key it made (from the actor's reply)."""
+
+    url: str
+    api_key: str
+    model: str
+
+
+@dataclass
+class Replacement:
+    """A lost service or model server whose actor Ray restarted, and the fleet took back in."""
+
+    kind: str        # env | vllm
+    actor: str
+    old_url: str
+    new_url: str
+    node_id: str
 
 
 def _log_dir() -> Path:
-    """Where an actor's env service logs: beside Ray's own logs of the session (gone with them)."""
+    """Where an actor's server logs: beside Ray's own logs of the session (gone with them)."""
     node = getattr(ray._private.worker, "_global_node", None)
     if node is not None:
         return Path(node.get_logs_dir_path())
@@ -70,11 +101,32 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-class EnvServiceActor:
+class _ServerActor:
+    """What both actors share: the server (``self.proc``) is watched, and if it exits on its own the
+    actor exits too (ending what is left of the server's process group), so that Ray restarts both."""
+
+    proc: Any
+
+    def _supervise(self, what: str) -> None:
+        from agentenv.services import stop_group
+
+        self._stopping = False
+
+        def watch() -> None:
+            self.proc.wait()
+            if not self._stopping:  # it died under us: let Ray restart the actor and a fresh server
+                logger.error("{} (pid {}) exited with {}; the actor exits for Ray to restart it", what,
+                             self.proc.pid, self.proc.returncode)
+                stop_group(self.proc, grace=5.0)  # its children (vLLM's engine process) go too
+                os._exit(1)
+
+        threading.Thread(target=watch, daemon=True, name="agentenv-supervisor").start()
+
+
+class EnvServiceActor(_ServerActor):
     """One env service (``agentenv serve-envs``) on the node Ray placed this actor on.
 
-    Not decorated: ``RayEnvFleet`` applies ``ray.remote`` with the options of the run. If the env
-    service dies on its own, the actor exits so that Ray restarts both."""
+    Not decorated: ``RayFleet`` applies ``ray.remote`` with the options of the run."""
 
     def __init__(self, desktops: int, width: int, height: int, host: str | None = None, sandbox: bool = True,
                  network: bool = False):
@@ -100,19 +152,12 @@ class EnvServiceActor:
                 last = e
         else:
             raise RuntimeError(f"env service on node {self.node_id[:12]} ({self.host}) did not start: {last}")
-        self._stopping = False
-        threading.Thread(target=self._supervise, daemon=True, name="agentenv-envs-supervisor").start()
-
-    def _supervise(self) -> None:
-        self.svc.proc.wait()
-        if not self._stopping:  # it died under us: let Ray restart the actor and a fresh service
-            logger.error("env service {} exited with {}; the actor exits for Ray to restart it",
-                         self.svc.url, self.svc.proc.returncode)
-            os._exit(1)
+        self.proc = self.svc.proc
+        self._supervise(f"env service {self.svc.url}")
 
     def info(self) -> dict[str, Any]:
         """Where the service is and how to talk to it, plus what runs for it (PIDs, for tests)."""
-        pid = self.svc.proc.pid
+        pid = self.proc.pid
         return {"url": self.svc.url, "token": self.svc.token, "desktops": self.svc.num, "node_id": self.node_id,
                 "actor_pid": os.getpid(), "service_pid": pid, "pids": [pid, *self._descendants(pid)]}
 
@@ -122,26 +167,32 @@ class EnvServiceActor:
         self.svc.stop()
 
 
-class VLLMServiceActor:
+class VLLMServiceActor(_ServerActor):
     """A vLLM server (``start_vllm_service.sh``, tied to this actor) on the node Ray placed it on
-    (``ray.vllm_resources``: GPU nodes), on its node's address with an API key it makes itself."""
+    (``ray.vllm_resources``: GPU nodes), on its node's address with an API key it makes itself (a
+    new one, and a new port, per incarnation)."""
 
     def __init__(self, args: list[str], host: str | None = None, start_timeout_s: float = 900.0):
+        from agentenv.procs import descendants
         from agentenv.services import VLLMService
 
+        self._descendants = descendants
         self.node_id = ray.get_runtime_context().get_node_id()
         host = host or ray.util.get_node_ip_address()
         name = _arg(args, "--served-model-name") or Path(_arg(args, "--model") or "tiny-uitars").name
         run_dir = _log_dir() / f"agentenv-vllm-{os.getpid()}"
         self.svc = VLLMService(port=_free_port(host), extra=list(args), run_dir=run_dir, host=host, model=name,
                                api_key=secrets.token_urlsafe(24)).start(timeout=start_timeout_s)
+        self.proc = self.svc.proc
+        self._supervise(f"vLLM server {self.svc.url}")
 
     def info(self) -> dict[str, Any]:
-        pid = self.svc.proc.pid if self.svc.proc else None
+        pid = self.proc.pid
         return {"url": self.svc.url, "api_key": self.svc.api_key, "model": self.svc.model, "node_id": self.node_id,
-                "actor_pid": os.getpid(), "pids": [pid] if pid else []}
+                "actor_pid": os.getpid(), "service_pid": pid, "pids": [pid, *self._descendants(pid)]}
 
     def stop(self) -> None:
+        self._stopping = True
         self.svc.stop()
 
 
@@ -149,33 +200,8 @@ def _arg(args: list[str], flag: str) -> str | None:
     return args[args.index(flag) + 1] if flag in args and args.index(flag) + 1 < len(args) else None
 
 
-def start_vllm_actors(rcfg: RayConfig) -> tuple[list[Any], list[dict[str, Any]]]:
-    """``rcfg.vllm_actors`` model servers as Ray actors: their handles and ``info()`` (URL, API key,
-    served name). Not restarted by Ray: ``ServiceLLM`` fails over to the others when one is lost."""
-    resources = dict(rcfg.vllm_resources)
-    opts: dict[str, Any] = {"num_cpus": resources.pop("CPU", 0), "num_gpus": resources.pop("GPU", 0),
-                            "resources": resources, "max_restarts": 0}
-    cls = ray.remote(VLLMServiceActor)
-    handles = [cls.options(name=f"agentenv-vllm-{i}", **opts).remote(rcfg.vllm_args, rcfg.host)
-               for i in range(rcfg.vllm_actors)]
-    refs = [h.info.remote() for h in handles]
-    _, pending = ray.wait(refs, num_returns=len(refs), timeout=rcfg.start_timeout_s)
-    try:
-        if pending:
-            raise RaySetupError(f"{len(pending)} of {len(refs)} vLLM actors did not start within "
-                                f"{rcfg.start_timeout_s:.0f}s (ray.start_timeout_s; resources {rcfg.vllm_resources})")
-        infos = ray.get(refs)
-    except Exception as e:
-        stop_actors(handles)
-        if isinstance(e, RaySetupError):
-            raise
-        raise RaySetupError(f"a vLLM actor failed to start: {e}") from e
-    logger.info("ray: {} vLLM servers: {}", len(infos), ", ".join(i["url"] for i in infos))
-    return handles, infos
-
-
-def stop_actors(handles: list[Any], timeout_s: float = 60.0) -> None:
-    """Ask each actor to stop its service, then end the actors for good."""
+def _stop_actors(handles: list[Any], timeout_s: float = 60.0) -> None:
+    """Ask each actor to stop its server, then end the actors for good."""
     stops = []
     for h in handles:
         with contextlib.suppress(Exception):
@@ -187,24 +213,54 @@ def stop_actors(handles: list[Any], timeout_s: float = 60.0) -> None:
             ray.kill(h, no_restart=True)
 
 
+def _named(prefix: str) -> list[str]:
+    """The actors of this namespace named <prefix><i>, in the order of i (the same in every process)."""
+    names = [n for n in ray.util.list_named_actors() if n.startswith(prefix) and n[len(prefix):].isdigit()]
+    return sorted(names, key=lambda n: int(n[len(prefix):]))
+
+
+def share(items: list[Any], rank: int, world_size: int) -> list[Any]:
+    """Scheduler ``rank`` of ``world_size``'s share: every world_size-th item from ``rank``, as
+    ``TaskSource`` shards the tasks. Raises ``RaySetupError`` when the share is empty."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    mine = items[rank::world_size]
+    if not mine:
+        raise RaySetupError(f"scheduler {rank} of {world_size} gets no env service: there are {len(items)} (use "
+                            "fewer schedulers, or ray.desktops_per_actor for more, smaller services)")
+    return mine
+
+
 @dataclass
 class _Member:
     name: str
     handle: Any
-    desktops: int
-    url: str | None = None          # the service in the pool now (None: not in it)
+    kind: str                       # env | vllm
+    desktops: int = 0
+    owned: bool = True              # started by this fleet (its shutdown stops it); False: attached to
+    watched: bool = True            # this scheduler uses it (its share)
+    url: str | None = None          # the server in the pool / the LLM now (None: not in it)
     incarnation: int = -1           # Ray's restart count when it was added
     node_id: str = ""
     down_since: float | None = None
+    lost_url: str | None = None     # the URL it had when it was dropped
     info: dict[str, Any] | None = None
 
+    @property
+    def health_url(self) -> str:
+        assert self.url is not None
+        return self.url.removesuffix("/v1") + "/health"
 
-class RayEnvFleet:
-    """Env-service actors on a Ray cluster (``ray.init`` done by the caller), for an ``EnvPool``.
 
-        fleet = RayEnvFleet(cfg.ray, cfg.env)
+class RayFleet:
+    """Env-service and vLLM actors on a Ray cluster (``ray.init`` done by the caller), for an
+    ``EnvPool`` and a ``ServiceLLM``.
+
+        fleet = RayFleet(cfg.ray, cfg.env)
+        endpoints = fleet.start_vllm()                # optional: model servers as actors
+        llm = ServiceLLM([e.url for e in endpoints], api_key={e.url: e.api_key for e in endpoints})
         pool = await EnvPool(fleet.start()).start()
-        async with fleet.watching(pool):
+        async with fleet.watching(pool, llm):
             await scheduler.run()
         fleet.shutdown()
     """
@@ -212,12 +268,16 @@ class RayEnvFleet:
     def __init__(self, rcfg: RayConfig, env: EnvConfig | None = None):
         self.cfg, self.env = rcfg, env or EnvConfig()
         self.members: list[_Member] = []
-        self.added = 0    # services brought (back) into the pool after the start
-        self.dropped = 0  # services taken out of it
+        self.lost: collections.Counter[str] = collections.Counter()      # by kind: dropped after the start
+        self.returned: collections.Counter[str] = collections.Counter()  # by kind: taken back in
+        self.replaced: list[Replacement] = []
+
+    def of(self, kind: str) -> list[_Member]:
+        return [m for m in self.members if m.kind == kind]
 
     # ------------------------------------------------------------------ start
     def plan(self) -> list[tuple[int, dict[str, Any]]]:
-        """(desktops, ray options) per actor, from the nodes that advertise the resource now."""
+        """(desktops, ray options) per env actor, from the nodes that advertise the resource now."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         res = self.cfg.resource
@@ -237,41 +297,97 @@ class RayEnvFleet:
             raise RaySetupError(f"the cluster has {total} {res!r} units, fewer than desktops_per_actor={per}")
         return [(per, {"resources": {res: per}})] * count
 
-    def start(self) -> list[ServiceSpec]:
-        """Start the actors and wait for each service; returns their specs for ``EnvPool``."""
-        actor_cls = ray.remote(EnvServiceActor)
-        for i, (desktops, opts) in enumerate(self.plan()):
-            name = f"{ACTOR_PREFIX}{i}"
-            handle = actor_cls.options(name=name, num_cpus=0, max_restarts=self.cfg.max_restarts,
-                                       max_concurrency=4, **opts).remote(
-                desktops, self.env.width, self.env.height, self.cfg.host, self.env.sandbox, self.env.sandbox_network)
-            self.members.append(_Member(name, handle, desktops))
-        refs = [m.handle.info.remote() for m in self.members]
-        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.start_timeout_s)
+    def _ready(self, new: list[_Member], what: str, hint: str = "") -> list[dict[str, Any]]:
+        """Wait for the new members' actors to be up (``start_timeout_s``) and take their replies;
+        on failure everything this fleet started is stopped."""
+        refs = [m.handle.info.remote() for m in new]
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.start_timeout_s)
         if pending:
             self.shutdown()
-            raise RaySetupError(f"{len(pending)} of {len(refs)} env-service actors did not start within "
-                                f"{self.cfg.start_timeout_s:.0f}s (ray.start_timeout_s)")
+            raise RaySetupError(f"{len(pending)} of {len(refs)} {what} did not start within "
+                                f"{self.cfg.start_timeout_s:.0f}s (ray.start_timeout_s{hint})")
         try:
             infos = ray.get(refs)
         except ray.exceptions.RayError as e:
             self.shutdown()
-            raise RaySetupError(f"an env-service actor failed to start: {e}") from e
-        states = self._states()
-        for m, info in zip(self.members, infos):
+            raise RaySetupError(f"one of the {what} failed to start: {e}") from e
+        states = self._states(new)
+        for m, info in zip(new, infos):
             m.url, m.node_id, m.info = info["url"], info["node_id"], info
             m.incarnation = states.get(m.handle._actor_id.hex(), ("ALIVE", 0))[1]
-        logger.info("ray: {} env services, {} desktops on {} nodes", len(self.members),
-                    sum(m.desktops for m in self.members), len({m.node_id for m in self.members}))
-        return [ServiceSpec(i["url"], i["token"]) for i in infos]
+        return infos
+
+    def start(self, rank: int = 0, world_size: int = 1) -> list[ServiceSpec]:
+        """Start the env actors and wait for each service; returns the specs of scheduler
+        ``rank``'s share (all of them for one scheduler), the ones this fleet watches."""
+        plan = self.plan()
+        ours = set(share(list(range(len(plan))), rank, world_size))  # an empty share fails before anything starts
+        actor_cls = ray.remote(EnvServiceActor)
+        new = []
+        for i, (desktops, opts) in enumerate(plan):
+            name = f"{ENV_PREFIX}{i}"
+            handle = actor_cls.options(name=name, num_cpus=0, max_restarts=self.cfg.max_restarts,
+                                       max_concurrency=4, **opts).remote(
+                desktops, self.env.width, self.env.height, self.cfg.host, self.env.sandbox, self.env.sandbox_network)
+            new.append(_Member(name, handle, "env", desktops))
+        self.members += new
+        infos = self._ready(new, "env-service actors")
+        for i, m in enumerate(new):
+            m.watched = i in ours
+        mine = [m for m in new if m.watched]
+        logger.info("ray: {} env services, {} desktops on {} nodes{}", len(new), sum(m.desktops for m in new),
+                    len({m.node_id for m in new}), f"; scheduler {rank} of {world_size} uses {len(mine)}"
+                    if world_size > 1 else "")
+        return [ServiceSpec(i["url"], i["token"]) for m, i in zip(new, infos) if m.watched]
+
+    def start_vllm(self) -> list[LLMEndpoint]:
+        """``ray.vllm_actors`` model servers as Ray actors where ``ray.vllm_resources`` fit, restarted
+        by Ray like the env services; returns where they are."""
+        resources = dict(self.cfg.vllm_resources)
+        opts: dict[str, Any] = {"num_cpus": resources.pop("CPU", 0), "num_gpus": resources.pop("GPU", 0),
+                                "resources": resources, "max_restarts": self.cfg.max_restarts, "max_concurrency": 4}
+        cls = ray.remote(VLLMServiceActor)
+        new = [_Member(f"{VLLM_PREFIX}{i}", cls.options(name=f"{VLLM_PREFIX}{i}", **opts).remote(
+                   self.cfg.vllm_args, self.cfg.host, self.cfg.start_timeout_s), "vllm")
+               for i in range(self.cfg.vllm_actors)]
+        self.members += new
+        infos = self._ready(new, "vLLM actors", f"; resources {self.cfg.vllm_resources}")
+        logger.info("ray: {} vLLM servers: {}", len(infos), ", ".join(i["url"] for i in infos))
+        return [LLMEndpoint(i["url"], i["api_key"], i["model"]) for i in infos]
+
+    def attach(self, rank: int = 0, world_size: int = 1, *, vllm: bool = True) -> list[ServiceSpec]:
+        """Use the actors another process of this namespace started (a second scheduler): scheduler
+        ``rank``'s share of the env services, and (``vllm``) every vLLM actor (``llm_endpoints()``).
+        They are watched like our own; ``shutdown`` leaves them running. Waits ``start_timeout_s``
+        for them."""
+        deadline = time.monotonic() + self.cfg.start_timeout_s
+        while not (names := _named(ENV_PREFIX)):
+            if time.monotonic() > deadline:
+                raise RaySetupError(f"no env-service actors ({ENV_PREFIX}<i>) in the Ray namespace "
+                                    f"{self.cfg.namespace!r} after {self.cfg.start_timeout_s:.0f}s: start them "
+                                    "first (agentenv run --ray as rank 0, or RayFleet.start)")
+            time.sleep(1.0)
+        new = [_Member(n, ray.get_actor(n), "env", owned=False) for n in share(names, rank, world_size)]
+        new += [_Member(n, ray.get_actor(n), "vllm", owned=False) for n in (_named(VLLM_PREFIX) if vllm else [])]
+        self.members += new
+        infos = self._ready(new, "attached actors")
+        for m, info in zip(new, infos):
+            m.desktops = info.get("desktops", 0)
+        logger.info("ray: scheduler {} of {} attached to {} env services ({} desktops) and {} vLLM servers", rank,
+                    world_size, len(self.of("env")), sum(m.desktops for m in self.of("env")), len(self.of("vllm")))
+        return [ServiceSpec(m.url, m.info["token"]) for m in new if m.kind == "env" and m.url and m.info]
+
+    def llm_endpoints(self) -> list[LLMEndpoint]:
+        """The fleet's model servers in use now."""
+        return [LLMEndpoint(m.url, m.info["api_key"], m.info["model"]) for m in self.of("vllm") if m.url and m.info]
 
     # ------------------------------------------------------------------ watch
-    def _states(self) -> dict[str, tuple[str, int]]:
+    def _states(self, members: list[_Member] | None = None) -> dict[str, tuple[str, int]]:
         """actor id -> (state, restarts) from Ray's actor table (the GCS; no dashboard needed)."""
         from ray._private import state
 
         out: dict[str, tuple[str, int]] = {}
-        for m in self.members:
+        for m in self.members if members is None else members:
             a = state.actors(actor_id=m.handle._actor_id.hex())
             if a:
                 out[a["ActorID"]] = (a["State"], int(a.get("NumRestarts", 0)))
@@ -280,61 +396,91 @@ class RayEnvFleet:
     async def _healthy(self, http: httpx.AsyncClient, url: str) -> bool | None:
         """True: it answers; False: nothing listens (gone); None: no answer in time (not sure)."""
         try:
-            return (await http.get(url + "/health")).status_code == 200
+            return (await http.get(url)).status_code == 200
         except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
             return False
         except httpx.TimeoutException:
             return None
 
-    async def refresh(self, pool: EnvPool, http: httpx.AsyncClient) -> None:
-        """One look: drop the services that are gone, add those that came (back)."""
-        states = await asyncio.to_thread(self._states)
+    async def refresh(self, http: httpx.AsyncClient, pool: EnvPool | None = None, llm: Any = None) -> None:
+        """One look: drop the services and model servers that are gone, say how many are on their
+        way back (at once: a call that finds no endpoint then waits instead of spending its
+        retries), then add those that came (back)."""
+        watched = [m for m in self.members if m.watched and (pool if m.kind == "env" else llm) is not None]
+        states = await asyncio.to_thread(self._states, watched)
         now = time.monotonic()
-        expecting = 0
-        for m in self.members:
+        for m in watched:
             st, restarts = states.get(m.handle._actor_id.hex(), ("DEAD", 0))
-            if m.url is not None:
-                why = None
-                if st != "ALIVE" or restarts != m.incarnation:
-                    why = f"actor {m.name} is {st.lower()} (restarts {restarts})"
-                elif await self._healthy(http, m.url) is False:
-                    # Nothing listens: the service is gone (its actor exits and Ray restarts it on a
-                    # new port). No answer in time is not proof (load): the steps' own timeouts judge that.
-                    why = "its /health refuses connections"
-                if why is None:
-                    continue
-                pool.drop_service(m.url, f"{why}; node {m.node_id[:12]}")
-                self.dropped += 1
-                m.url, m.down_since = None, now
-            if st == "ALIVE":
-                try:
-                    info = await asyncio.wait_for(m.handle.info.remote(), timeout=10.0)
-                    await pool.add_service(ServiceSpec(info["url"], info["token"]))
-                except Exception as e:  # not up yet, or it died again: next look
-                    logger.debug("env-service actor {} not ready yet: {}", m.name, e)
-                    expecting += 1
-                    continue
-                m.url, m.node_id, m.info, m.incarnation, m.down_since = info["url"], info["node_id"], info, restarts, None
-                self.added += 1
-                logger.info("ray: env service {} back on node {} ({} desktops)", m.name, m.node_id[:12], m.desktops)
-            elif st in _PENDING and m.down_since is not None and now - m.down_since < self.cfg.return_timeout_s:
-                expecting += 1
-        pool.set_expecting(expecting)
+            if m.url is None:
+                continue
+            why = None
+            if st != "ALIVE" or restarts != m.incarnation:
+                why = f"actor {m.name} is {st.lower()} (restarts {restarts})"
+            elif await self._healthy(http, m.health_url) is False:
+                # Nothing listens: the server is gone (its actor exits and Ray restarts it on a
+                # new port). No answer in time is not proof (load): the calls' own timeouts judge that.
+                why = "its /health refuses connections"
+            if why is None:
+                continue
+            why = f"{why}; node {m.node_id[:12]}"
+            if m.kind == "env":
+                pool.drop_service(m.url, why)  # type: ignore[union-attr]
+            else:
+                llm.drop_endpoint(m.url, why)
+            self.lost[m.kind] += 1
+            m.lost_url, m.url, m.down_since = m.url, None, now
+        self._tell_expecting(watched, states, now, pool, llm)
+        added = False
+        for m in watched:
+            st, restarts = states.get(m.handle._actor_id.hex(), ("DEAD", 0))
+            # ALIVE in the incarnation that was dropped: the old actor on its way out, not back
+            if m.url is not None or st != "ALIVE" or restarts == m.incarnation:
+                continue
+            try:
+                info = await asyncio.wait_for(m.handle.info.remote(), timeout=10.0)
+                if m.kind == "env":
+                    await pool.add_service(ServiceSpec(info["url"], info["token"]))  # type: ignore[union-attr]
+                else:
+                    await llm.add_endpoint(info["url"], info["api_key"])
+            except Exception as e:  # not up yet, or it died again: next look
+                logger.debug("{} actor {} not ready yet: {}", m.kind, m.name, e)
+                continue
+            m.url, m.node_id, m.info, m.incarnation, m.down_since = info["url"], info["node_id"], info, restarts, None
+            self.returned[m.kind] += 1
+            added = True
+            if m.lost_url is not None:
+                self.replaced.append(Replacement(m.kind, m.name, m.lost_url, m.url, m.node_id))
+            logger.info("ray: {} actor {} back on node {}: {}", m.kind, m.name, m.node_id[:12], m.url)
+        if added:
+            self._tell_expecting(watched, states, now, pool, llm)
 
-    async def watch(self, pool: EnvPool) -> None:
+    def _tell_expecting(self, watched: list[_Member], states: dict[str, tuple[str, int]], now: float,
+                        pool: EnvPool | None, llm: Any) -> None:
+        """Out of the pool or the LLM, not dead for good, and lost less than ``return_timeout_s`` ago."""
+        expecting: collections.Counter[str] = collections.Counter(
+            m.kind for m in watched if m.url is None and m.down_since is not None
+            and states.get(m.handle._actor_id.hex(), ("DEAD", 0))[0] != "DEAD"
+            and now - m.down_since < self.cfg.return_timeout_s)
+        if pool is not None:
+            pool.set_expecting(expecting["env"])
+        if llm is not None and self.of("vllm"):
+            llm.set_expecting(expecting["vllm"])
+
+    async def watch(self, pool: EnvPool | None = None, llm: Any = None) -> None:
         """Look every ``watch_s`` until cancelled."""
         async with httpx.AsyncClient(timeout=httpx.Timeout(2.0)) as http:
             while True:
                 await asyncio.sleep(self.cfg.watch_s)
                 try:
-                    await self.refresh(pool, http)
+                    await self.refresh(http, pool, llm)
                 except Exception as e:  # the GCS unreachable for a moment must not end the run
-                    logger.opt(exception=e).warning("ray: watching the env services failed this time")
+                    logger.opt(exception=e).warning("ray: watching the actors failed this time")
 
     @contextlib.asynccontextmanager
-    async def watching(self, pool: EnvPool) -> AsyncIterator["RayEnvFleet"]:
-        """Watch while the body runs; the watcher ends with it."""
-        task = asyncio.ensure_future(self.watch(pool))
+    async def watching(self, pool: EnvPool | None = None, llm: Any = None) -> AsyncIterator["RayFleet"]:
+        """Watch while the body runs (the env services for ``pool``, the vLLM actors for ``llm``,
+        a ``ServiceLLM`` over their endpoints); the watcher ends with it."""
+        task = asyncio.ensure_future(self.watch(pool, llm))
         try:
             yield self
         finally:
@@ -342,19 +488,35 @@ class RayEnvFleet:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    def report(self) -> dict[str, Any]:
+        """For a run's summary: the actors, what was lost and came back, which servers replaced which."""
+        return {"env_services": len([m for m in self.of("env") if m.watched]), "lost": self.lost["env"],
+                "returned": self.returned["env"], "vllm_actors": len(self.of("vllm")),
+                "vllm_lost": self.lost["vllm"], "vllm_returned": self.returned["vllm"],
+                "replaced": [vars(r) for r in self.replaced]}
+
     # ------------------------------------------------------------------ stop
     def shutdown(self, timeout_s: float = 60.0) -> None:
-        """Stop every service (closing its desktops), then the actors, for good."""
-        stop_actors([m.handle for m in self.members], timeout_s)
+        """Stop every server this fleet started (closing its desktops), then its actors, for good;
+        actors it attached to are left running."""
+        _stop_actors([m.handle for m in self.members if m.owned], timeout_s)
         self.members = []
 
 
-def discover(timeout_s: float = 30.0) -> list[ServiceSpec]:
-    """The env services a fleet started in this Ray namespace, found by actor name: for another
-    process of the cluster (a second scheduler, a verl worker) that should use the same desktops."""
-    handles = [ray.get_actor(n) for n in ray.util.list_named_actors() if n.startswith(ACTOR_PREFIX)]
+def discover(timeout_s: float = 30.0, *, rank: int = 0, world_size: int = 1) -> list[ServiceSpec]:
+    """The env services a fleet started in this Ray namespace (scheduler ``rank``'s share of them),
+    found by actor name: for another process of the cluster (a second scheduler, a verl worker) that
+    should use the same desktops. ``RayFleet.attach`` does the same and follows their restarts."""
+    handles = [ray.get_actor(n) for n in share(_named(ENV_PREFIX), rank, world_size)]
     infos = ray.get([h.info.remote() for h in handles], timeout=timeout_s)
     return [ServiceSpec(i["url"], i["token"]) for i in infos]
+
+
+def discover_llm(timeout_s: float = 30.0) -> list[LLMEndpoint]:
+    """The model servers a fleet started in this Ray namespace (``ray.vllm_actors``), by actor name."""
+    handles = [ray.get_actor(n) for n in _named(VLLM_PREFIX)]
+    infos = ray.get([h.info.remote() for h in handles], timeout=timeout_s)
+    return [LLMEndpoint(i["url"], i["api_key"], i["model"]) for i in infos]
 
 
 def stay_on_loopback() -> None:

@@ -22,7 +22,7 @@ from agentenv._compat import timeout
 from agentenv.config import LoopConfig, RunConfig, Sampling, tiny_model_pixels
 from agentenv.envs.client import AsyncDesktopEnv, EnvRequestError
 from agentenv.rollout.agent import Agent, make_agent
-from agentenv.rollout.llm import LLM, LLMError, as_llm
+from agentenv.rollout.llm import LLM, Completion, LLMError, LLMNoEndpointError, Messages, as_llm
 from agentenv.rollout.uitars import ACTION_REGEX
 from agentenv.types import Action, Status, Step, Task, Trajectory
 
@@ -78,6 +78,20 @@ async def run_trajectory(traj: Trajectory, task: Task, env: AsyncDesktopEnv, rol
             release(session)
 
 
+async def _call_model(r: Rollout, messages: Messages, session: str) -> tuple[Completion, int]:
+    """One model call within ``step_timeout_s``, and the policy version when it started. While no
+    endpoint is up and one is on its way back (a model server Ray restarts), the call waits for it
+    outside the slot and the timeout (the LLM bounds that wait), then goes again."""
+    while True:
+        try:
+            async with r.llm_slot():
+                version = r.policy_version()
+                async with timeout(r.limits.step_timeout_s):
+                    return await r.llm.chat(messages, r.sampling, session=session), version
+        except LLMNoEndpointError:
+            await r.llm.wait_for_endpoint()  # type: ignore[attr-defined]  # only ServiceLLM raises it
+
+
 async def _run(traj: Trajectory, task: Task, env: AsyncDesktopEnv, r: Rollout, session: str) -> Trajectory:
     agent, limits, save = r.agent, r.limits, r.save_screenshot
     traj.env_id = env.name
@@ -100,10 +114,7 @@ async def _run(traj: Trajectory, task: Task, env: AsyncDesktopEnv, r: Rollout, s
             step.screenshot = save(traj, f"step-{i:03d}", obs.png)
         messages = agent.messages(state)
         try:
-            async with r.llm_slot():
-                version = r.policy_version()
-                async with timeout(limits.step_timeout_s):
-                    completion = await r.llm.chat(messages, r.sampling, session=session)
+            completion, version = await _call_model(r, messages, session)
         except asyncio.TimeoutError:
             traj.status, traj.reason = Status.TIMEOUT, f"model call of step {i} exceeded {limits.step_timeout_s}s"
             break

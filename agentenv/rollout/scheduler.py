@@ -13,7 +13,8 @@ a reason, never the run.
 Faults: a desktop that dies is replaced and its trajectory rerun (``env_retries``); when every
 desktop is lost, admission stops and ``run()`` returns with ``error`` in its summary; when a
 trajectory ends because the model service is unavailable, admission waits until the service
-answers its health check again instead of burning the queue.
+answers its health check again instead of burning the queue (and stops, with ``error``, once the
+LLM says every server is gone for good: ``ServiceLLM.exhausted``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from agentenv.config import SchedulerConfig
 from agentenv.envs.client import AsyncDesktopEnv, EnvDeadError, EnvError
 from agentenv.envs.pool import EnvPool, EnvPoolExhausted
 from agentenv.rollout.buffer import TrajectoryBuffer
+from agentenv.rollout.llm import LLMNoEndpointError
 from agentenv.rollout.loop import Rollout, run_trajectory
 from agentenv.rollout.sources import BrokenTask, TaskSource
 from agentenv.types import Status, Trajectory
@@ -205,6 +207,10 @@ class StreamingScheduler:
                 if warned:
                     logger.info("the model service answers again; admission resumes")
                 return True
+            if getattr(self.llm, "exhausted", False):
+                self.error = "every model server was lost and none is expected back"
+                logger.error("{}: admission stops", self.error)
+                return False
             if not warned:
                 logger.warning("the model service does not answer: admission paused until it does")
                 warned = True
@@ -373,10 +379,11 @@ class _LLMSlot:
                 s.stats.steps -= 1
                 raise
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, et: type[BaseException] | None = None, *exc: object) -> None:
         s = self.s
         s.stats.llm_in_flight -= 1
-        s.stats.steps += 1
+        if et is None or not issubclass(et, LLMNoEndpointError):  # no server to call: not a step; it goes again
+            s.stats.steps += 1
         if s.stats.llm_in_flight == 0:
             s._idle.set()
         s._llm_sem.release()

@@ -50,12 +50,14 @@ CLICK_ONLY = r"Thought: [a-z ]{1,12}\nAction: click\(start_box='\([12]?\d{1,2},[
 
 
 def make_scheduler(llm, pool, out: Path | None, items, tiny_pixels, max_steps=3,
-                   regex=ACTION_REGEX, step_timeout_s: float = 120) -> StreamingScheduler:
+                   regex=ACTION_REGEX, step_timeout_s: float = 120, rank: int = 0,
+                   world_size: int = 1) -> StreamingScheduler:
     agent = UITarsAgent(min_pixels=tiny_pixels[0], max_pixels=tiny_pixels[1], wait_s=0.2)
     buffer = TrajectoryBuffer(out, ROLLOUT_N)
     rollout = Rollout(as_llm(llm), agent, Sampling(temperature=1.0, max_tokens=48, regex=regex),
                       LoopConfig(max_steps=max_steps, step_timeout_s=step_timeout_s))
-    return StreamingScheduler(rollout, pool, buffer, TaskSource(items), SchedulerConfig(rollout_n=ROLLOUT_N, env_retries=2))
+    return StreamingScheduler(rollout, pool, buffer, TaskSource(items, rank=rank, world_size=world_size),
+                              SchedulerConfig(rollout_n=ROLLOUT_N, env_retries=2))
 
 
 @pytest.fixture

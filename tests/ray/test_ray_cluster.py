@@ -1,7 +1,8 @@
 """Desktops on a real local Ray cluster: a head node without desktops and 3 nodes that advertise
 {"desktop": 2}, all on loopback, each with its own raylet and workers (ray.cluster_utils.Cluster).
 
-The streaming test's checks with the desktops on 3 nodes; placement by the resource; a node killed
+The streaming test's checks with the desktops on 3 nodes; placement by the resource; two schedulers
+each with its share of the services and of the tasks; a node killed
 mid-run (its raylet, workers, env service and X servers gone): its trajectories rerun elsewhere,
 every trajectory ends exactly once, the actor is restarted by Ray on a node that joins, and the
 pool takes its desktops back; after shutdown no process we started is left (by PID).
@@ -10,7 +11,9 @@ pool takes its desktops back; after shutdown no process we started is left (by P
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -21,7 +24,7 @@ ray = pytest.importorskip("ray")
 
 from agentenv.config import EnvConfig, RayConfig  # noqa: E402
 from agentenv.envs.pool import EnvPool  # noqa: E402
-from agentenv.integrations.ray import RayEnvFleet, discover, stay_on_loopback  # noqa: E402
+from agentenv.integrations.ray import RayFleet, discover, stay_on_loopback  # noqa: E402
 from agentenv.procs import descendants  # noqa: E402
 from agentenv.rollout.buffer import read_trajectories  # noqa: E402
 from agentenv.types import Status  # noqa: E402
@@ -100,7 +103,7 @@ def local_cluster(vllm_server):
 
 @pytest.fixture(scope="module")
 async def fleet_pool(local_cluster):
-    fleet = RayEnvFleet(RayConfig(watch_s=0.5), SCREEN)
+    fleet = RayFleet(RayConfig(watch_s=0.5), SCREEN)
     specs = await asyncio.to_thread(fleet.start)
     pool = await EnvPool(specs, replace_timeout_s=30).start()
     local_cluster.snapshot()
@@ -109,7 +112,7 @@ async def fleet_pool(local_cluster):
     fleet.shutdown()
 
 
-def _node_of(fleet: RayEnvFleet, env_name: str) -> str:
+def _node_of(fleet: RayFleet, env_name: str) -> str:
     return next(m.node_id for m in fleet.members if m.url and env_name.startswith(m.url + "/"))
 
 
@@ -146,7 +149,7 @@ async def test_desktops_on_three_nodes_stream_like_on_one(local_cluster, fleet_p
     assert len(ran) >= len(trajs) - 2
     for t in ran:
         assert t.steps and all(s.token_ids for s in t.steps) and t.final_screenshot
-    assert fleet.dropped == 0 and pool.stats()["replaced"] == 0
+    assert fleet.lost["env"] == 0 and pool.stats()["replaced"] == 0
 
     # the env services' tokens are in no file of Ray's session (its logs) nor our services' logs
     tokens = [m.info["token"] for m in fleet.members]
@@ -155,6 +158,62 @@ async def test_desktops_on_three_nodes_stream_like_on_one(local_cluster, fleet_p
         if f.is_file() and f.stat().st_size < 50 * MB:
             data = f.read_bytes()
             assert not any(t.encode() in data for t in tokens), f"a token leaked into {f}"
+
+
+async def test_one_scheduler_per_node_each_with_its_share(local_cluster, fleet_pool, vllm_server, tmp_path,
+                                                       tiny_pixels):
+    """Two schedulers, as on two nodes, over the actors the fleet started: rank 0 in this process
+    (RayFleet.attach), rank 1 an `agentenv run --ray ADDRESS --set ray.attach=true` process; each
+    takes its share of the env services and of the tasks (rank / world_size) and writes its own buffer."""
+    fleet, _ = fleet_pool  # started the services; its own pool stays idle here
+    # both shard the same list: the task source's order (here the built-in tasks'), then every 2nd
+    items = [t for t in builtin_tasks() if t.id in TASK_IDS[:4]]
+    ids = [t.id for t in items]
+    every = [m.url for m in fleet.members]
+    # a one-off look from any process: disjoint shares that together are every service
+    shares = [[s.url for s in await asyncio.to_thread(discover, rank=r, world_size=2)] for r in range(2)]
+    assert shares == [every[0::2], every[1::2]]
+    outs = [tmp_path / f"rank{rank}" for rank in range(2)]
+
+    own = RayFleet(RayConfig(watch_s=0.5, start_timeout_s=60))
+    specs = await asyncio.to_thread(own.attach, 0, 2, vllm=False)
+    assert [s.url for s in specs] == shares[0]
+    pool = await EnvPool(specs, replace_timeout_s=30).start()
+    sched = make_scheduler(vllm_server.url, pool, outs[0], items, tiny_pixels, max_steps=2, rank=0, world_size=2)
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agentenv", "run", "--ray", local_cluster.cluster.address,
+        "--set", f"ray.namespace={ray.get_runtime_context().namespace}", "--set", "ray.attach=true",
+        "--set", "tasks.rank=1", "--set", "tasks.world_size=2", "--set", f"tasks.ids=[{', '.join(ids)}]",
+        "--set", f"llm.url={vllm_server.url}", "--set", f"llm.model={vllm_server.model}",
+        "--set", "loop.max_steps=2", "--set", f"output.dir={outs[1]}", "--set", "progress=false",
+        "--set", "env.width=1280", "--set", "env.height=720",
+        cwd=ROOT, env={k: v for k, v in os.environ.items() if k not in ("VLLM_SERVER_URL", "ENV_SERVER_URL")},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
+    try:
+        async with own.watching(pool):
+            summary, (out, err) = await asyncio.gather(sched.run(), cli.communicate())
+    finally:
+        if cli.returncode is None:
+            cli.kill()
+            await cli.wait()
+        await pool.aclose()
+    assert cli.returncode == 0, err.decode()[-3000:]
+    cli_summary = json.loads(out.decode().strip().splitlines()[-1])
+    for rank, sm in enumerate([summary, cli_summary]):
+        assert sm["trajectories"] == len(ids[rank::2]) * ROLLOUT_N and "error" not in sm, sm
+    assert cli_summary["ray"]["env_services"] == len(shares[1]) and cli_summary["ray"]["vllm_actors"] == 0
+    # the tasks: disjoint shares that together are the task set, each in its own buffer, nothing twice
+    written = [check_complete(outs[r], ids[r::2]) for r in range(2)]
+    keys = [{t.key for t in w} for w in written]
+    assert not keys[0] & keys[1] and keys[0] | keys[1] == {(i, s) for i in ids for s in range(ROLLOUT_N)}
+    assert all(_ended_well(t) for w in written for t in w), [(t.key, t.status, t.reason) for w in written for t in w]
+    # each ran on its share of the desktops only
+    for rank, w in enumerate(written):
+        assert all(any(t.env_id.startswith(u + "/") for u in shares[rank]) for t in w), [t.env_id for t in w]
+    # attached schedulers leave the actors running (the fleet that started them stops them)
+    own.shutdown()
+    assert sorted(s.url for s in await asyncio.to_thread(discover)) == sorted(every)
+    assert fleet.lost["env"] == 0 and own.lost["env"] == 0 and cli_summary["ray"]["lost"] == 0
 
 
 async def test_node_killed_mid_run_loses_nothing_and_its_desktops_come_back(local_cluster, fleet_pool, vllm_server,
@@ -177,7 +236,7 @@ async def test_node_killed_mid_run_loses_nothing_and_its_desktops_come_back(loca
         killed.update(node=node_id, url=member.url, trajs=busy, pids={i for p in member.info["pids"] + [member.info["actor_pid"]]
                                                       if (i := _ident(p))})
         await asyncio.to_thread(local_cluster.cluster.remove_node, local_cluster.node(node_id), False)
-        while fleet.dropped < 1:
+        while fleet.lost["env"] < 1:
             await asyncio.sleep(0.1)
         killed["size_after_loss"] = pool.size
         local_cluster.desktop_nodes.append(local_cluster.add_desktop_node())  # a node joins: Ray restarts there
@@ -191,7 +250,7 @@ async def test_node_killed_mid_run_loses_nothing_and_its_desktops_come_back(loca
 
     # the lost node's desktops left the pool; its actor came back on the new node with its desktops
     assert killed["size_after_loss"] == 2 * DESKTOPS_PER_NODE
-    assert fleet.dropped == 1 and fleet.added == 1 and pool.size == 3 * DESKTOPS_PER_NODE
+    assert fleet.lost["env"] == 1 and fleet.returned["env"] == 1 and pool.size == 3 * DESKTOPS_PER_NODE
     assert killed["node"] not in {m.node_id for m in fleet.members}
     assert local_cluster.desktop_nodes[-1].node_id in {m.node_id for m in fleet.members}
     assert not _wait_gone(killed["pids"]), "the killed node's actor, env service or X servers are still running"

@@ -12,11 +12,11 @@ never re-tokenized.
 """
 
 from agentenv.rollout.llm.adapters import TokenServerLLM, WrapperLLM, as_llm
-from agentenv.rollout.llm.base import (LLM, Completion, LLMError, LLMRequestError, LLMUnavailableError, Messages,
-                                       Sampling)
+from agentenv.rollout.llm.base import (LLM, Completion, LLMError, LLMNoEndpointError, LLMRequestError,
+                                       LLMUnavailableError, Messages, Sampling)
 from agentenv.rollout.llm.engines import AsyncEngineLLM, InProcessLLM, render_chat
 from agentenv.rollout.llm.service import ServiceLLM
 
-__all__ = ["LLM", "AsyncEngineLLM", "Completion", "InProcessLLM", "LLMError", "LLMRequestError",
+__all__ = ["LLM", "AsyncEngineLLM", "Completion", "InProcessLLM", "LLMError", "LLMNoEndpointError", "LLMRequestError",
            "LLMUnavailableError", "Messages", "Sampling", "ServiceLLM", "TokenServerLLM", "WrapperLLM", "as_llm",
            "render_chat"]

@@ -9,7 +9,8 @@ from agentenv.config import Sampling
 
 Messages = list[dict[str, Any]]
 
-__all__ = ["Completion", "LLM", "LLMError", "LLMRequestError", "LLMUnavailableError", "Messages", "Sampling"]
+__all__ = ["Completion", "LLM", "LLMError", "LLMNoEndpointError", "LLMRequestError", "LLMUnavailableError", "Messages",
+           "Sampling"]
 
 
 @dataclass
@@ -45,6 +46,12 @@ class LLMRequestError(LLMError):
 
 class LLMUnavailableError(LLMError):
     """No endpoint answered within the retry budget."""
+
+
+class LLMNoEndpointError(LLMUnavailableError):
+    """No endpoint is up now, and one is on its way back (a model server that Ray restarts): await
+    the LLM's ``wait_for_endpoint()``, then call again. Raised at once instead of waited out inside
+    the call, so the wait does not count against the call's own timeout (``loop.step_timeout_s``)."""
 
 
 @runtime_checkable

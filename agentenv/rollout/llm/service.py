@@ -16,11 +16,19 @@ down time is health-checked (``/health``) before it takes traffic again.
 Weights: ``update_weights`` swaps the weights one endpoint at a time (drain it, load, mark it
 up with the new policy version), so rollouts never all stop; every ``Completion`` carries the
 policy version of the endpoint that produced it.
+
+Endpoints that come and go (model servers as Ray actors, restarted on a new port with a new key:
+``agentenv.integrations.ray``): ``drop_endpoint`` takes a lost one out (its sessions move on their
+next turn), ``add_endpoint`` takes a new one in, first loading the weights of the last
+``update_weights`` into it (a restarted server starts from its checkpoint). While ``expecting`` says
+servers are on their way back and none is up, ``chat`` raises ``LLMNoEndpointError`` at once and
+``wait_for_endpoint()`` waits for one, instead of the call failing its retries.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import time
@@ -30,8 +38,8 @@ from typing import Any
 import httpx
 from loguru import logger
 
-from agentenv.rollout.llm.base import (Completion, LLMError, LLMRequestError, LLMUnavailableError, Messages,
-                                       Sampling)
+from agentenv.rollout.llm.base import (Completion, LLMError, LLMNoEndpointError, LLMRequestError,
+                                       LLMUnavailableError, Messages, Sampling)
 
 
 @dataclass
@@ -49,6 +57,7 @@ class _Endpoint:
     model: str | None = None    # the model name to send, when it differs per endpoint (a LoRA adapter)
     version: int | None = None  # the policy version its weights are
     api_key: str = "EMPTY"      # its bearer token (vLLM --api-key / VLLM_API_KEY)
+    removed: bool = False       # dropped (its server is gone): never picked again
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -56,7 +65,7 @@ class _Endpoint:
         return self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url
 
     def usable(self, now: float) -> bool:
-        return not self.draining and self.down_until <= now
+        return not self.draining and not self.removed and self.down_until <= now
 
 
 def _normalize_url(url: str) -> str:
@@ -85,8 +94,6 @@ class ServiceLLM:
         max_sessions: int = 100_000,
         policy_version: int | None = None,
     ):
-        import openai
-
         self.model = model or os.environ.get("VLLM_MODEL_NAME") or None
         self.timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
         self.max_retries, self.backoff_s, self.down_s = max_retries, backoff_s, down_s
@@ -95,6 +102,11 @@ class ServiceLLM:
         self._sessions: dict[str, _Endpoint] = {}
         self._max_sessions = max_sessions
         self._model_lock = asyncio.Lock()
+        self.expecting = 0            # endpoints on their way back (set by whoever watches them)
+        self._changed = asyncio.Event()  # set, and replaced, when endpoints or ``expecting`` change
+        self._retired: list[_Endpoint] = []   # dropped ones: their clients are closed by aclose()
+        self._version = policy_version  # what a new endpoint serves, until update_weights says otherwise
+        self._last_update: dict[str, Any] | None = None  # replayed on endpoints added later
         # One key for every endpoint, or a key per endpoint URL (servers that made their own: Ray actors).
         keys = {_normalize_url(u): k for u, k in api_key.items()} if isinstance(api_key, dict) else {}
         self._api_key = (None if isinstance(api_key, dict) else api_key) or os.environ.get("VLLM_API_KEY") or "EMPTY"
@@ -103,18 +115,109 @@ class ServiceLLM:
         if isinstance(endpoints, (list, tuple)):
             if not endpoints:
                 raise ValueError("ServiceLLM needs at least one endpoint URL")
-            self._endpoints = [
-                _Endpoint(url=(u := _normalize_url(e)),
-                          client=openai.AsyncOpenAI(base_url=u, api_key=keys.get(u, self._api_key), timeout=self.timeout,
-                                                    max_retries=0), version=policy_version,
-                          api_key=keys.get(u, self._api_key))
-                for e in endpoints
-            ]
+            self._endpoints = [self._endpoint(u, keys.get(_normalize_url(u))) for u in endpoints]
         else:  # an OpenAI or AsyncOpenAI client given by the caller
             client = endpoints
             is_async = asyncio.iscoroutinefunction(client.chat.completions.create)
             self._endpoints = [_Endpoint(url=str(client.base_url).rstrip("/"), client=client,
                                          is_async=is_async, version=policy_version, api_key=self._api_key)]
+
+    def _endpoint(self, url: str, api_key: str | None) -> _Endpoint:
+        import openai
+
+        u, key = _normalize_url(url), api_key or self._api_key
+        return _Endpoint(url=u, client=openai.AsyncOpenAI(base_url=u, api_key=key, timeout=self.timeout, max_retries=0),
+                         version=self._version, api_key=key)
+
+    # ------------------------------------------------------------------ endpoints that come and go
+    def _signal(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def add_endpoint(self, url: str, api_key: str | None = None) -> None:
+        """Take a new server in (a restarted one: new port, new key). It must answer ``/health``;
+        after an ``update_weights`` it first loads those weights (drained meanwhile), so it never
+        serves an older policy. Raises (and adds nothing) when either fails: ``LLMError`` for a
+        server that does not answer."""
+        ep = self._endpoint(url, api_key)
+        if any(e.url == ep.url for e in self._endpoints):
+            await ep.client.close()
+            raise ValueError(f"LLM endpoint {ep.url} is already in use")
+        if not await self._healthy(ep):
+            await ep.client.close()
+            raise LLMError(ep.url, "does not answer /health")
+        ep.draining = self._last_update is not None  # no calls before it has the current weights
+        self._endpoints.append(ep)
+        if self._last_update is not None:
+            try:
+                await self.update_weights(**self._last_update, only=[ep.url])
+            except BaseException:
+                self._endpoints.remove(ep)
+                await ep.client.close()
+                raise
+        logger.info("LLM endpoint {} added (policy version {}); endpoints now {}", ep.url, ep.version,
+                    len(self._endpoints))
+        self._signal()
+
+    def drop_endpoint(self, url: str, reason: str) -> bool:
+        """A server is gone (its actor restarts elsewhere): no call goes to it again, its sessions
+        move to the others on their next turn; calls in flight there fail and are retried. Returns
+        whether it was in use."""
+        url = _normalize_url(url)
+        ep = next((e for e in self._endpoints if e.url == url), None)
+        if ep is None:
+            return False
+        ep.removed = True
+        self._endpoints.remove(ep)
+        self._retired.append(ep)
+        for s in [s for s, e in self._sessions.items() if e is ep]:
+            del self._sessions[s]
+        logger.warning("LLM endpoint {} dropped ({}); endpoints now {}", url, reason, len(self._endpoints))
+        self._signal()
+        return True
+
+    @property
+    def exhausted(self) -> bool:
+        """Every endpoint was dropped and none is expected back: no call can ever be served."""
+        return not self._endpoints and not self.expecting
+
+    def set_expecting(self, n: int) -> None:
+        """How many servers are on their way back; 0 with none up makes waiters give up."""
+        self.expecting = n
+        self._signal()
+
+    async def _up(self) -> list[_Endpoint]:
+        """The endpoints that take calls now; one back from its down time must answer /health first."""
+        now = time.monotonic()
+        up = [e for e in self._endpoints if e.usable(now)]
+        for e in up:
+            if e.down_count and e.failures and not await self._healthy(e):
+                e.down_until = time.monotonic() + self.down_s
+        now = time.monotonic()
+        up = [e for e in up if e.usable(now)]
+        for e in up:
+            if e.down_count and e.failures:
+                logger.info("LLM endpoint {} is back up", e.url)
+                e.failures = 0
+        return up
+
+    async def wait_for_endpoint(self) -> None:
+        """Return once an endpoint takes calls. Raises ``LLMUnavailableError`` once none does and
+        none is expected back (whoever sets ``expecting`` bounds the wait: ``ray.return_timeout_s``)."""
+        warned = False
+        while True:
+            changed = self._changed  # taken before looking: a change while we look wakes us
+            if await self._up():
+                if warned:
+                    logger.info("an LLM endpoint is up again: model calls go on")
+                return
+            if not self.expecting:
+                raise LLMUnavailableError(",".join(self.endpoints), "no endpoint is up and none is expected back")
+            if not warned:
+                logger.warning("no LLM endpoint is up; {} on the way back: model calls wait", self.expecting)
+                warned = True
+            with contextlib.suppress(asyncio.TimeoutError):  # a down one may come back on its own
+                await asyncio.wait_for(changed.wait(), self.down_s)
 
     # ------------------------------------------------------------------ state
     @property
@@ -152,24 +255,13 @@ class ServiceLLM:
             ep.down_count += 1
 
     async def _pick(self, session: str | None, exclude: set[int]) -> _Endpoint | None:
-        now = time.monotonic()
         if session is not None:
             ep = self._sessions.get(session)
-            if ep is not None and id(ep) not in exclude and ep.usable(now):
+            if ep is not None and id(ep) not in exclude and ep.usable(time.monotonic()):
                 return ep
-        up = [e for e in self._endpoints if id(e) not in exclude and e.usable(now)]
-        # Endpoints back from their down time get one health probe before they take traffic.
-        for e in up:
-            if e.down_count and e.failures and not await self._healthy(e):
-                e.down_until = time.monotonic() + self.down_s
-        now = time.monotonic()
-        up = [e for e in up if e.usable(now)]
+        up = [e for e in await self._up() if id(e) not in exclude]
         if not up:
             return None
-        for e in up:
-            if e.down_count and e.failures:
-                logger.info("LLM endpoint {} is back up", e.url)
-                e.failures = 0
         ep = min(up, key=lambda e: (e.in_flight, e.served))
         if session is not None:
             if session not in self._sessions and len(self._sessions) >= self._max_sessions:
@@ -208,6 +300,9 @@ class ServiceLLM:
             if ep is None and tried:
                 tried.clear()  # every endpoint failed once this call: try them all again
                 ep = await self._pick(session, tried)
+            if ep is None and self.expecting:  # servers are restarting: the caller waits, then calls again
+                raise LLMNoEndpointError(",".join(self.endpoints), f"no endpoint is up; {self.expecting} "
+                                         "on the way back (await wait_for_endpoint())")
             if ep is None:  # all down: keep the last real failure as the reason
                 last = last or LLMUnavailableError(",".join(self.endpoints), "no endpoint is up")
                 continue
@@ -311,7 +406,13 @@ class ServiceLLM:
                                                        {_normalize_url(u) for u in only}]
         if only is not None and len(chosen) != len(set(only)):
             raise ValueError(f"update_weights(only={only}): not all of them are endpoints of this LLM ({self.endpoints})")
+        if only is None:  # endpoints added from now on (restarted servers) load these weights first
+            self._last_update = {"version": version, "path": path, "lora": lora, "lora_name": lora_name,
+                                 "drain_timeout_s": drain_timeout_s, "load": load}
+            self._version = version
         for ep in chosen:
+            if ep.removed:  # dropped meanwhile: its replacement loads these weights when it is added
+                continue
             ep.draining = True
             try:
                 if ep.in_flight:
@@ -337,6 +438,10 @@ class ServiceLLM:
                 ep.version = version
                 logger.info("LLM endpoint {} now serves policy version {} (loaded in {:.1f}s)",
                             ep.url, version, time.perf_counter() - t0)
+            except LLMError:
+                if not ep.removed:
+                    raise
+                logger.warning("LLM endpoint {} was dropped during its weight update", ep.url)
             finally:
                 ep.draining = False
 
@@ -352,7 +457,7 @@ class ServiceLLM:
             raise LLMError(ep.url, f"{path}: {r.text[:300]}{hint}", r.status_code)
 
     async def aclose(self) -> None:
-        for ep in self._endpoints:
+        for ep in [*self._endpoints, *self._retired]:
             if ep.is_async and hasattr(ep.client, "close"):
                 await ep.client.close()
 
