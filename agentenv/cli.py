@@ -32,8 +32,10 @@ def _serve_envs(argv: list[str]) -> int:
     ap.add_argument("--sandbox-network", action="store_true",
                     help="sandboxed desktops share this host's network (for tasks that need it; off by default)")
     ap.add_argument("--osworld-port", type=int, default=None, metavar="BASE",
-                    help="desktop i (of the first --num) also answers as OSWorld's in-VM server on port BASE+i, "
-                         "at OSWorld's paths; the token goes as a URL password (vm_ip='agentenv:TOKEN@host')")
+                    help="listen on ports BASE..BASE+num-1 too: each desktop takes the lowest free one (freed "
+                         "when it is closed) and answers there as OSWorld's in-VM server, at OSWorld's paths; "
+                         "GET /envs says each desktop's osworld_port; the token goes as a URL password "
+                         "(vm_ip='agentenv:TOKEN@host')")
     a = ap.parse_args(argv)
     limits = ServiceLimits(**{k: getattr(a, k) for k in ServiceLimits.model_fields})
     serve(a.num, a.host, a.port, a.token, a.width, a.height, a.token_file, limits, sandbox=a.sandbox,

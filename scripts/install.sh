@@ -35,7 +35,7 @@ exec 9>"$AGENTENV_HOME/.install.lock"
 flock 9
 
 APT_PACKAGES=(python3 python3-venv python3-dev gcc g++ xvfb openbox xdotool x11-utils xauth
-  mousepad xfce4-terminal galculator pcmanfm libreoffice-calc chromium fonts-dejavu-core
+  mousepad xfce4-terminal galculator pcmanfm libreoffice-calc libreoffice-writer chromium fonts-dejavu-core
   x11-apps xclip tesseract-ocr util-linux procps curl socat
   bubblewrap python3-xlib python3-tk dbus-daemon dconf-gsettings-backend libglib2.0-bin xdg-utils
   pulseaudio pulseaudio-utils)

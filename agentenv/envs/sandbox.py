@@ -9,10 +9,12 @@ display, a D-Bus session bus (so ``gsettings`` saves through dconf), ``xdg-setti
 Namespaces: user, mount, PID, IPC, UTS, cgroup and network are all new (``--unshare-all``), so from
 inside there is no network (the host's loopback services included), no host process to signal and
 no other desktop's X socket (abstract sockets are per network namespace, the path is not mounted).
-The host's ``/usr``, ``/etc`` and ``/var`` are read-only; ``/``, ``/tmp``, ``/var/tmp`` and
-``/run`` are the sandbox's own tmpfs, wiped at every reset by the runner; HOME is a host folder
-restored from its template at reset, as for the plain desktop. bwrap runs as the unprivileged
-desktop user, so even a way out of the namespaces lands as that user.
+The host's ``/usr`` is read-only; ``/``, ``/tmp`` and ``/run`` are the sandbox's own tmpfs, wiped at
+every reset by the runner; ``/etc`` and ``/var`` are tmpfs too, holding the runner's copy of the
+host's (what the desktop user can read, host secrets left out, the sandbox's own passwd and group),
+made again at every reset, touching only what changed; HOME is a host folder restored from its
+template at reset, as for the plain desktop. bwrap runs as the unprivileged desktop user, so even a
+way out of the namespaces lands as that user.
 
 The service talks to the sandbox through two host folders: the X socket (``/tmp/.X11-unix/X<n>``
 on the host is a link to it) and the runner's socket (agentenv/envs/sandbox_runner.py), which
@@ -55,6 +57,17 @@ sudo:x:27:user
 user:x:{UID}:
 nogroup:x:65534:
 """
+
+# /etc and /var inside: the sandbox's tmpfs with the runner's copy of the host's (sandbox_runner.sync;
+# on disk, making ~1,500 files took 0.5-4 s a desktop here, on tmpfs 50-70 ms). Left out of the copies
+# even where the desktop user could read them: the host's password and group databases and their
+# backups, sudo's rules, ssh host keys, private TLS keys. The biggest parts of /var (the package
+# cache and databases, 2.4 GB and 60 MB here) stay the host's, read-only, inside the copy: `dpkg -l`
+# works, a task without network cannot install anything anyway.
+ETC_LEFT_OUT = ("shadow", "shadow-", "gshadow", "gshadow-", "passwd-", "group-", "subuid*", "subgid*",
+                "sudoers", "sudoers.d", "ssh/ssh_host_*", "ssl/private", "security/opasswd")
+VAR_FROM_HOST = ("cache", "lib/apt", "lib/dpkg")
+
 
 # sudo inside the sandbox: checks OSWorld's password, then runs the command as uid 0 of a user
 # namespace nested in the sandbox's (bwrap again), i.e. root inside the sandbox only.
@@ -172,6 +185,10 @@ class SandboxDesktop(LocalDesktop):
         shutil.copyfile(Path(__file__).with_name("sandbox_runner.py"), self.sys / "runner.py")
         (self.sys / "passwd").write_text(PASSWD)
         (self.sys / "group").write_text(GROUP)
+        (self.sys / "copies.json").write_text(json.dumps(self._copies()))
+        (self.sys / "empty").touch()  # bound over host files the copies leave out (_hide_left_out)
+        for top in ("etc", "var"):
+            (self.sys / "host" / top).mkdir(parents=True)  # where the host's are bound, read-only
         sudo = self.sys / "bin" / "sudo"
         sudo.write_text(SUDO)
         sudo.chmod(0o755)
@@ -191,10 +208,11 @@ class SandboxDesktop(LocalDesktop):
                 argv += ["--symlink", os.readlink(target), f"/{link}"]
             elif target.is_dir():
                 argv += ["--ro-bind", str(target), f"/{link}"]
-        argv += ["--ro-bind", "/etc", "/etc", "--ro-bind", str(self.sys / "passwd"), "/etc/passwd",
-                 "--ro-bind", str(self.sys / "group"), "/etc/group",
-                 "--ro-bind", "/var", "/var", "--tmpfs", "/var/tmp",
-                 "--proc", "/proc", "--dev", "/dev",
+        argv += ["--tmpfs", "/etc", "--tmpfs", "/var"]  # filled by the runner before anything starts
+        for sub in VAR_FROM_HOST:
+            if (Path("/var") / sub).is_dir():
+                argv += ["--ro-bind", f"/var/{sub}", f"/var/{sub}"]
+        argv += ["--proc", "/proc", "--dev", "/dev",
                  "--tmpfs", "/tmp", "--bind", str(self.x11), "/tmp/.X11-unix",
                  "--tmpfs", "/run", "--bind", str(self.ctl), "/run/agentenv",
                  "--ro-bind", str(self.xauth), "/run/Xauthority",
@@ -202,7 +220,9 @@ class SandboxDesktop(LocalDesktop):
                  # HOME also at its host path: a path the service resolved (a setup step's file)
                  # means the same file inside.
                  "--bind", str(self.homes), str(self.homes),
-                 "--ro-bind", str(self.sys), INNER]
+                 "--ro-bind", str(self.sys), INNER,
+                 "--ro-bind", "/etc", f"{INNER}/host/etc", "--ro-bind", "/var", f"{INNER}/host/var"]
+        argv += self._hide_left_out()
         if (SANDBOX_SITE / "pyautogui").is_dir():
             argv += ["--ro-bind", str(SANDBOX_SITE), f"{INNER}/site"]
         argv += ["--uid", str(UID), "--gid", str(UID), "--chdir", OSWORLD_HOME, "--clearenv"]
@@ -233,6 +253,31 @@ class SandboxDesktop(LocalDesktop):
         self._x_link.unlink(missing_ok=True)
         self._x_link.symlink_to(self.x11 / f"X{self.display_num}")
         return proc
+
+    def _hide_left_out(self) -> list[str]:
+        """bwrap arguments that cover what the copies leave out or replace (passwd, group) in the
+        runner's read-only view of the host's /etc and /var too (an empty file or folder over it)."""
+        import glob
+
+        out: list[str] = []
+        for top, c in self._copies().items():
+            for pat in [*c["skip"], *c.get("files", {})]:
+                for path in sorted(glob.glob(os.path.join(top, pat))):
+                    inner = f"{INNER}/host{path}"
+                    if os.path.islink(path):
+                        continue  # a link shows nothing of its own; its target is covered or not
+                    empty = ["--tmpfs", inner] if os.path.isdir(path) else ["--ro-bind", str(self.sys / "empty"), inner]
+                    out += empty
+        return out
+
+    def _copies(self) -> dict[str, Any]:
+        """What the runner copies into /etc and /var (sandbox_runner.sync's skip and files)."""
+        var_skip = []
+        if self.user is not None and self.user.pw_dir.startswith("/var/"):
+            var_skip.append(self.user.pw_dir[len("/var/"):])  # the desktop user's own host HOME
+        return {"/etc": {"skip": list(ETC_LEFT_OUT),
+                         "files": {"passwd": f"{INNER}/passwd", "group": f"{INNER}/group"}},
+                "/var": {"skip": var_skip}}
 
     def _server_log(self) -> str:
         out = []

@@ -12,7 +12,12 @@ lives in the sandbox's namespaces. Requests:
     {"op": "run", "argv": [...] | "cmd", "shell": bool, "timeout": s, "max_output": bytes}
     {"op": "spawn", "argv": [...], "keep": bool}       an app (keep: the window manager)
     {"op": "reset"}       end every process but the X server, the bus and kept ones; remove what
-                          was written to the sandbox's own filesystem (/, /tmp, /var/tmp, /run/user)
+                          was written to the sandbox's own filesystem (/, /tmp, /dev/shm, /run/user)
+                          and make /etc and /var copies of the host's again (``sync``)
+
+/etc and /var are the sandbox's own tmpfs: before anything else starts the runner fills them with a
+copy of the host's (bound read-only at /opt/agentenv/host), as COPIES (/opt/agentenv/copies.json,
+written by the service) says: what to leave out, which files are the sandbox's own.
 
 Nothing here is a privilege boundary: anything inside may talk to this socket, and it can do
 nothing the sandbox's user cannot do. But what the runner answers decides scores (evaluator
@@ -42,12 +47,17 @@ SOCK = CTL + "/runner.sock"
 RUNTIME = "/run/user/1000"
 BUS = RUNTIME + "/bus"
 # What the sandbox's writable places hold at start; a reset removes everything else.
-WRITABLE = ("/", "/tmp", "/var/tmp", "/dev/shm", RUNTIME)
+WRITABLE = ("/", "/tmp", "/dev/shm", RUNTIME)
+# /etc and /var: the sandbox's tmpfs, copies of the host's (read-only here) that a reset makes again.
+HOST = "/opt/agentenv/host"
+COPIES = "/opt/agentenv/copies.json"  # {"/etc": {"skip": [patterns], "files": {"passwd": path}}, ...}
 
 _lock = threading.Lock()
 _keep: set[int] = set()
 _children: list[subprocess.Popen] = []
 _initial: dict[str, set[str]] = {}
+_copies: dict[str, dict] = {}
+_synced: dict[str, dict[str, tuple[int, int]]] = {}  # per copy: what the last sync left (``sync``)
 # Apps and commands (not the X server, the bus or the runner) carry AGENTENV_DESKTOP=<id>, as on a
 # plain desktop: the host finds a desktop's apps by it.
 _app_env: dict[str, str] = dict(os.environ)
@@ -150,6 +160,110 @@ def _remove(path: str) -> None:
             pass
 
 
+def _ident(st: os.stat_result) -> tuple[int, int]:
+    # A file's inode and ctime change with every write, chmod, rename or link to it, and no one
+    # can set them back: a file whose pair is what the last sync left is that file, unchanged.
+    return st.st_ino, st.st_ctime_ns
+
+
+def sync(src: str, dst: str, synced: dict[str, tuple[int, int]] | None = None,
+         skip: tuple[str, ...] = (), files: dict[str, str] | None = None) -> dict[str, tuple[int, int]]:
+    """Make the tree ``dst`` a copy of ``src`` and return what it left, for the next call.
+
+    Only what differs is touched: an entry of ``dst`` whose (inode, ctime) is what ``synced`` says
+    the last sync left is taken as unchanged, anything else is copied again, what ``src`` lacks is
+    removed; folders get their mode and mtime back. Links are copied as links, never followed.
+    Mount points inside ``dst`` (host folders bound read-only into a copy) are left alone.
+    ``skip``: paths under ``src`` (relative, fnmatch patterns) left out; ``files``: relative path ->
+    the file copied there instead of ``src``'s. What cannot be read in ``src`` (running as the
+    desktop user: what that user may not read) is left out."""
+    import fnmatch
+    import stat
+
+    synced = synced or {}
+    left: dict[str, tuple[int, int]] = {}
+    root_dev = os.lstat(dst).st_dev
+    instead: dict[str, dict[str, str]] = {}
+    for r, path in (files or {}).items():
+        instead.setdefault(os.path.dirname(r), {})[os.path.basename(r)] = path
+
+    def walk(s: str, d: str, rel: str, want: os.stat_result) -> None:
+        if stat.S_IMODE(os.lstat(d).st_mode) & 0o700 != 0o700:
+            os.chmod(d, 0o700)  # a folder made unreadable or read-only: ours to change until done
+        try:
+            srcs = {name: os.path.join(s, name) for name in os.listdir(s)}
+        except OSError:
+            srcs = {}
+        srcs = {name: sp for name, sp in srcs.items()  # left out: removed if a task made one
+                if not any(fnmatch.fnmatchcase(f"{rel}/{name}" if rel else name, pat) for pat in skip)}
+        srcs.update(instead.get(rel, {}))
+        for name in os.listdir(d):
+            if name not in srcs:
+                p = os.path.join(d, name)
+                if os.lstat(p).st_dev == root_dev:
+                    _remove(p)
+        for name, sp in srcs.items():
+            r = f"{rel}/{name}" if rel else name
+            try:
+                st = os.lstat(sp)
+            except OSError:
+                continue
+            p = os.path.join(d, name)
+            try:
+                now = os.lstat(p)
+            except FileNotFoundError:
+                now = None
+            if now is not None and now.st_dev != root_dev:
+                continue  # a mount point
+            if stat.S_ISDIR(st.st_mode):
+                if not os.access(sp, os.R_OK | os.X_OK):  # unreadable to the desktop user: stays out
+                    if now is not None:
+                        _remove(p)
+                    continue
+                if now is not None and not stat.S_ISDIR(now.st_mode):
+                    _remove(p)
+                    now = None
+                if now is None:
+                    try:
+                        os.mkdir(p, 0o700)
+                    except OSError:
+                        continue
+                walk(sp, p, r, st)
+                continue
+            if now is not None and synced.get(r) == _ident(now):
+                left[r] = synced[r]
+                continue
+            if now is not None:
+                _remove(p)
+            try:
+                if stat.S_ISLNK(st.st_mode):
+                    os.symlink(os.readlink(sp), p)
+                    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+                elif stat.S_ISREG(st.st_mode):
+                    shutil.copyfile(sp, p, follow_symlinks=False)  # copy2's xattr calls cost more than
+                    os.chmod(p, stat.S_IMODE(st.st_mode))          # the copy itself
+                    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+                else:
+                    continue  # a device, fifo or socket: not a file a task reads
+            except OSError:
+                _remove(p)  # unreadable to the desktop user: stays out
+                continue
+            left[r] = _ident(os.lstat(p))
+        now = os.lstat(d)
+        if stat.S_IMODE(now.st_mode) != stat.S_IMODE(want.st_mode):
+            os.chmod(d, stat.S_IMODE(want.st_mode))
+        if now.st_mtime_ns != want.st_mtime_ns:  # `ls -l` shows the folder as it was, too
+            os.utime(d, ns=(want.st_atime_ns, want.st_mtime_ns))
+
+    walk(src, dst, "", os.stat(src))
+    return left
+
+
+def _sync_copies() -> None:
+    for top, c in _copies.items():
+        _synced[top] = sync(HOST + top, top, _synced.get(top), tuple(c.get("skip", ())), c.get("files"))
+
+
 def _clean() -> list[str]:
     removed = []
     _remove(CTL + "/term")  # the terminals' transcripts (GET /terminal)
@@ -163,6 +277,7 @@ def _clean() -> list[str]:
                 path = os.path.join(top, name)
                 _remove(path)
                 removed.append(path)
+    _sync_copies()
     return removed
 
 
@@ -281,6 +396,10 @@ def main() -> None:
     display, width, height = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     _app_env["AGENTENV_DESKTOP"] = sys.argv[4]
     os.makedirs(RUNTIME, mode=0o700, exist_ok=True)
+    if os.path.exists(COPIES):  # /etc and /var first: everything after reads them
+        with open(COPIES) as f:
+            _copies.update(json.load(f))
+        _sync_copies()
     xvfb = _popen(["Xvfb", display, "-screen", "0", f"{width}x{height}x24", "-nolisten", "tcp",
                    "-auth", "/run/Xauthority", "-noreset"], keep=True, log="xvfb.log")
     _start_bus()

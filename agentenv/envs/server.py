@@ -180,10 +180,13 @@ class UnknownDesktop(LookupError):
 class DesktopHost:
     """Owns the desktops of one service process."""
 
-    def __init__(self, num: int, spec: DesktopSpec):
+    def __init__(self, num: int, spec: DesktopSpec, osworld_ports: list[int] | None = None):
         self.spec = spec
         self.desktops: dict[str, LocalDesktop] = {}
-        self.slots: list[str] = []  # the desktops started with the service, in order (their OSWorld ports)
+        # OSWorld ports (serve-envs --osworld-port): slot i is port osworld_ports[i]; a desktop takes
+        # the lowest free slot when it is created and frees it when it is closed.
+        self.osworld_ports = list(osworld_ports or [])
+        self.slots: list[str | None] = [None] * len(self.osworld_ports)
         self._lock = threading.Lock()
         self._n = 0
         self.num = num
@@ -202,19 +205,45 @@ class DesktopHost:
         with self._lock:
             self._n += 1
             did = f"d{self._n}-{secrets.token_hex(3)}"
+            slot = next((i for i, s in enumerate(self.slots) if s is None), None)
+            if slot is not None:
+                self.slots[slot] = did  # taken while the desktop starts: two creates get two slots
         spec = dataclasses.replace(self.spec, width=width or self.spec.width, height=height or self.spec.height)
         try:
             d = make_desktop(did, spec).start()
-        except (OSError, subprocess.SubprocessError) as e:  # answered 503 like any desktop that is not up
-            raise DesktopError(f"could not start a desktop: {type(e).__name__}: {e}") from e
+        except BaseException as e:
+            self._free_slot(did)
+            if isinstance(e, (OSError, subprocess.SubprocessError)):  # answered 503 like any desktop not up
+                raise DesktopError(f"could not start a desktop: {type(e).__name__}: {e}") from e
+            raise
         with self._lock:
             self.desktops[did] = d
         self.m_desktops.set(len(self.desktops))
         return d
 
+    def osworld_port(self, did: str) -> int | None:
+        """The port where desktop ``did`` answers as OSWorld's in-VM server, if it has one."""
+        with self._lock:
+            return self.osworld_ports[self.slots.index(did)] if did in self.slots else None
+
+    def on_port(self, port: int) -> str | None:
+        """The desktop that answers on OSWorld port ``port`` now (None: none, or still starting)."""
+        with self._lock:
+            did = self.slots[self.osworld_ports.index(port)] if port in self.osworld_ports else None
+            return did if did in self.desktops else None
+
+    def info(self, d: LocalDesktop) -> dict[str, Any]:
+        return {"id": d.id, "display": d.display, "width": d.width, "height": d.height, "task": d.task_id,
+                "alive": d.alive(), "sandboxed": d.sandboxed, "osworld_port": self.osworld_port(d.id)}
+
+    def _free_slot(self, did: str) -> None:
+        with self._lock:
+            if did in self.slots:
+                self.slots[self.slots.index(did)] = None
+
     def start(self) -> None:
         with ThreadPoolExecutor(max_workers=4) as ex:
-            self.slots = [d.id for d in ex.map(lambda _: self.create(), range(self.num))]
+            list(ex.map(lambda _: self.create(), range(self.num)))
         logger.info("env service: {} desktops up", len(self.desktops))
 
     def get(self, did: str) -> LocalDesktop:
@@ -228,6 +257,7 @@ class DesktopHost:
             d = self.desktops.pop(did, None)
         if d is not None:
             d.close()
+        self._free_slot(did)  # after the close: the next desktop on this port is a fresh one
         self.m_desktops.set(len(self.desktops))
 
     def close_all(self) -> None:
@@ -272,21 +302,20 @@ class _BodyLimit:
 
 
 class _OSWorldPorts:
-    """ASGI middleware: a request that came in on desktop ``i``'s own port (``serve-envs
-    --osworld-port BASE``: BASE+i) is that desktop's OSWorld in-VM server, at the paths OSWorld's
-    client uses (``/screenshot``, ``/execute``, ...): the path gets the ``/envs/{id}`` prefix. Its
-    client sends no bearer token, but ``requests`` sends the user and password of a URL
+    """ASGI middleware: a request that came in on a desktop's own port (``serve-envs --osworld-port
+    BASE``: BASE+slot, ``DesktopHost.slots``) is that desktop's OSWorld in-VM server, at the paths
+    OSWorld's client uses (``/screenshot``, ``/execute``, ...): the path gets the ``/envs/{id}``
+    prefix. Its client sends no bearer token, but ``requests`` sends the user and password of a URL
     (``vm_ip="agentenv:TOKEN@127.0.0.1"``) as Basic auth: the password is taken as the token."""
 
-    def __init__(self, app: Any, host: "DesktopHost", ports: dict[int, int]):
-        self.app, self.host, self.ports = app, host, ports
+    def __init__(self, app: Any, host: "DesktopHost"):
+        self.app, self.host = app, host
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         server = scope.get("server") or (None, None)
-        slot = self.ports.get(server[1]) if scope["type"] == "http" else None
-        if slot is None:
+        if scope["type"] != "http" or server[1] not in self.host.osworld_ports:
             return await self.app(scope, receive, send)
-        did = self.host.slots[slot] if slot < len(self.host.slots) else None
+        did = self.host.on_port(server[1])
         if did is None or scope["path"].startswith("/envs"):
             r = JSONResponse({"detail": f"no desktop on port {server[1]}"}, status_code=404)
             return await r(scope, receive, send)
@@ -310,8 +339,8 @@ def _run_bounded(d: LocalDesktop, argv: list[str] | str, *, shell: bool, timeout
 
 
 def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None = None,
-               limits: ServiceLimits | None = None, osworld_ports: dict[int, int] | None = None):
-    host = DesktopHost(num, spec or DesktopSpec())
+               limits: ServiceLimits | None = None, osworld_ports: list[int] | None = None):
+    host = DesktopHost(num, spec or DesktopSpec(), osworld_ports)
     limits = limits or ServiceLimits()
 
     def check_image_size(size: tuple[int, int] | None) -> None:
@@ -345,7 +374,7 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
     app.state.limits = limits
     app.add_middleware(_BodyLimit, max_bytes=limits.max_body_bytes)
     if osworld_ports:
-        app.add_middleware(_OSWorldPorts, host=host, ports=osworld_ports)
+        app.add_middleware(_OSWorldPorts, host=host)
 
     def auth(request: Request) -> None:
         if token is None:
@@ -388,16 +417,19 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
 
     @app.get("/envs", dependencies=A)
     def list_envs():
-        return [{"id": d.id, "display": d.display, "width": d.width, "height": d.height,
-                 "task": d.task_id, "alive": d.alive(), "sandboxed": d.sandboxed} for d in list(host.desktops.values())]  # a copy: others
-        # create and close desktops meanwhile
+        # a copy: others create and close desktops meanwhile
+        return [host.info(d) for d in list(host.desktops.values())]
 
     @app.post("/envs", dependencies=A)
     def create_env(req: CreateRequest | None = None):
         req = req or CreateRequest()
         check_screen(req.width, req.height)
         d = host.create(req.width, req.height)
-        return {"id": d.id, "width": d.width, "height": d.height}
+        return {"id": d.id, "width": d.width, "height": d.height, "osworld_port": host.osworld_port(d.id)}
+
+    @app.get("/envs/{did}", dependencies=A)
+    def env_info(did: str):
+        return host.info(host.get(did))
 
     @app.delete("/envs/{did}", dependencies=A)
     def close_env(did: str):
@@ -752,8 +784,8 @@ def serve(num: int, host: str = "127.0.0.1", port: int = 8100, token: str | None
                        "reach its loopback services")
     spec = DesktopSpec(width=width, height=height, sandbox=sandbox, network=network,
                        upload_roots=tuple(Path(r) for r in upload_roots or ()))
-    # Desktop i of the first ``num`` also answers as OSWorld's in-VM server on osworld_port + i.
-    ports = {osworld_port + i: i for i in range(num)} if osworld_port else {}
+    # ``num`` OSWorld ports: a desktop takes the lowest free one when created, frees it when closed.
+    ports = [osworld_port + i for i in range(num)] if osworld_port else []
     app = create_app(num, token, spec, limits, osworld_ports=ports)
     sockets = []
     for p in [port, *ports]:
@@ -766,5 +798,6 @@ def serve(num: int, host: str = "127.0.0.1", port: int = 8100, token: str | None
         sockets.append(s)
     if ports:
         print(f"# OSWorld-style clients: desktop i at http://agentenv:$ENV_TOKEN@{host}:{osworld_port}+i "
-              f"(ports {osworld_port}-{osworld_port + num - 1})", flush=True)
+              f"(ports {osworld_port}-{osworld_port + num - 1}; GET /envs says each desktop's osworld_port)",
+              flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=sockets)

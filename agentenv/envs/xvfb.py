@@ -92,6 +92,15 @@ OPENBOX_MENU = """<?xml version="1.0" encoding="UTF-8"?>
 """
 
 
+LIBREOFFICE_SETTINGS = """<?xml version="1.0" encoding="UTF-8"?>
+<oor:items xmlns:oor="http://openoffice.org/2001/registry" xmlns:xs="http://www.w3.org/2001/XMLSchema" \
+xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">
+<item oor:path="/org.openoffice.Office.Common/Misc"><prop oor:name="ShowTipOfTheDay" oor:op="fuse">\
+<value>false</value></prop></item>
+</oor:items>
+"""
+
+
 class DesktopError(RuntimeError):
     """The desktop itself failed (X server gone, app would not start, setup step failed)."""
 
@@ -427,6 +436,13 @@ class LocalDesktop:
         if not gtk.exists():
             gtk.parent.mkdir(exist_ok=True)
             gtk.write_text("[Settings]\ngtk-cursor-blink=false\n")
+        # HOME is fresh at every reset, so LibreOffice starts as for the first time: its "Tip of the
+        # Day" dialog would take the keyboard from the document on every task (OSWorld's VM has a
+        # used profile).
+        office = self.home / ".config" / "libreoffice" / "4" / "user" / "registrymodifications.xcu"
+        if not office.exists():
+            office.parent.mkdir(parents=True, exist_ok=True)
+            office.write_text(LIBREOFFICE_SETTINGS)
         runtime = self.root / "xdg-runtime"
         runtime.mkdir(mode=0o700, exist_ok=True)
         if self.user is not None:

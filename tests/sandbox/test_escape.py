@@ -65,7 +65,11 @@ def test_writes_outside_land_nowhere_on_the_host(svc, did):
     for p in (f"/{marker}", f"/tmp/{marker}", f"/etc/{marker}", f"/usr/{marker}", f"/var/{marker}"):
         assert not Path(p).exists(), p  # ...never on the host
     rc, out = sh(svc, did, "echo password | sudo -S rm -rf /etc/hostname /usr/bin/ls; ls /etc/hostname /usr/bin/ls")
-    assert rc == 0 and "Read-only file system" in out
+    assert "Read-only file system" in out and "/usr/bin/ls" in out  # /usr is the host's, read-only...
+    assert "No such file" in out and Path("/etc/hostname").exists()  # ...and /etc the sandbox's copy
+    assert svc.post(did, "/reset", json={"task": None}).status_code == 200
+    rc, out = sh(svc, did, f"cat /etc/hostname; ls /{marker} /etc/{marker} /var/{marker}")
+    assert out.startswith(Path("/etc/hostname").read_text()) and out.count("No such file") == 3, out
 
 
 def test_host_processes_cannot_be_signalled_or_seen(svc, did):

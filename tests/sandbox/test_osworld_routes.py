@@ -114,3 +114,32 @@ def test_osworlds_own_client_drives_a_desktop_on_its_port(svc):
     assert any(ch["name"] == "from-osworld.txt" for ch in tree["children"])
     assert c.run_python_script("print(6 * 7)")["output"].strip() == "42"
     assert httpx.get(f"http://agentenv:{svc.service.token}@127.0.0.1:{port}/envs").status_code == 404
+
+
+def test_osworld_ports_follow_desktops_closed_and_created(svc):
+    """Ports are slots: a closed desktop frees its port (404 there), the next desktop created takes
+    it; with every port taken a new desktop has none. Last in this file: it replaces the desktop."""
+    port, token = svc.service.osworld_port, svc.service.token
+    on_port = f"http://agentenv:{token}@127.0.0.1:{port}"
+    first = svc.ids()[0]
+    assert [e["osworld_port"] for e in httpx.get(svc.url + "/envs", headers=svc.h).json()] == [port]
+    assert httpx.get(f"{svc.url}/envs/{first}", headers=svc.h).json()["osworld_port"] == port
+    extra = httpx.post(svc.url + "/envs", headers=svc.h, json={}, timeout=120).json()
+    assert extra["osworld_port"] is None  # the service's one port is taken
+    assert httpx.get(f"{svc.url}/envs/{extra['id']}", headers=svc.h).json()["osworld_port"] is None
+
+    assert httpx.delete(f"{svc.url}/envs/{first}", headers=svc.h).status_code == 200
+    r = httpx.get(f"{on_port}/platform")
+    assert r.status_code == 404 and r.json()["detail"] == f"no desktop on port {port}"
+    new = httpx.post(svc.url + "/envs", headers=svc.h, json={}, timeout=120).json()
+    assert new["osworld_port"] == port
+    by_id = {e["id"]: e["osworld_port"] for e in httpx.get(svc.url + "/envs", headers=svc.h).json()}
+    assert by_id == {extra["id"]: None, new["id"]: port}
+    # the port drives the new desktop, not the extra one
+    r = httpx.post(f"{on_port}/execute", timeout=60,
+                   json={"command": ["python", "-c", "import pyautogui; pyautogui.moveTo(71, 29)"]})
+    assert r.status_code == 200, r.text
+    assert svc.post(new["id"], "/cursor_position").json() == [71, 29]
+    assert svc.post(extra["id"], "/cursor_position").json() != [71, 29]
+    assert httpx.delete(f"{svc.url}/envs/{extra['id']}", headers=svc.h).status_code == 200
+    assert httpx.get(f"{on_port}/platform").status_code == 200  # closing a desktop without a port frees none

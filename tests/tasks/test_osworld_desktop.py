@@ -173,11 +173,40 @@ def test_osworld_task_over_the_env_service(env_service, samples):
     assert asyncio.run(go()) == (0.0, 1.0)
 
 
-def test_writer_task_names_the_missing_module(desktop, samples, agentenv_home):
+def test_writer_task_scored_by_compare_docx_files_against_a_served_gold_file(desktop, samples, agentenv_home):
+    if not desktop.sandboxed:
+        pytest.skip("Writer runs the same on both kinds; once is enough for the suite's time")
+    import docx
+
     task = load_sample(samples, "a7c4d1e9-title-case")
-    with pytest.raises(TaskSetupError, match=r"report.docx needs LibreOffice writer \(lowriter\)"):
+    desktop.reset(task)  # report.docx downloaded to /home/user/Desktop and opened in LibreOffice Writer
+    assert any("report.docx" in t and "Writer" in t for t in desktop.window_titles()), desktop.window_titles()
+    assert evaluate(desktop, task) == 0.0  # its first paragraph still reads 'quarterly report'
+    report = desktop.home / "Desktop" / "report.docx"
+    # as a user would: select the first paragraph, type over it, save keeping the Word format
+    act(desktop, Action("hotkey", keys=["ctrl", "Home"]), Action("hotkey", keys=["shift", "End"]),
+        Action("type", text="Quarterly Report"))
+    act(desktop, Action("hotkey", keys=["ctrl", "s"]), settle=1.5)
+    act(desktop, Action("key", keys=["Return"]))  # "Use Word 2007-365!", the dialog's default
+
+    def first_paragraph() -> str | None:
+        try:
+            return docx.Document(report).paragraphs[0].text
+        except Exception:  # being written
+            return None
+
+    assert wait_for(lambda: first_paragraph() == "Quarterly Report", 15), first_paragraph()
+    assert evaluate(desktop, task) == 1.0
+
+
+def test_a_missing_office_module_is_named(desktop, agentenv_home):
+    # LibreOffice Impress is not installed here (Calc and Writer are): an open step names it.
+    (desktop.home / "Desktop").mkdir(parents=True, exist_ok=True)
+    task = Task(id="slides", instruction="-", extra={"snapshot": "libreoffice_impress"}, config=[
+        {"type": "execute", "parameters": {"command": "echo x > /home/user/Desktop/talk.pptx", "shell": True}},
+        {"type": "open", "parameters": {"path": "/home/user/Desktop/talk.pptx"}}])
+    with pytest.raises(TaskSetupError, match=r"talk.pptx needs LibreOffice impress \(loimpress\), which is not installed"):
         desktop.reset(task)
-    assert (desktop.home / "Desktop" / "report.docx").is_file()  # the download step before it ran
 
 
 def test_offline_download_step_fails_naming_the_url(desktop, samples, file_server, agentenv_home, monkeypatch):
