@@ -11,6 +11,7 @@ their functions makes our scores OSWorld's by construction.
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
 import importlib.util
 import sys
@@ -23,8 +24,9 @@ PACKAGE = "desktop_env.evaluators.metrics"
 
 # Modules that load without the pinned stack, and functions of theirs we do not offer: they import
 # and run a task's Python test file inside the env service.
-LOADABLE = ("table", "general", "vscode", "basic_os", "libreoffice")
+LOADABLE = ("table", "general", "vscode", "basic_os", "libreoffice", "docs")
 NOT_OFFERED = {
+    "compare_image_text": "OCR with easyocr and torch (not installed here)",
     "check_python_file_by_test_suite": "runs a task's Python code inside the env service",
     "check_python_file_by_gold_file": "runs a task's Python code inside the env service",
     "check_accessibility_tree": "an AT-SPI accessibility tree",
@@ -33,8 +35,6 @@ NOT_OFFERED = {
 # pinned stack).
 MODULE_NEEDS = {
     "chrome": "Google Chrome (its profile and DevTools protocol) and PyMuPDF/borb",
-    "docs": "easyocr with torch (desktop-env's docs.py imports it; agentenv has its own compare_docx_files, "
-            "compare_docx_tables, compare_line_spacing, compare_docx_files_and_ignore_new_lines)",
     "gimp": "GIMP and OpenCV",
     "slides": "LibreOffice Impress and python-pptx",
     "thunderbird": "Thunderbird",
@@ -67,6 +67,26 @@ def _register_namespaces(root: Path) -> None:
             sys.modules[name] = mod
 
 
+@contextlib.contextmanager
+def _without_easyocr():
+    """docs.py imports easyocr (OCR on torch) at the top for one function, compare_image_text, which
+    we do not offer: while it loads, a stand-in module takes the name if the real one is absent."""
+    if "easyocr" in sys.modules or importlib.util.find_spec("easyocr") is not None:
+        yield
+        return
+    stub = types.ModuleType("easyocr")
+
+    def reader(*_a: Any, **_k: Any) -> None:
+        raise ImportError("easyocr is not installed here (compare_image_text is not offered)")
+
+    stub.Reader = reader  # type: ignore[attr-defined]
+    sys.modules["easyocr"] = stub
+    try:
+        yield
+    finally:
+        sys.modules.pop("easyocr", None)
+
+
 def metric_modules() -> dict[str, list[str]]:
     """{module: [metric names]} as desktop-env's metrics/__init__.py lists them (read, not run)."""
     root = _root()
@@ -95,7 +115,8 @@ def load() -> dict[str, Callable[..., Any]]:
         listed = metric_modules()
         for mod_name in LOADABLE:
             try:
-                mod = importlib.import_module(f"{PACKAGE}.{mod_name}")
+                with _without_easyocr():
+                    mod = importlib.import_module(f"{PACKAGE}.{mod_name}")
             except Exception as e:  # an import of theirs that is missing here: named in the refusal
                 _errors[mod_name] = f"{type(e).__name__}: {e}"
                 continue
