@@ -150,6 +150,9 @@ def test_what_only_an_osworld_like_desktop_has_is_missing_on_a_plain_one(tmp_pat
     write_json(tmp_path / "os" / "etc.json", {**TASK, "id": "etc", "evaluator": {
         "func": "compare_text_file", "result": {"type": "vm_file", "path": "/etc/hosts", "dest": "hosts"},
         "expected": {"type": "vm_file", "path": "/home/user/hosts", "dest": "h2"}}})
+    write_json(tmp_path / "os" / "apt.json", {**TASK, "id": "apt", "config": [
+        {"type": "execute", "parameters": {"command": "echo password | sudo -S apt-get install -y unzip && "
+                                                      "sudo -S systemctl restart cron", "shell": True}}]})
     plain = {r.id: r for r in check_tasks(tmp_path)}
     assert plain["gnome"].status == "missing" and plain["etc"].status == "missing"
     assert any("GNOME settings" in m for m in plain["gnome"].missing)
@@ -157,6 +160,9 @@ def test_what_only_an_osworld_like_desktop_has_is_missing_on_a_plain_one(tmp_pat
     assert plain["etc"].missing == ["OSWorld-like desktop: a file outside HOME (/etc/hosts)"]
     sandboxed = {r.id: r for r in check_tasks(tmp_path, osworld_like=True)}
     assert sandboxed["gnome"].status == "runs" and sandboxed["etc"].status == "runs"
+    for kind in (plain, sandboxed):  # what no desktop of ours has
+        assert kind["apt"].status == "missing"
+        assert sum(m.startswith(("systemd", "installing packages")) for m in kind["apt"].missing) == 2
 
 
 def test_a_run_names_the_tasks_that_miss_something_before_it_starts(samples, agentenv_home):

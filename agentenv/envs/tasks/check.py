@@ -42,10 +42,15 @@ OSWORLD_VM_NEEDS = [
     (re.compile(r"gsettings\s+(?:get|set|reset)\s+org\.gnome"), "GNOME settings schemas (gsettings org.gnome.*)"),
     (re.compile(r"xdg-settings"), "xdg-settings with a desktop environment"),
     (re.compile(r"(?:^|[\s;&|\"])su\s|useradd|usermod|chpasswd"), "other users (su, useradd)"),
-    (re.compile(r"timedatectl|systemctl"), "systemd (timedatectl, systemctl)"),
     (re.compile(r"'ctrl',\s*'alt',\s*'t'"), "Ctrl+Alt+T opening a terminal"),
     (re.compile(r"\bpactl\b"), "audio (pactl)"),
-    (re.compile(r"sudo[^\"]*\b(?:apt-get|apt|dpkg)\s"), "root (sudo apt-get)"),
+]
+# What no desktop of ours has, sandboxed or not: no init system runs in it, and installing packages
+# needs the network and a writable /usr (the sandbox's /usr and dpkg database are the host's, read-only).
+NO_DESKTOP_HAS = [
+    (re.compile(r"timedatectl|systemctl"), "systemd (timedatectl, systemctl): desktops run no init system"),
+    (re.compile(r"\b(?:apt-get|apt)\s+(?:-\S+\s+)*(?:install|update|upgrade|remove)\b|\bdpkg\s+(?:-i|--install)\b"),
+     "installing packages (apt-get, dpkg -i): network and a writable /usr"),
 ]
 
 
@@ -247,6 +252,7 @@ def check_task(t: Task, f: Path, root: Path, cache: DownloadCache, osworld_like:
     try:
         text = json.dumps([t.config, t.evaluator])
         missing = ["Windows (the task's paths are Windows paths)"] if _WINDOWS_PATH.search(text) else []
+        missing += [why for rx, why in NO_DESKTOP_HAS if rx.search(text)]
         if not osworld_like:
             missing += [f"OSWorld-like desktop: {why}" for rx, why in OSWORLD_VM_NEEDS if rx.search(text)]
         missing += _steps_needs(t.config, "config", urls, osworld_like)
