@@ -75,20 +75,26 @@ def check_complete(out: Path, expected_ids: list[str]) -> list:
     return trajs
 
 
-async def test_streaming_groups_complete_with_token_ids(vllm_server, pool, tmp_path, tiny_pixels):
-    sched = make_scheduler(vllm_server.url, pool, tmp_path, tasks(), tiny_pixels)
-    summary = await sched.run()
+def check_streamed(sched, summary: dict, pool) -> list:
+    """Every group ran; it streamed (the first group was in the buffer before the last sample was
+    admitted); no desktop sat idle (after the first pool-full of admissions, every admission took
+    the desktop freed next, in the order they were freed). Returns the admissions."""
     assert summary["groups"] == len(TASK_IDS) and summary["trajectories"] == len(TASK_IDS) * ROLLOUT_N
     ev = sched.stats.events
     admits = [e for e in ev if e.kind == "admit"]
     groups = [e for e in ev if e.kind == "group"]
     releases = [e for e in ev if e.kind == "release"]
-    # streaming: the first group is in the buffer before the last sample is admitted
     assert groups[0].t < admits[-1].t
-    # a freed desktop is leased again at once: after the first pool-full of admissions, every
-    # admission takes the desktop freed next, in the order they were freed (none sits idle)
     n = pool.size
     assert [a.env for a in admits[n:]] == [r.env for r in releases[:len(admits) - n]]
+    return admits
+
+
+async def test_streaming_groups_complete_with_token_ids(vllm_server, pool, tmp_path, tiny_pixels):
+    sched = make_scheduler(vllm_server.url, pool, tmp_path, tasks(), tiny_pixels)
+    summary = await sched.run()
+    check_streamed(sched, summary, pool)
+    ev = sched.stats.events
     # no lock-step: some sample was admitted while the other sample of an earlier group still ran
     running: dict[tuple[str, int], bool] = {}
     overlap = False

@@ -30,7 +30,8 @@ from agentenv.rollout.buffer import read_trajectories  # noqa: E402
 from agentenv.types import Status  # noqa: E402
 from agentenv.envs.tasks import builtin_tasks  # noqa: E402
 from tests.ray.pids import all_loopback, ident as _ident, listening_addresses, wait_gone as _wait_gone  # noqa: E402
-from tests.osworld.test_streaming_task_sampling import CLICK_ONLY, ROLLOUT_N, check_complete, make_scheduler  # noqa: E402
+from tests.osworld.test_streaming_task_sampling import (CLICK_ONLY, ROLLOUT_N, check_complete, check_streamed,  # noqa: E402
+                                                     make_scheduler)
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,14 +135,7 @@ async def test_desktops_on_three_nodes_stream_like_on_one(local_cluster, fleet_p
     async with fleet.watching(pool):
         sched = make_scheduler(vllm_server.url, pool, tmp_path, tasks(), tiny_pixels)
         summary = await sched.run()
-    assert summary["groups"] == len(TASK_IDS) and summary["trajectories"] == len(TASK_IDS) * ROLLOUT_N
-    ev = sched.stats.events
-    admits = [e for e in ev if e.kind == "admit"]
-    releases = [e for e in ev if e.kind == "release"]
-    groups = [e for e in ev if e.kind == "group"]
-    assert groups[0].t < admits[-1].t  # streaming: a group was in the buffer before the last admission
-    n = pool.size  # a freed desktop is leased again at once, in the order they were freed
-    assert [a.env for a in admits[n:]] == [r.env for r in releases[:len(admits) - n]]
+    admits = check_streamed(sched, summary, pool)
     assert {_node_of(fleet, a.env) for a in admits} == desktop_nodes  # all three nodes did work
     trajs = check_complete(tmp_path, TASK_IDS)
     assert all(_ended_well(t) for t in trajs), [(t.key, t.status, t.reason) for t in trajs]
