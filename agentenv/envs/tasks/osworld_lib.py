@@ -27,7 +27,6 @@ LOADABLE = ("table", "general", "vscode", "basic_os", "libreoffice")
 NOT_OFFERED = {
     "check_python_file_by_test_suite": "runs a task's Python code inside the env service",
     "check_python_file_by_gold_file": "runs a task's Python code inside the env service",
-    "check_accessibility_tree": "an AT-SPI accessibility tree",
 }
 # What each module we do not load needs (the apps are not installed here, or its imports pull the
 # pinned stack).
