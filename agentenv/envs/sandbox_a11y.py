@@ -216,7 +216,7 @@ def tree(max_nodes: int, max_depth: int, max_children: int, max_text: int, max_b
 
 def terminal(seconds: float) -> dict:
     """The text of the terminal OSWorld's server would read (a focused terminal in the active
-    window); else of the active window's terminal; else of the only terminal there is."""
+    window); else of a terminal of the active window; else of the only terminal there is."""
     deadline = time.monotonic() + seconds
     found: list[tuple[int, str]] = []  # (preference, text)
     for app in apps():
@@ -239,11 +239,10 @@ def terminal(seconds: float) -> dict:
                     todo += [c for c in (acc.get_child_at_index(k) for k in range(min(n, 256))) if c is not None]
         except GLib.Error:
             continue
-    if not found:
-        return {"text": None}
-    best = max(p for p, _ in found)
-    texts = [t for p, t in found if p == best]
-    return {"text": texts[0] if best > 0 or len(texts) == 1 else None}
+    if len(found) == 1:
+        return {"text": found[0][1]}
+    best = max(found, default=(0, ""), key=lambda f: f[0])
+    return {"text": best[1] if best[0] >= 2 else None}  # several, none in the active window: which?
 
 
 def main() -> None:
