@@ -60,11 +60,12 @@ def _log(msg: str) -> None:
         f.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
 
 
-def _popen(argv: list[str] | str, keep: bool = False, log: str = "apps.log", **kw) -> subprocess.Popen:
+def _popen(argv: list[str] | str, keep: bool = False, log: str = "apps.log", cwd: str | None = None,
+           **kw) -> subprocess.Popen:
     out = open(os.path.join(CTL, log), "ab")
     try:
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-                             cwd=os.environ.get("HOME", "/"), env=None if keep else _app_env, **kw)
+                             cwd=cwd or os.environ.get("HOME", "/"), env=None if keep else _app_env, **kw)
     finally:
         out.close()
     with _lock:
@@ -111,7 +112,8 @@ def _start_a11y_bus() -> None:
     if not os.path.exists(launcher):
         _log("no AT-SPI bus launcher (at-spi2-core): no accessibility tree")
         return
-    p = _popen([launcher, "--launch-immediately", "--a11y=1"], keep=True, log="a11y.log")
+    # In /: the service swaps HOME while this starts (its first restore, once X is up).
+    p = _popen([launcher, "--launch-immediately", "--a11y=1"], keep=True, log="a11y.log", cwd="/")
     with _lock:
         _keep_tree.add(p.pid)
     deadline = time.monotonic() + 5
@@ -127,7 +129,7 @@ def _start_a11y_bus() -> None:
         return
     # The registry (the apps' list) would be started by the bus when the first app registers, as
     # an orphan that a reset ends and the next app waits for; started here it is kept.
-    _popen(["/usr/libexec/at-spi2-registryd"], keep=True, log="a11y.log")
+    _popen(["/usr/libexec/at-spi2-registryd"], keep=True, log="a11y.log", cwd="/")
 
 
 def _descendants(roots: set[int]) -> set[int]:
@@ -335,7 +337,10 @@ def main() -> None:
     deadline = time.monotonic() + 15  # the X server's lock and socket belong to the initial state
     while not os.path.exists(sock) and xvfb.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    _start_a11y_bus()  # after the X server: the launcher publishes the bus's address on the root window
+    try:  # after the X server: the launcher publishes the bus's address on the root window
+        _start_a11y_bus()
+    except OSError as e:  # a desktop without AT-SPI still works
+        _log(f"cannot start the AT-SPI bus: {e}")
     for top in WRITABLE:
         try:
             _initial[top] = set(os.listdir(top))

@@ -161,7 +161,12 @@ def os_vm_terminal_output(ctx: EvalContext, spec: dict) -> str | None:
 
 def os_accessibility_tree(ctx: EvalContext, spec: dict) -> str | None:
     """OSWorld's ``accessibility_tree``: the desktop's AT-SPI tree as XML (sandboxed desktops)."""
-    tree = ctx.desktop.accessibility_tree()
+    from agentenv.envs.sandbox import A11yError
+
+    try:
+        tree = ctx.desktop.accessibility_tree()
+    except A11yError as e:
+        raise EvaluatorError(f"accessibility_tree: {e}") from e
     if tree is None:
         raise EvaluatorError(f"accessibility_tree needs {OSWORLD_LIKE_NEEDS['accessibility_tree']}: "
                              "this desktop is not sandboxed")
