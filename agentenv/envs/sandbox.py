@@ -113,7 +113,7 @@ class A11yLimits:
 
     max_nodes: int = 5000          # OSWorld: MAX_CALLS
     max_depth: int = 50            # OSWorld: MAX_DEPTH
-    max_children: int = 1024       # OSWorld: MAX_WIDTH (a spreadsheet's table: its cells on screen)
+    max_children: int = 1024       # OSWorld: MAX_WIDTH
     max_text_chars: int = 100_000  # one node's text
     max_bytes: int = 8 << 20       # the whole tree, roughly; the runner ends the reader a little past it
     seconds: float = 10.0          # the reader's own deadline; it is killed 5 s after

@@ -86,21 +86,18 @@ class Walker:
         if depth >= self.max_depth:
             self.truncated.add("depth")
             return el
-        for child in self.children(acc, el.tag):
+        for child in self.children(acc):
             sub = self.node(child, depth + 1)
             if sub is None:
                 break
             el.append(sub)
         return el
 
-    def children(self, acc: Atspi.Accessible, role: str):
+    def children(self, acc: Atspi.Accessible):
         try:
             n = acc.get_child_count()
         except GLib.Error as e:
             raise AppGone(str(e)) from e
-        if n > self.max_children and role == "table" and "Table" in acc.get_interfaces():
-            yield from self.visible_cells(acc)  # a spreadsheet: a million rows, a few dozen on screen
-            return
         if n > self.max_children:
             self.truncated.add("children")
         for i in range(min(n, self.max_children)):
@@ -110,32 +107,6 @@ class Walker:
                 raise AppGone(str(e)) from e
             if child is not None:
                 yield child
-
-    def visible_cells(self, table: Atspi.Accessible):
-        """The cells on screen, row by row from the top-left one (found by its position), as
-        OSWorld's server walks LibreOffice's sheets: only showing cells."""
-        try:
-            box = table.get_extents(Atspi.CoordType.SCREEN)
-            first = table.get_accessible_at_point(box.x + 2, box.y + 2, Atspi.CoordType.SCREEN)
-            if first is None:
-                return
-            idx = first.get_index_in_parent()
-            r0, c0 = table.get_row_at_index(idx), table.get_column_at_index(idx)
-            rows, cols = table.get_n_rows(), table.get_n_columns()
-        except GLib.Error:
-            return
-        for r in range(r0, rows):
-            shown = 0
-            for c in range(c0, cols):
-                if self.out_of_budget():
-                    return
-                cell = table.get_accessible_at(r, c)
-                if cell is None or not cell.get_state_set().contains(Atspi.StateType.SHOWING):
-                    break
-                shown += 1
-                yield cell
-            if shown == 0:
-                return
 
     def _element(self, acc: Atspi.Accessible) -> ET.Element:
         attrib: dict[str, str] = {"name": clean(acc.get_name())}

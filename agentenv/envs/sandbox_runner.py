@@ -3,8 +3,9 @@ python3, not the service's environment).
 
     python3 -I /opt/agentenv/runner.py DISPLAY WIDTH HEIGHT DESKTOP_ID
 
-It starts the desktop's X server, its D-Bus session bus and the accessibility (AT-SPI) bus, then answers the env service on the
-unix socket /run/agentenv/runner.sock (a folder the service sees from the host): one JSON request
+It starts the desktop's X server, its D-Bus session bus and the accessibility (AT-SPI) bus, then
+answers the env service on the unix socket /run/agentenv/runner.sock (a folder the service sees
+from the host): one JSON request
 per connection, one JSON line back. Everything a task or an agent runs is started here, so it
 lives in the sandbox's namespaces. Requests:
 
@@ -46,7 +47,7 @@ WRITABLE = ("/", "/tmp", "/var/tmp", "/dev/shm", RUNTIME)
 
 _lock = threading.Lock()
 _keep: set[int] = set()
-# Kept with every descendant: the accessibility bus launcher (its dbus-daemon and the registry).
+# Kept with every descendant: the accessibility bus launcher (and the dbus-daemon it starts).
 _keep_tree: set[int] = set()
 _children: list[subprocess.Popen] = []
 _initial: dict[str, set[str]] = {}
