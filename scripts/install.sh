@@ -38,7 +38,8 @@ APT_PACKAGES=(python3 python3-venv python3-dev gcc g++ xvfb openbox xdotool x11-
   mousepad xfce4-terminal galculator pcmanfm libreoffice-calc libreoffice-writer chromium fonts-dejavu-core
   x11-apps xclip tesseract-ocr util-linux procps curl socat
   bubblewrap python3-xlib python3-tk dbus-daemon dconf-gsettings-backend libglib2.0-bin xdg-utils
-  pulseaudio pulseaudio-utils)
+  pulseaudio pulseaudio-utils at-spi2-core python3-gi gir1.2-atspi-2.0
+  libatk-adaptor libgail-common)
 
 if [ "$DO_APT" = 1 ]; then
   missing=()

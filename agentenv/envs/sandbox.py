@@ -4,7 +4,8 @@ agent runs live in Linux namespaces of their own, built with bubblewrap (``bwrap
 Inside, it looks like OSWorld's VM: user ``user`` (uid 1000) with HOME ``/home/user``, ``sudo``
 that takes the password ``password`` and makes a command root in a user namespace nested in the
 sandbox (root there, the desktop user on the host), ``python`` with pyautogui on the desktop's own
-display, a D-Bus session bus (so ``gsettings`` saves through dconf), ``xdg-settings``.
+display, a D-Bus session bus (so ``gsettings`` saves through dconf), ``xdg-settings``, and AT-SPI
+(the accessibility bus; the tree and the terminal's text are read inside, by sandbox_a11y.py).
 
 Namespaces: user, mount, PID, IPC, UTS, cgroup and network are all new (``--unshare-all``), so from
 inside there is no network (the host's loopback services included), no host process to signal and
@@ -112,12 +113,31 @@ exec bwrap --unshare-user --uid 0 --gid 0 --bind / / --setenv SUDO_USER user --s
 
 
 # The terminal (Ctrl+Alt+T, the menu, the `terminal` app, and `gnome-terminal` as OSWorld's tasks
-# name it): xfce4-terminal running bash under script(1), whose transcript /terminal reads.
+# name it). /terminal reads its text over AT-SPI (sandbox_a11y.py), as OSWorld's server does.
 TERMINAL = r"""#!/bin/bash
-mkdir -p /run/agentenv/term
-exec xfce4-terminal --disable-server -T Terminal -x script -qf -c "bash -i" "/run/agentenv/term/$(date +%s%N).log"
+exec xfce4-terminal --disable-server -T Terminal
 """
-TERMINAL_MAX_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class A11yLimits:
+    """Bounds on one accessibility tree (OSWorld's server has the first three); a tree past one is cut
+    there and says so (the root's ``truncated`` attribute)."""
+
+    max_nodes: int = 5000          # OSWorld: MAX_CALLS
+    max_depth: int = 50            # OSWorld: MAX_DEPTH
+    max_children: int = 1024       # OSWorld: MAX_WIDTH
+    max_text_chars: int = 100_000  # one node's text
+    max_bytes: int = 8 << 20       # the whole tree, roughly; the runner ends the reader a little past it
+    seconds: float = 10.0          # the reader's own deadline; it is killed 5 s after
+
+
+A11Y_LIMITS = A11yLimits()
+TERMINAL_MAX_BYTES = 4 << 20  # the terminal reader's answer (VTE gives the text on screen)
+
+
+class A11yError(RuntimeError):
+    """The accessibility tree or the terminal's text could not be read; the message says why."""
 
 
 class SandboxError(RuntimeError):
@@ -141,6 +161,13 @@ def check_sandbox() -> None:
     if not (SANDBOX_SITE / "pyautogui").is_dir():
         logger.warning("pyautogui for the sandbox's python is not at {} (scripts/install.sh puts it there): "
                        "`python -c 'import pyautogui'` inside desktops will fail", SANDBOX_SITE)
+    import glob
+
+    if not os.path.exists("/usr/libexec/at-spi-bus-launcher") or not glob.glob("/usr/lib/*/girepository-1.0/Atspi-2.0.typelib") \
+            or not os.path.isdir("/usr/lib/python3/dist-packages/gi"):
+        logger.warning("AT-SPI for the sandbox is not installed (Debian packages at-spi2-core, python3-gi, "
+                       "gir1.2-atspi-2.0; scripts/install.sh installs them): /accessibility and the terminal's "
+                       "text will fail")
 
 
 def _as_desktop_user() -> dict[str, Any]:
@@ -183,6 +210,7 @@ class SandboxDesktop(LocalDesktop):
         self.home.mkdir(exist_ok=True)
         self._chown(self.home)
         shutil.copyfile(Path(__file__).with_name("sandbox_runner.py"), self.sys / "runner.py")
+        shutil.copyfile(Path(__file__).with_name("sandbox_a11y.py"), self.sys / "a11y.py")
         (self.sys / "passwd").write_text(PASSWD)
         (self.sys / "group").write_text(GROUP)
         (self.sys / "copies.json").write_text(json.dumps(self._copies()))
@@ -361,7 +389,9 @@ class SandboxDesktop(LocalDesktop):
             "XAUTHORITY": "/run/Xauthority",
             "LANG": "C.UTF-8",
             "LC_ALL": "C.UTF-8",
-            "NO_AT_BRIDGE": "1",
+            # GTK3 apps load the accessibility bridge by themselves; GTK2 ones (pcmanfm) need these
+            # modules (GTK3 skips both names: it has them built in).
+            "GTK_MODULES": "gail:atk-bridge",
             "XDG_RUNTIME_DIR": "/run/user/1000",
             "DBUS_SESSION_BUS_ADDRESS": "unix:path=/run/user/1000/bus",
             "PYTHONPATH": f"{INNER}/site",
@@ -518,38 +548,42 @@ class SandboxDesktop(LocalDesktop):
                 todo = [*Path(target).parts, *todo]
         return cur
 
-    def terminal_output(self) -> str | None:
-        """The newest terminal's transcript (what was typed and printed), control sequences removed.
-        The folder is the sandbox's to write: opened without following links, size capped."""
-        import re
-        import stat as st
+    def _a11y(self, args: list[str], seconds: float, max_output: int) -> dict[str, Any]:
+        """Run the AT-SPI reader inside the sandbox (its output is the answer of a signed runner
+        reply, size-capped, then parsed as JSON: never the apps' bytes as anything else)."""
+        r = self._exec(["python3", "-I", f"{INNER}/a11y.py", *args], False, seconds + 5, max_output)
+        if "error" in r:
+            raise DesktopError(f"desktop {self.id}: {r['error']}")
+        if r.get("timed_out"):
+            raise A11yError(f"the accessibility reader did not finish in {seconds + 5:.0f} s")
+        if r.get("stdout_cut"):
+            raise A11yError(f"the accessibility reader's answer is over {max_output} bytes")
+        if r["returncode"] != 0:
+            raise A11yError(f"the accessibility reader failed: {r['stderr'].strip()[-400:]}")
+        try:
+            return json.loads(r["stdout"])
+        except ValueError as e:
+            raise A11yError(f"the accessibility reader gave no answer: {r['stdout'][:200]!r}") from e
 
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    def accessibility_tree(self, limits: A11yLimits = A11Y_LIMITS) -> str | None:
+        """The desktop's AT-SPI tree as OSWorld's server gives it (XML), read inside the sandbox."""
+        out = self._a11y(["tree", str(limits.max_nodes), str(limits.max_depth), str(limits.max_children),
+                          str(limits.max_text_chars), str(limits.max_bytes), str(limits.seconds)],
+                         limits.seconds, limits.max_bytes + (1 << 20))
+        if out.get("truncated"):
+            logger.info("desktop {}: accessibility tree cut at {} nodes ({})", self.id, out.get("nodes"),
+                        ", ".join(out["truncated"]))
+        return out["AT"]
+
+    def terminal_output(self) -> str | None:
+        """The text of the terminal (its VTE widget over AT-SPI, as OSWorld's server reads it: a
+        focused terminal of the active window first); "" when there is none."""
         try:
-            dfd = os.open(self.ctl / "term", flags | os.O_DIRECTORY)
-        except OSError:
+            out = self._a11y(["terminal", "5"], 5.0, TERMINAL_MAX_BYTES)
+        except A11yError as e:
+            logger.warning("desktop {}: cannot read the terminal's text: {}", self.id, e)
             return ""
-        try:
-            names = sorted((n for n in os.listdir(dfd) if n.endswith(".log")), reverse=True)
-            if not names:
-                return ""
-            fd = os.open(names[0], flags | os.O_NONBLOCK, dir_fd=dfd)
-        finally:
-            os.close(dfd)
-        with os.fdopen(fd, "rb") as f:
-            if not st.S_ISREG(os.fstat(f.fileno()).st_mode):
-                return ""
-            size = os.fstat(f.fileno()).st_size
-            f.seek(max(0, size - TERMINAL_MAX_BYTES))
-            raw = f.read(TERMINAL_MAX_BYTES).decode("utf-8", "replace")
-        text = re.sub(r"\x1b\][^\x07\x1b]*(\x07|\x1b\\)|\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\x1b[=>]", "", raw)
-        out: list[str] = []
-        for line in text.replace("\r\n", "\n").split("\n"):
-            line = line.rsplit("\r", 1)[-1] if "\r" in line.rstrip("\r") else line.rstrip("\r")
-            while "\b" in line:  # a backspace the shell echoed removes the character before it
-                line = re.sub(r"[^\b]\b", "", line, count=1) if re.search(r"[^\b]\b", line) else line.replace("\b", "")
-            out.append(line)
-        return "\n".join(out)
+        return out.get("text") or ""
 
     def _restore_home(self) -> None:
         # /home is the sandbox's too: what a task made beside ``user`` (sudo mkdir /home/x) goes.

@@ -3,15 +3,16 @@ python3, not the service's environment).
 
     python3 -I /opt/agentenv/runner.py DISPLAY WIDTH HEIGHT DESKTOP_ID
 
-It starts the desktop's X server and its D-Bus session bus, then answers the env service on the
-unix socket /run/agentenv/runner.sock (a folder the service sees from the host): one JSON request
+It starts the desktop's X server, its D-Bus session bus and the accessibility (AT-SPI) bus, then
+answers the env service on the unix socket /run/agentenv/runner.sock (a folder the service sees
+from the host): one JSON request
 per connection, one JSON line back. Everything a task or an agent runs is started here, so it
 lives in the sandbox's namespaces. Requests:
 
     {"op": "ping"}
     {"op": "run", "argv": [...] | "cmd", "shell": bool, "timeout": s, "max_output": bytes}
     {"op": "spawn", "argv": [...], "keep": bool}       an app (keep: the window manager)
-    {"op": "reset"}       end every process but the X server, the bus and kept ones; remove what
+    {"op": "reset"}       end every process but the X server, the buses and kept ones; remove what
                           was written to the sandbox's own filesystem (/, /tmp, /dev/shm, /run/user)
                           and make /etc and /var copies of the host's again (``sync``)
 
@@ -54,6 +55,8 @@ COPIES = "/opt/agentenv/copies.json"  # {"/etc": {"skip": [patterns], "files": {
 
 _lock = threading.Lock()
 _keep: set[int] = set()
+# Kept with every descendant: the accessibility bus launcher (and the dbus-daemon it starts).
+_keep_tree: set[int] = set()
 _children: list[subprocess.Popen] = []
 _initial: dict[str, set[str]] = {}
 _copies: dict[str, dict] = {}
@@ -68,11 +71,12 @@ def _log(msg: str) -> None:
         f.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
 
 
-def _popen(argv: list[str] | str, keep: bool = False, log: str = "apps.log", **kw) -> subprocess.Popen:
+def _popen(argv: list[str] | str, keep: bool = False, log: str = "apps.log", cwd: str | None = None,
+           **kw) -> subprocess.Popen:
     out = open(os.path.join(CTL, log), "ab")
     try:
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-                             cwd=os.environ.get("HOME", "/"), env=None if keep else _app_env, **kw)
+                             cwd=cwd or os.environ.get("HOME", "/"), env=None if keep else _app_env, **kw)
     finally:
         out.close()
     with _lock:
@@ -111,6 +115,52 @@ def _start_audio() -> None:
         time.sleep(0.01)
 
 
+def _start_a11y_bus() -> None:
+    # AT-SPI: apps (GTK's bridge) register on this bus and /accessibility and /terminal read them.
+    # Started here, not by D-Bus activation, so that it is part of the initial state (its socket in
+    # /run/user/1000/at-spi) and survives resets; --a11y=1 tells toolkits that ask that it is on.
+    launcher = "/usr/libexec/at-spi-bus-launcher"
+    if not os.path.exists(launcher):
+        _log("no AT-SPI bus launcher (at-spi2-core): no accessibility tree")
+        return
+    # In /: the service swaps HOME while this starts (its first restore, once X is up).
+    p = _popen([launcher, "--launch-immediately", "--a11y=1"], keep=True, log="a11y.log", cwd="/")
+    with _lock:
+        _keep_tree.add(p.pid)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and p.poll() is None:
+        try:
+            if os.listdir(RUNTIME + "/at-spi"):
+                break
+        except OSError:
+            pass
+        time.sleep(0.01)
+    else:
+        _log("the AT-SPI bus did not start in 5 s")
+        return
+    # The registry (the apps' list) would be started by the bus when the first app registers, as
+    # an orphan that a reset ends and the next app waits for; started here it is kept.
+    _popen(["/usr/libexec/at-spi2-registryd"], keep=True, log="a11y.log", cwd="/")
+
+
+def _descendants(roots: set[int]) -> set[int]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d))
+    out, todo = set(), list(roots)
+    while todo:
+        pid = todo.pop()
+        out.add(pid)
+        todo += kids.get(pid, [])
+    return out
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -122,7 +172,7 @@ def _alive(pid: int) -> bool:
 def _kill_others(grace: float = 1.0) -> int:
     me = os.getpid()
     with _lock:
-        keep = set(_keep) | {1, me}
+        keep = set(_keep) | {1, me} | _descendants(_keep_tree)
     victims = [int(d) for d in os.listdir("/proc") if d.isdigit() and int(d) not in keep]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in victims:
@@ -266,7 +316,6 @@ def _sync_copies() -> None:
 
 def _clean() -> list[str]:
     removed = []
-    _remove(CTL + "/term")  # the terminals' transcripts (GET /terminal)
     for top in WRITABLE:
         try:
             names = os.listdir(top)
@@ -408,6 +457,10 @@ def main() -> None:
     deadline = time.monotonic() + 15  # the X server's lock and socket belong to the initial state
     while not os.path.exists(sock) and xvfb.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
+    try:  # after the X server: the launcher publishes the bus's address on the root window
+        _start_a11y_bus()
+    except OSError as e:  # a desktop without AT-SPI still works
+        _log(f"cannot start the AT-SPI bus: {e}")
     for top in WRITABLE:
         try:
             _initial[top] = set(os.listdir(top))

@@ -17,9 +17,10 @@ Routes (all but /health need ``Authorization: Bearer <token>``):
 Per desktop, the OSWorld in-VM server paths used by OSWorld-style clients and task configs, under
 ``/envs/{id}``: /screenshot, /execute, /setup/execute, /setup/launch, /setup/open_file,
 /setup/activate_window, /setup/upload, /file, /screen_size, /platform, /cursor_position,
-/list_directory, /terminal (sandboxed desktops: the newest terminal's transcript),
-/setup/close_window, /setup/change_wallpaper, /accessibility (501: no AT-SPI), and on sandboxed
-desktops only /run_python and /run_bash_script.
+/list_directory, /setup/close_window, /setup/change_wallpaper, and on sandboxed desktops only
+/terminal (the terminal's text over AT-SPI), /accessibility (the AT-SPI tree as OSWorld's XML,
+``{"AT": xml}``; bounded, see sandbox.A11yLimits), /run_python and /run_bash_script (plain desktops:
+501 for the first two, 403 for the others).
 Unlike OSWorld's server these are authenticated, commands run as the unprivileged desktop user,
 and ``python -c "import pyautogui; ..."`` commands go through the pyautogui allow-list instead of
 running as code.
@@ -680,15 +681,27 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
     @app.get("/envs/{did}/terminal", dependencies=A)
     def os_terminal(did: str):
         d = host.get(did)
-        text = d.terminal_output()
+        with d._lock:
+            text = d.terminal_output()
         if text is None:
-            raise HTTPException(501, "reading a terminal's text needs a sandboxed desktop (serve-envs --sandbox)")
-        return {"output": text}
+            raise HTTPException(501, "reading a terminal's text needs AT-SPI, which the sandboxed desktop has "
+                                     "(serve-envs --sandbox)")
+        return {"output": text or None}  # null when there is no terminal, as OSWorld's server answers
 
     @app.get("/envs/{did}/accessibility", dependencies=A)
     def os_accessibility(did: str):
-        host.get(did)
-        raise HTTPException(501, "no accessibility tree: these desktops do not run AT-SPI")
+        from agentenv.envs.sandbox import A11yError
+
+        d = host.get(did)
+        try:
+            with d._lock:  # a reset would end the reader mid-walk
+                tree = d.accessibility_tree()
+        except A11yError as e:
+            raise HTTPException(503, f"no accessibility tree: {e}") from e
+        if tree is None:
+            raise HTTPException(501, "no accessibility tree: plain desktops run their apps without AT-SPI; "
+                                     "the sandboxed desktop has it (serve-envs --sandbox)")
+        return {"AT": tree}
 
     @app.post("/envs/{did}/setup/close_window", dependencies=A)
     def os_close_window(did: str, req: CloseWindowRequest):

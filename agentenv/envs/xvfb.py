@@ -605,7 +605,12 @@ class LocalDesktop:
             os.fchown(fd, self.user.pw_uid, self.user.pw_gid)
 
     def terminal_output(self) -> str | None:
-        """The text of the newest terminal, or None where it cannot be read (plain desktops)."""
+        """The text of the terminal, or None where it cannot be read (plain desktops: no AT-SPI)."""
+        return None
+
+    def accessibility_tree(self) -> str | None:
+        """The AT-SPI tree as OSWorld's server gives it (XML), or None where there is none: plain
+        desktops run their apps with the bridge off (NO_AT_BRIDGE), the sandboxed one has it."""
         return None
 
     def upload_roots(self) -> list[Path]:

@@ -1,5 +1,6 @@
 """OSWorld's other in-VM routes, on a sandboxed desktop (/run_python and /run_bash_script are
-served there only: they run arbitrary code)."""
+served there only: they run arbitrary code; /terminal and /accessibility read AT-SPI, which only the
+sandboxed desktop runs)."""
 
 from __future__ import annotations
 
@@ -54,12 +55,12 @@ def test_terminal_text_close_window_and_wallpaper(svc):
     assert svc.post(did, "/step", json={"action": {"type": "hotkey", "keys": ["ctrl", "alt", "t"]},
                                         "screenshot": False}).status_code == 200
     deadline = time.monotonic() + 20
-    while "$" not in svc_terminal(svc, did) and time.monotonic() < deadline:
+    while "$" not in (svc_terminal(svc, did) or "") and time.monotonic() < deadline:
         time.sleep(0.2)
     for a in ({"type": "type", "text": "echo hello-$((6*7))"}, {"type": "key", "keys": ["Return"]}):
         assert svc.post(did, "/step", json={"action": a, "screenshot": False}).status_code == 200
     deadline = time.monotonic() + 10
-    while "hello-42" not in svc_terminal(svc, did) and time.monotonic() < deadline:
+    while "hello-42" not in (svc_terminal(svc, did) or "") and time.monotonic() < deadline:
         time.sleep(0.2)
     text = svc_terminal(svc, did)
     assert "echo hello-$((6*7))" in text and "hello-42" in text, text
@@ -77,12 +78,35 @@ def test_terminal_text_close_window_and_wallpaper(svc):
     assert r.status_code == 200, r.text
     out = svc.execute(did, "gsettings get org.gnome.desktop.background picture-uri")["output"]
     assert out.strip() == "'file:///home/user/Pictures/w.png'"
-    r = httpx.get(f"{svc.url}/envs/{did}/accessibility", headers=svc.h)
-    assert r.status_code == 501 and "AT-SPI" in r.json()["detail"]
+    assert svc_terminal(svc, did) is None  # no terminal left: null, as OSWorld's server answers
 
 
-def svc_terminal(svc, did) -> str:
-    r = httpx.get(f"{svc.url}/envs/{did}/terminal", headers=svc.h)
+def test_accessibility_tree_has_the_apps_window_and_its_text(svc):
+    from lxml import etree
+
+    did = svc.ids()[0]
+    svc.post(did, "/reset", json={"task": None})
+    svc.execute(did, "printf 'first line\\nthe a11y marker 42\\n' > ~/Desktop/a11y-notes.txt")
+    r = svc.post(did, "/setup/launch", json={"command": ["mousepad", "/home/user/Desktop/a11y-notes.txt"]})
+    assert r.status_code == 200, r.text
+    st = "https://accessibility.ubuntu.example.org/ns/state"
+    ns = {"st": st, "cp": "https://accessibility.ubuntu.example.org/ns/component"}
+    deadline, frames, texts = time.monotonic() + 20, [], []
+    while not texts and time.monotonic() < deadline:  # the window comes first, the file's text after
+        r = httpx.get(f"{svc.url}/envs/{did}/accessibility", headers=svc.h, timeout=60)
+        assert r.status_code == 200, r.text
+        root = etree.fromstring(r.json()["AT"].encode())  # well-formed XML
+        frames = root.xpath('application[@name="mousepad"]/frame[contains(@name, "a11y-notes.txt")]', namespaces=ns)
+        texts = [e.text for f in frames for e in f.iter("text") if "the a11y marker 42" in (e.text or "")]
+        time.sleep(0.3)
+    assert root.tag == "desktop-frame" and root.get("truncated") is None
+    assert len(frames) == 1, etree.tostring(root)[:2000]
+    assert frames[0].get(f"{{{st}}}showing") == "true" and frames[0].xpath("@cp:screencoord", namespaces=ns)
+    assert texts == ["first line\nthe a11y marker 42\n"], etree.tostring(frames[0])[-1500:]
+
+
+def svc_terminal(svc, did) -> str | None:
+    r = httpx.get(f"{svc.url}/envs/{did}/terminal", headers=svc.h, timeout=30)
     assert r.status_code == 200, r.text
     return r.json()["output"]
 
@@ -114,6 +138,19 @@ def test_osworlds_own_client_drives_a_desktop_on_its_port(svc):
     assert any(ch["name"] == "from-osworld.txt" for ch in tree["children"])
     assert c.run_python_script("print(6 * 7)")["output"].strip() == "42"
     assert httpx.get(f"http://agentenv:{svc.service.token}@127.0.0.1:{port}/envs").status_code == 404
+    # the accessibility tree and the terminal's text, as OSWorld's getters ask for them
+    svc.post(svc.ids()[0], "/setup/launch", json={"command": ["xfce4-terminal", "--disable-server"]})
+    deadline, tree = time.monotonic() + 20, ""
+    while "<terminal " not in tree and time.monotonic() < deadline:
+        tree = c.get_accessibility_tree() or ""
+        time.sleep(0.3)
+    assert tree.startswith("<desktop-frame") and "<terminal " in tree, tree[:500]
+    c.execute_python_command("pyautogui.typewrite('echo from-$((6*7))-osworld\\n')")
+    deadline = time.monotonic() + 10
+    while "from-42-osworld" not in (c.get_terminal_output() or "") and time.monotonic() < deadline:
+        time.sleep(0.3)
+    out = c.get_terminal_output()
+    assert "echo from-$((6*7))-osworld" in out and "from-42-osworld" in out, out
 
 
 def test_osworld_ports_follow_desktops_closed_and_created(svc):

@@ -166,3 +166,7 @@ def test_code_routes_are_served_by_sandboxed_desktops_only(svc):
         assert r.status_code == 200 and b.status_code == 200
     else:
         assert r.status_code == 403 and b.status_code == 403 and "sandboxed" in r.json()["detail"]
+        # no AT-SPI on the plain desktop: a 501 that names the desktop that has it
+        for route in ("/accessibility", "/terminal"):
+            a = __import__("httpx").get(f"{svc.url}/envs/{env['id']}{route}", headers=svc.h)
+            assert a.status_code == 501 and "sandboxed desktop" in a.json()["detail"], (route, a.text)

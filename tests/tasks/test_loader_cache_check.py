@@ -153,13 +153,17 @@ def test_what_only_an_osworld_like_desktop_has_is_missing_on_a_plain_one(tmp_pat
     write_json(tmp_path / "os" / "apt.json", {**TASK, "id": "apt", "config": [
         {"type": "execute", "parameters": {"command": "echo password | sudo -S apt-get install -y unzip && "
                                                       "sudo -S systemctl restart cron", "shell": True}}]})
+    write_json(tmp_path / "os" / "a11y.json", {**TASK, "id": "a11y", "evaluator": {
+        "func": "check_accessibility_tree", "result": {"type": "accessibility_tree"},
+        "expected": {"type": "rule", "rules": [{"selectors": ["application[name=mousepad]"]}]}}})
     plain = {r.id: r for r in check_tasks(tmp_path)}
     assert plain["gnome"].status == "missing" and plain["etc"].status == "missing"
+    assert plain["a11y"].missing == ["OSWorld-like desktop: an AT-SPI accessibility tree (sandboxed desktops)"]
     assert any("GNOME settings" in m for m in plain["gnome"].missing)
     assert any("Ctrl+Alt+T" in m for m in plain["gnome"].missing)
     assert plain["etc"].missing == ["OSWorld-like desktop: a file outside HOME (/etc/hosts)"]
     sandboxed = {r.id: r for r in check_tasks(tmp_path, osworld_like=True)}
-    assert sandboxed["gnome"].status == "runs" and sandboxed["etc"].status == "runs"
+    assert [sandboxed[t].status for t in ("gnome", "etc", "a11y")] == ["runs"] * 3, sandboxed
     for kind in (plain, sandboxed):  # what no desktop of ours has
         assert kind["apt"].status == "missing"
         assert sum(m.startswith(("systemd", "installing packages")) for m in kind["apt"].missing) == 2

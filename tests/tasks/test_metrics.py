@@ -174,8 +174,12 @@ def test_refused_metrics_and_getters_name_what_is_missing():
         validate_evaluator({**os_ev, "func": "check_python_file_by_test_suite"}, "osworld")
     with pytest.raises(EvaluatorError, match="Google Chrome"):
         validate_evaluator({"func": "is_expected_tabs", "result": {"type": "open_tabs_info"}}, "osworld")
-    with pytest.raises(EvaluatorError, match="AT-SPI"):
-        validate_evaluator({"func": "exact_match", "result": {"type": "accessibility_tree"}}, "osworld")
+    a11y = {"func": "check_accessibility_tree", "result": {"type": "accessibility_tree"},
+            "expected": {"type": "rule", "rules": [{"xpath": "//application"}]}}
+    validate_evaluator(a11y, "osworld")  # offered: a sandboxed desktop has the tree, a plain one says what it lacks
+    plain = Task(id="a", instruction="-", extra={"snapshot": "os"}, evaluator=a11y)
+    with pytest.raises(EvaluatorError, match="AT-SPI accessibility tree.*not sandboxed"):
+        evaluate(_Plain(), plain)
     with pytest.raises(EvaluatorError, match="unknown metric 'no_such_metric'"):
         validate_evaluator({**os_ev, "func": "no_such_metric"}, "osworld")
     with pytest.raises(EvaluatorError, match="no 'func'"):
@@ -184,6 +188,27 @@ def test_refused_metrics_and_getters_name_what_is_missing():
 
 class _NoDesktop:
     """Evaluators that read nothing from a desktop (infeasible, rule-only) need none."""
+
+
+class _Plain:
+    """A plain desktop as the accessibility_tree getter sees it: no tree."""
+
+    def accessibility_tree(self):
+        return None
+
+
+def test_check_accessibility_tree_scores_osworlds_xml():
+    # OSWorld's metric (desktop-env's general.py) on a tree in the format /accessibility answers
+    from agentenv.envs.tasks import metrics
+
+    fn = metrics.osworld_metric("check_accessibility_tree")
+    st = "https://accessibility.ubuntu.example.org/ns/state"
+    xml = (f'<desktop-frame xmlns:st="{st}"><application name="mousepad"><frame name="notes.txt - Mousepad" '
+           f'st:active="true"><text>meeting at noon</text></frame></application></desktop-frame>')
+    assert fn(xml, [{"xpath": '//application[@name="mousepad"]/frame[@st:active="true"]//text',
+                     "text": "meeting at noon", "exact": True}]) == 1.0
+    assert fn(xml, [{"selectors": ['application[name="mousepad"] text'], "text": "meeting at night",
+                     "exact": True}]) == 0.0
 
 
 def test_infeasible_and_giving_up_follow_osworld():

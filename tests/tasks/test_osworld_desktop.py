@@ -53,7 +53,30 @@ def test_terminal_output_is_read_from_the_terminal(desktop, samples, agentenv_ho
     desktop.reset(task)
     assert evaluate(desktop, task) == 0.0
     act(desktop, Action("type", text="echo $((6*9))\n"), settle=1.0)
+    if desktop.sandboxed:  # read over AT-SPI (the VTE widget's text), not from the clipboard
+        assert wait_for(lambda: "54" in desktop.terminal_output())
+        assert "echo $((6*9))" in desktop.terminal_output()
+    else:
+        assert desktop.terminal_output() is None
     assert evaluate(desktop, task) == 1.0
+    if desktop.sandboxed:
+        assert "echo" not in desktop.clipboard()  # scored from AT-SPI: no select-all and copy
+        # a tree past its bounds is cut and says so, never a hang
+        from agentenv.envs.sandbox import A11yLimits
+        from lxml import etree
+
+        cut = etree.fromstring(desktop.accessibility_tree(A11yLimits(max_nodes=3)).encode())
+        assert cut.get("truncated") == "nodes" and len(list(cut.iter())) == 1 + 3
+        full = etree.fromstring(desktop.accessibility_tree().encode())
+        assert full.get("truncated") is None and full.xpath("//terminal")
+        # OSWorld's accessibility_tree getter and check_accessibility_tree, CSS selectors as its tasks write them
+        def a11y(selector: str) -> Task:
+            return Task(id="a11y", instruction="-", extra={"snapshot": "os"}, evaluator={
+                "func": "check_accessibility_tree", "result": {"type": "accessibility_tree"},
+                "expected": {"type": "rule", "rules": [{"selectors": [selector]}]}})
+
+        assert evaluate(desktop, a11y("application[name=xfce4-terminal] frame[st|active=true] terminal")) == 1.0
+        assert evaluate(desktop, a11y("application[name=mousepad]")) == 0.0  # not open
 
 
 def test_postconfig_saves_the_file_before_it_is_scored(desktop, samples, file_server, agentenv_home):

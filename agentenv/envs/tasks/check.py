@@ -156,6 +156,7 @@ def _steps_needs(steps: Any, where: str, urls: list[str], osworld_like: bool = F
 
 
 def _evaluator_needs(task: Task, urls: list[str], osworld_like: bool = False) -> list[str]:
+    from agentenv.envs.tasks import getters
     from agentenv.envs.tasks.evaluate import EvaluatorError, getter_for, dialect, validate_evaluator
 
     ev = task.evaluator
@@ -185,6 +186,8 @@ def _evaluator_needs(task: Task, urls: list[str], osworld_like: bool = False) ->
                     out.append("app: code (vscode_config runs a VS Code command)")
             except EvaluatorError as e:
                 out.append(f"evaluator: {e}")
+            if r.get("type") in getters.OSWORLD_LIKE_NEEDS and not osworld_like:
+                out.append(f"OSWorld-like desktop: {getters.OSWORLD_LIKE_NEEDS[r['type']]}")
             if r.get("type") in ("vm_file", "list_directory") and not osworld_like:
                 paths = r.get("path") if isinstance(r.get("path"), list) else [r.get("path")]
                 outside = [x for x in paths if _outside_home(x)]

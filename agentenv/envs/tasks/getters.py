@@ -137,11 +137,12 @@ def os_vm_command_error(ctx: EvalContext, spec: dict) -> str | None:
 
 
 def terminal_text(desktop: Any) -> str | None:
-    """The text of the desktop's terminal window: a sandboxed desktop's transcript of its newest
-    terminal (``terminal_output``); on a plain desktop the terminal selects all and copies (xfce4-terminal:
+    """The text of the desktop's terminal window: on a sandboxed desktop the terminal's text over
+    AT-SPI (``terminal_output``, as OSWorld's server reads it); where that gives nothing (a plain
+    desktop, or no terminal found) the terminal selects all and copies (xfce4-terminal:
     Ctrl+Shift+A, Ctrl+Shift+C) and the clipboard is read: it changes the selection, nothing else."""
-    text = desktop.terminal_output()  # a sandboxed desktop keeps its terminals' transcripts
-    if text:  # none for a terminal started on its own (xfce4-terminal ...): read from the screen
+    text = desktop.terminal_output()
+    if text:
         return text
     r = desktop.run(["xdotool", "search", "--onlyvisible", "--limit", "1", "--class", "xfce4-terminal",
                      "windowactivate", "--sync"],
@@ -156,6 +157,20 @@ def terminal_text(desktop: Any) -> str | None:
 
 def os_vm_terminal_output(ctx: EvalContext, spec: dict) -> str | None:
     return terminal_text(ctx.desktop)
+
+
+def os_accessibility_tree(ctx: EvalContext, spec: dict) -> str | None:
+    """OSWorld's ``accessibility_tree``: the desktop's AT-SPI tree as XML (sandboxed desktops)."""
+    from agentenv.envs.sandbox import A11yError
+
+    try:
+        tree = ctx.desktop.accessibility_tree()
+    except A11yError as e:
+        raise EvaluatorError(f"accessibility_tree: {e}") from e
+    if tree is None:
+        raise EvaluatorError(f"accessibility_tree needs {OSWORLD_LIKE_NEEDS['accessibility_tree']}: "
+                             "this desktop is not sandboxed")
+    return tree
 
 
 def os_list_directory(ctx: EvalContext, spec: dict) -> dict | None:
@@ -229,11 +244,12 @@ OSWORLD_GETTERS: dict[str, Callable[[EvalContext, dict], Any]] = {
     "vm_command_error": os_vm_command_error, "vm_terminal_output": os_vm_terminal_output,
     "list_directory": os_list_directory, "rule": os_rule, "vm_screen_size": os_vm_screen_size,
     "content_from_vm_file": os_content_from_vm_file, "vscode_config": os_vscode_config,
-    "cache_file": os_cache_file,
+    "cache_file": os_cache_file, "accessibility_tree": os_accessibility_tree,
 }
+# OSWorld getters that only a desktop looking like OSWorld's VM (the sandboxed one) can run.
+OSWORLD_LIKE_NEEDS: dict[str, str] = {"accessibility_tree": "an AT-SPI accessibility tree (sandboxed desktops)"}
 # OSWorld getters this machine cannot run: name -> what is missing.
 GETTER_NEEDS: dict[str, str] = {
-    "accessibility_tree": "an AT-SPI accessibility tree",
     "vlc_playing_info": "VLC", "vlc_config": "VLC", "default_video_player": "VLC",
     "gimp_config_file": "GIMP",
     "audio_in_slide": "LibreOffice Impress", "background_image_in_slide": "LibreOffice Impress",

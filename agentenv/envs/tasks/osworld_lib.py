@@ -29,7 +29,6 @@ NOT_OFFERED = {
     "compare_image_text": "OCR with easyocr and torch (not installed here)",
     "check_python_file_by_test_suite": "runs a task's Python code inside the env service",
     "check_python_file_by_gold_file": "runs a task's Python code inside the env service",
-    "check_accessibility_tree": "an AT-SPI accessibility tree",
 }
 # What each module we do not load needs (the apps are not installed here, or its imports pull the
 # pinned stack).
