@@ -119,7 +119,7 @@ def test_no_network_to_the_host_loopback(svc, did):
     assert len(accepted) == 1  # the host's own connection only
 
 
-def test_other_desktops_x_server_is_out_of_reach(svc):
+def test_another_desktop_is_out_of_reach(svc):
     a, b = svc.ids()[:2]
     envs = {e["id"]: e for e in __import__("httpx").get(svc.url + "/envs", headers=svc.h).json()}
     other = envs[b]["display"]
@@ -128,6 +128,16 @@ def test_other_desktops_x_server_is_out_of_reach(svc):
     assert f"X{other.lstrip(':')}" not in out.split("rc=")[0].split()
     rc, out = sh(svc, a, "xdotool getmouselocation")  # its own display works
     assert rc == 0 and "x:" in out
+    # Both run as the same host uid: only the namespaces keep B's files and processes from A.
+    tag = os.urandom(4).hex()
+    marker = f"desktop-b-{tag}"
+    rc, out = sh(svc, b, f"echo {marker} > ~/b.txt; echo {marker} > /tmp/b.txt; cat ~/b.txt /tmp/b.txt")
+    assert out.count(marker) == 2, out  # B has both: a search from A could find them if it could look
+    # the marker put together in the shell, so A's own command line does not hold it
+    rc, out = sh(svc, a, f"m=desktop-b-; m=$m{tag}; grep -rslF $m / --exclude-dir=proc --exclude-dir=sys | head -3; "
+                         "ps -eo args", timeout=60)
+    assert marker not in out and f"Xvfb {other} " not in out, out  # nor B's X server among A's processes
+    assert f"Xvfb {envs[a]['display']} " in out, out  # A's own is there: ps does list X servers
 
 
 def test_symlink_typed_by_the_agent_reads_nothing(svc, did):
