@@ -135,7 +135,7 @@ async def test_desktops_on_three_nodes_stream_like_on_one(local_cluster, fleet_p
     async with fleet.watching(pool):
         sched = make_scheduler(vllm_server.url, pool, tmp_path, tasks(), tiny_pixels)
         summary = await sched.run()
-    admits = check_streamed(sched, summary, pool)
+    admits = check_streamed(sched, summary, pool, TASK_IDS)
     assert {_node_of(fleet, a.env) for a in admits} == desktop_nodes  # all three nodes did work
     trajs = check_complete(tmp_path, TASK_IDS)
     assert all(_ended_well(t) for t in trajs), [(t.key, t.status, t.reason) for t in trajs]
