@@ -102,15 +102,22 @@ def _free_port(host: str) -> int:
 
 
 class _ServerActor:
-    """What both actors share: the server (``self.proc``) is watched, and if it exits on its own the
-    actor exits too (ending what is left of the server's process group), so that Ray restarts both."""
+    """What both actors share: the server (``self.svc``, its process ``self.proc``) is watched, and if
+    it exits on its own the actor exits too (ending what is left of the server's process group), so
+    that Ray restarts both."""
 
+    svc: Any
     proc: Any
 
-    def _supervise(self, what: str) -> None:
+    def __init__(self) -> None:
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self._stopping = False
+
+    def _serve(self, svc: Any, what: str) -> None:
+        """Take ``svc`` (started) as this actor's server and watch it."""
         from agentenv.services import stop_group
 
-        self._stopping = False
+        self.svc, self.proc = svc, svc.proc
 
         def watch() -> None:
             self.proc.wait()
@@ -122,6 +129,19 @@ class _ServerActor:
 
         threading.Thread(target=watch, daemon=True, name="agentenv-supervisor").start()
 
+    def _where(self) -> dict[str, Any]:
+        """The node and the processes that run for this actor (PIDs, for tests)."""
+        from agentenv.procs import descendants
+
+        pid = self.proc.pid
+        return {"node_id": self.node_id, "actor_pid": os.getpid(), "service_pid": pid,
+                "pids": [pid, *descendants(pid)]}
+
+    def stop(self) -> None:
+        """End the server (by its process group; an env service closes its desktops first)."""
+        self._stopping = True
+        self.svc.stop()
+
 
 class EnvServiceActor(_ServerActor):
     """One env service (``agentenv serve-envs``) on the node Ray placed this actor on.
@@ -130,11 +150,9 @@ class EnvServiceActor(_ServerActor):
 
     def __init__(self, desktops: int, width: int, height: int, host: str | None = None, sandbox: bool = True,
                  network: bool = False):
-        from agentenv.procs import descendants
         from agentenv.services import EnvService
 
-        self._descendants = descendants
-        self.node_id = ray.get_runtime_context().get_node_id()
+        super().__init__()
         self.host = host or ray.util.get_node_ip_address()
         # A fresh token per incarnation, handed to the driver only as this actor's reply (never in
         # an argument Ray records, nor a log); the child gets it in its environment.
@@ -142,29 +160,21 @@ class EnvServiceActor(_ServerActor):
         logdir = _log_dir()
         last: Exception | None = None
         for _ in range(3):  # the free port may be taken between the probe and the bind
-            self.svc = EnvService(desktops, _free_port(self.host), width, height, token=token,
-                                  log=logdir / f"agentenv-envs-{os.getpid()}.log", host=self.host,
-                                  sandbox=sandbox, network=network)
+            svc = EnvService(desktops, _free_port(self.host), width, height, token=token,
+                             log=logdir / f"agentenv-envs-{os.getpid()}.log", host=self.host,
+                             sandbox=sandbox, network=network)
             try:
-                self.svc.start()
+                svc.start()
                 break
             except RuntimeError as e:
                 last = e
         else:
             raise RuntimeError(f"env service on node {self.node_id[:12]} ({self.host}) did not start: {last}")
-        self.proc = self.svc.proc
-        self._supervise(f"env service {self.svc.url}")
+        self._serve(svc, f"env service {svc.url}")
 
     def info(self) -> dict[str, Any]:
-        """Where the service is and how to talk to it, plus what runs for it (PIDs, for tests)."""
-        pid = self.proc.pid
-        return {"url": self.svc.url, "token": self.svc.token, "desktops": self.svc.num, "node_id": self.node_id,
-                "actor_pid": os.getpid(), "service_pid": pid, "pids": [pid, *self._descendants(pid)]}
-
-    def stop(self) -> None:
-        """Close the desktops and end the service (by its process group)."""
-        self._stopping = True
-        self.svc.stop()
+        """Where the service is and how to talk to it, plus what runs for it."""
+        return {"url": self.svc.url, "token": self.svc.token, "desktops": self.svc.num, **self._where()}
 
 
 class VLLMServiceActor(_ServerActor):
@@ -173,27 +183,18 @@ class VLLMServiceActor(_ServerActor):
     new one, and a new port, per incarnation)."""
 
     def __init__(self, args: list[str], host: str | None = None, start_timeout_s: float = 900.0):
-        from agentenv.procs import descendants
         from agentenv.services import VLLMService
 
-        self._descendants = descendants
-        self.node_id = ray.get_runtime_context().get_node_id()
+        super().__init__()
         host = host or ray.util.get_node_ip_address()
         name = _arg(args, "--served-model-name") or Path(_arg(args, "--model") or "tiny-uitars").name
         run_dir = _log_dir() / f"agentenv-vllm-{os.getpid()}"
-        self.svc = VLLMService(port=_free_port(host), extra=list(args), run_dir=run_dir, host=host, model=name,
-                               api_key=secrets.token_urlsafe(24)).start(timeout=start_timeout_s)
-        self.proc = self.svc.proc
-        self._supervise(f"vLLM server {self.svc.url}")
+        svc = VLLMService(port=_free_port(host), extra=list(args), run_dir=run_dir, host=host, model=name,
+                          api_key=secrets.token_urlsafe(24)).start(timeout=start_timeout_s)
+        self._serve(svc, f"vLLM server {svc.url}")
 
     def info(self) -> dict[str, Any]:
-        pid = self.proc.pid
-        return {"url": self.svc.url, "api_key": self.svc.api_key, "model": self.svc.model, "node_id": self.node_id,
-                "actor_pid": os.getpid(), "service_pid": pid, "pids": [pid, *self._descendants(pid)]}
-
-    def stop(self) -> None:
-        self._stopping = True
-        self.svc.stop()
+        return {"url": self.svc.url, "api_key": self.svc.api_key, "model": self.svc.model, **self._where()}
 
 
 def _arg(args: list[str], flag: str) -> str | None:
