@@ -23,7 +23,7 @@ import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 _PR_SET_PDEATHSIG = 1
 _libc: Any = None
@@ -64,16 +64,21 @@ def spawn_tied(argv: list[str], sig: int = signal.SIGTERM, **popen_kw: Any) -> s
     return _thread().submit(start).result()
 
 
+def _stats() -> Iterator[tuple[int, list[str]]]:
+    """(pid, the fields of /proc/PID/stat after the command name: state, ppid, pgrp, ...) for every
+    process now; one that ends while we read is skipped."""
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                yield int(d.name), (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+
+
 def _children() -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        out.setdefault(ppid, []).append(int(d.name))
+    for pid, fields in _stats():
+        out.setdefault(int(fields[1]), []).append(pid)
     return out
 
 
@@ -99,15 +104,7 @@ def alive(pid: int) -> bool:
 
 def _group_members(pgid: int) -> list[int]:
     """Every process in process group ``pgid`` but this one."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            try:
-                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
-                    out.append(int(d.name))
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
+    return [pid for pid, fields in _stats() if int(fields[2]) == pgid and pid != os.getpid()]
 
 
 def guard(argv: list[str], grace: float) -> int:
