@@ -69,7 +69,8 @@ def _verl_dataset(argv: list[str]) -> int:
 
 def _tasks(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="agentenv tasks",
-                                 description="OSWorld task files: which run here (check), fill the download cache (fetch).")
+                                 description="OSWorld task files: which run here (check), fill the download cache (fetch), "
+                                             "set up and score each as a no-op on real desktops (smoke).")
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="per task file: runs here, or exactly what is missing; a table per domain; "
                                      "the last line is a JSON summary")
@@ -84,6 +85,18 @@ def _tasks(argv: list[str]) -> int:
     f = sub.add_parser("fetch", help="download every file the tasks fetch (download steps, cloud_file) into "
                                      "the cache ($AGENTENV_HOME/cache/downloads); the last line is JSON")
     f.add_argument("dir")
+    s = sub.add_parser("smoke", help="every task that check says runs, on real desktops side by side: reset with "
+                                     "setup, first screenshot, a no-op evaluation; the last line is JSON")
+    s.add_argument("dir")
+    s.add_argument("--desktops", type=int, default=2, help="desktops side by side (default 2)")
+    s.add_argument("--domain", action="append", help="only this domain (folder name); repeatable")
+    s.add_argument("--limit", type=int, default=None, help="at most this many tasks")
+    s.add_argument("--width", type=int, default=1920)
+    s.add_argument("--height", type=int, default=1080)
+    s.add_argument("--settle-s", type=float, default=2.0,
+                   help="how long after the first screenshot the screen is grabbed again to see if it was ready")
+    s.add_argument("--plain-desktops", action="store_true", help="desktops without the sandbox")
+    s.add_argument("--json-out", default=None, help="also write every task's result to this JSON file")
     a = ap.parse_args(argv)
     import json
     from pathlib import Path
@@ -105,6 +118,10 @@ def _tasks(argv: list[str]) -> int:
             print(f"failed: {err}", file=sys.stderr)
         print(json.dumps(out))
         return 1 if out["failed"] else 0
+    if a.cmd == "smoke":
+        from agentenv.view.cli import smoke_main
+
+        return smoke_main(a)
     cache = DownloadCache.from_config(cfg.model_copy(update={"offline": cfg.offline or a.offline}))
     reports = check_tasks(a.dir, cache, osworld_like=not a.plain_desktops)
     print(render(reports, verbose=not a.quiet))

@@ -99,3 +99,53 @@ def replay_main(argv: list[str]) -> int:
           file=sys.stderr)
     print(json.dumps({"replayed": len(results), "verdicts": verdicts, "rows": [r.row() for r in results]}))
     return 0
+
+
+def smoke_main(a: argparse.Namespace) -> int:
+    """``agentenv tasks smoke DIR`` (its flags are parsed with the other ``tasks`` commands in agentenv.cli)."""
+    import tempfile
+
+    from agentenv.envs.client import AsyncEnvClient
+    from agentenv.envs.tasks.check import check_tasks
+    from agentenv.rollout.sources import load_items
+    from agentenv.services import EnvService
+    from agentenv.types import Task
+    from agentenv.view.replay import free_port
+    from agentenv.view.smoke import domain_of, render, results_json, smoke_tasks, summary
+
+    runnable = {(r.file, r.id) for r in check_tasks(a.dir, osworld_like=not a.plain_desktops) if r.status == "runs"}
+    tasks = [t for t in load_items(a.dir) if isinstance(t, Task)
+             and (t.source, t.extra.get("original_id", t.id)) in runnable
+             and (not a.domain or domain_of(t) in a.domain)][: a.limit]
+    if not tasks:
+        print(f"agentenv tasks smoke: no task under {a.dir} runs here (see `agentenv tasks check {a.dir}`)",
+              file=sys.stderr)
+        return 2
+    print(f"smoke: {len(tasks)} tasks on {a.desktops} {'plain' if a.plain_desktops else 'sandboxed'} desktops",
+          file=sys.stderr)
+
+    def progress(done: int, total: int, r) -> None:
+        state = "setup failed" if not r.setup_ok else f"no-op {r.noop_score}"
+        print(f"[{done}/{total}] {r.domain}/{r.id}: {state}, first screenshot after {r.reset_to_screenshot_s} s"
+              f"{' BLANK' if r.blank else ''}{' UNSETTLED' if r.unsettled else ''}", file=sys.stderr, flush=True)
+
+    root = Path(a.dir).resolve()
+
+    async def go() -> list:
+        log = Path(tempfile.mkdtemp(prefix="agentenv-smoke-")) / "env-service.log"
+        svc = EnvService(num=0, port=free_port(), sandbox=not a.plain_desktops, log=log,
+                         upload_roots=[root if root.is_dir() else root.parent])
+        await asyncio.to_thread(svc.start)
+        client = AsyncEnvClient(svc.url, svc.token)
+        try:
+            return await smoke_tasks(client, tasks, a.desktops, (a.width, a.height), a.settle_s, progress)
+        finally:
+            await client.aclose()
+            await asyncio.to_thread(svc.stop)
+
+    results = asyncio.run(go())
+    print(render(results), file=sys.stderr)
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(results_json(results), indent=1))
+    print(json.dumps(summary(results)))
+    return 0

@@ -245,7 +245,7 @@ async def desktops(client: AsyncEnvClient, screens: list[tuple[int, int]]) -> As
                 await client.close(env.id)
 
 
-async def _each_on_a_desktop(jobs: list, client: AsyncEnvClient, n: int, screen_of, work) -> list:
+async def each_on_a_desktop(jobs: list, client: AsyncEnvClient, n: int, screen_of, work) -> list:
     """Run ``work(job, env)`` for every job, at most ``n`` at a time, each on a desktop of its screen."""
     results: list = [None] * len(jobs)
     by_screen: dict[tuple[int, int], list[int]] = {}
@@ -320,7 +320,7 @@ async def replay_run(run_dir: str | Path, client: AsyncEnvClient, *, task: str |
         logger.info("replayed {}#{}: {}{}", t.task_id, t.sample, r.verdict, f" at {r.where()}" if r.where() else "")
         return r
 
-    done = await _each_on_a_desktop(runnable, client, desktops_n,
+    done = await each_on_a_desktop(runnable, client, desktops_n,
                                     lambda t: model.screen_of(t.env_id, info.screens, info.screen), work)
     for t, r in zip(runnable, done):
         results[t.key] = r
@@ -356,7 +356,7 @@ async def record_oracles(out_dir: str | Path, client: AsyncEnvClient, tasks: lis
         buffer.add(traj)
         return traj
 
-    trajs = await _each_on_a_desktop(todo, client, desktops_n, lambda _: screen, work)
+    trajs = await each_on_a_desktop(todo, client, desktops_n, lambda _: screen, work)
     buffer.compact()
     if screens:
         screens[client.url] = list(screen)
