@@ -135,7 +135,7 @@ def lockstep_seed(llm, client: AsyncEnvClient, agent, sampling, tasks, n, max_st
     another, completion polled every 5 s."""
     async def acquire(k: int) -> list[AsyncDesktopEnv]:
         created = await asyncio.gather(*[client.create() for _ in range(k)])
-        return [AsyncDesktopEnv(client, e["id"], (e["width"], e["height"])) for e in created]
+        return [AsyncDesktopEnv(client, e.id, e.screen) for e in created]
 
     async def release(envs: list[AsyncDesktopEnv]) -> None:
         await asyncio.gather(*[client.close(e.id) for e in envs])

@@ -39,6 +39,7 @@ from agentenv.config import EnvConfig, LoopConfig, RayConfig, SchedulerConfig  #
 from agentenv.envs.client import EnvDeadError, Observation  # noqa: E402
 from agentenv.envs.pool import EnvPool, ServiceSpec  # noqa: E402
 from agentenv.envs.tasks import builtin_tasks  # noqa: E402
+from agentenv.envs.wire import Created, DesktopInfo, Health  # noqa: E402
 from agentenv.rollout.agent import UITarsAgent  # noqa: E402
 from agentenv.rollout.buffer import TrajectoryBuffer  # noqa: E402
 from agentenv.rollout.llm import Completion, Sampling  # noqa: E402
@@ -176,20 +177,20 @@ class SimService:
 
     async def health(self):
         self._check("/health")
-        return {"desktops": self.desktops}
+        return Health(desktops=self.desktops)
 
     async def list(self):
         self._check("/envs")
         out = []
         for _ in range(self.desktops):
             self._n += 1
-            out.append({"id": f"d{self._n}", "width": 1920, "height": 1080})
+            out.append(DesktopInfo(id=f"d{self._n}", width=1920, height=1080))
         return out
 
     async def create(self, width=None, height=None):
         self._check("/envs")
         self._n += 1
-        return {"id": f"d{self._n}", "width": 1920, "height": 1080}
+        return Created(id=f"d{self._n}", width=1920, height=1080)
 
     async def close(self, env_id):
         self._check(f"/envs/{env_id}")

@@ -17,7 +17,9 @@ from typing import Any, Iterator
 
 import gymnasium
 import httpx
+from pydantic import BaseModel
 
+from agentenv.envs import wire
 from agentenv.types import Action, Task
 
 
@@ -79,6 +81,10 @@ def _checked(r: httpx.Response, where: str) -> httpx.Response:
 RETRY_DELAYS_S = (0.2, 0.5, 1.0)
 
 
+def _body(req: BaseModel) -> dict[str, Any]:
+    return req.model_dump(mode="json")
+
+
 def _env_defaults(url: str | None, token: str | None) -> tuple[str, str | None]:
     url = url or os.environ.get("ENV_SERVER_URL")
     if not url:
@@ -118,52 +124,51 @@ class AsyncEnvClient:
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
-    async def health(self) -> dict[str, Any]:
-        return (await self._req("GET", "/health", timeout=5.0)).json()
+    async def health(self) -> wire.Health:
+        return wire.Health.model_validate_json((await self._req("GET", "/health", timeout=5.0)).content)
 
-    async def list(self) -> list[dict[str, Any]]:
-        return (await self._req("GET", "/envs")).json()
+    async def list(self) -> list[wire.DesktopInfo]:
+        r = await self._req("GET", "/envs")
+        return [wire.DesktopInfo.model_validate(e) for e in r.json()]
 
-    async def create(self, width: int | None = None, height: int | None = None) -> dict[str, Any]:
-        """Start a desktop; returns its {"id", "width", "height"}."""
-        r = await self._req("POST", "/envs", json={"width": width, "height": height}, timeout=60.0)
-        return r.json()
+    async def create(self, width: int | None = None, height: int | None = None) -> wire.Created:
+        """Start a desktop; returns its id, screen size and OSWorld port."""
+        r = await self._req("POST", "/envs", json=_body(wire.CreateRequest(width=width, height=height)), timeout=60.0)
+        return wire.Created.model_validate_json(r.content)
 
     async def close(self, env_id: str) -> None:
         await self._req("DELETE", f"/envs/{env_id}")
 
     async def alive(self, env_id: str) -> bool:
         try:
-            return bool((await self._req("GET", f"/envs/{env_id}/alive", timeout=5.0)).json()["alive"])
+            r = await self._req("GET", f"/envs/{env_id}/alive", timeout=5.0)
+            return wire.Alive.model_validate_json(r.content).alive
         except EnvError:
             return False
-
-    @staticmethod
-    def _obs(d: dict[str, Any], screen: tuple[int, int] = (0, 0)) -> Observation:
-        """The service's screenshot reply; ``screen`` fills in when the reply omits it (step)."""
-        return Observation(png=base64.b64decode(d["screenshot"]), size=tuple(d["size"]),
-                           screen=tuple(d.get("screen") or screen), info=d.get("info") or {})
 
     async def reset(self, env_id: str, task: Task | dict | None,
                     image_size: tuple[int, int] | None = None) -> Observation:
         task_d = task.to_dict() if isinstance(task, Task) else task
-        r = await self._req("POST", f"/envs/{env_id}/reset", json={"task": task_d, "image_size": image_size},
-                            idempotent=True)
-        return self._obs(r.json())
+        r = await self._req("POST", f"/envs/{env_id}/reset",
+                            json=_body(wire.ResetRequest(task=task_d, image_size=image_size)), idempotent=True)
+        d = wire.ResetReply.model_validate_json(r.content)
+        return Observation(png=base64.b64decode(d.screenshot), size=d.size, screen=d.screen, info=d.info)
 
     async def step(self, env_id: str, action: Action | dict, image_size: tuple[int, int] | None = None,
                    screen: tuple[int, int] = (0, 0)) -> tuple[Observation | None, dict[str, Any], bool]:
+        """One action; the screenshot after it (``screen``: the desktop's, which a step does not say)."""
         a = action.to_dict() if isinstance(action, Action) else action
-        r = await self._req("POST", f"/envs/{env_id}/step", json={"action": a, "image_size": image_size})
-        d = r.json()
-        obs = self._obs(d, screen) if "screenshot" in d else None
-        return obs, d.get("info") or {}, bool(d.get("terminated"))
+        r = await self._req("POST", f"/envs/{env_id}/step", json=_body(wire.StepRequest(action=a, image_size=image_size)))
+        d = wire.StepReply.model_validate_json(r.content)
+        obs = None if d.screenshot is None else Observation(png=base64.b64decode(d.screenshot),
+                                                            size=d.size or screen, screen=screen, info=d.info)
+        return obs, d.info, d.terminated
 
     async def evaluate(self, env_id: str, task: Task | dict, last_action: str | None = None) -> float:
         task_d = task.to_dict() if isinstance(task, Task) else task
-        r = await self._req("POST", f"/envs/{env_id}/evaluate", json={"task": task_d, "last_action": last_action},
-                            idempotent=True)
-        return float(r.json()["reward"])
+        r = await self._req("POST", f"/envs/{env_id}/evaluate",
+                            json=_body(wire.EvaluateRequest(task=task_d, last_action=last_action)), idempotent=True)
+        return wire.EvaluateReply.model_validate_json(r.content).reward
 
     async def screenshot(self, env_id: str) -> bytes:
         return (await self._req("GET", f"/envs/{env_id}/screenshot")).content
@@ -218,9 +223,9 @@ class DesktopEnv(gymnasium.Env):
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
         self._owns = env_id is None
-        self.env_id = env_id or self._call("POST", "/envs", json={}).json()["id"]
-        info = next(e for e in self._call("GET", "/envs").json() if e["id"] == self.env_id)
-        self.width, self.height = info["width"], info["height"]
+        self.env_id = env_id or wire.Created.model_validate_json(self._call("POST", "/envs", json={}).content).id
+        info = wire.DesktopInfo.model_validate_json(self._call("GET", f"/envs/{self.env_id}").content)
+        self.width, self.height = info.width, info.height
         self.observation_space = gymnasium.spaces.Box(0, 255, (self.height, self.width, 3), np.uint8)
         self.action_space = ActionSpace(self.width, self.height)
         self.render_mode = render_mode
@@ -245,20 +250,22 @@ class DesktopEnv(gymnasium.Env):
         super().reset(seed=seed)
         task = (options or {}).get("task")
         self.task = Task.from_dict(task) if isinstance(task, dict) else task
-        d = self._call("POST", f"/envs/{self.env_id}/reset",
-                       json={"task": self.task.to_dict() if self.task else None}).json()
-        return self._array(d["screenshot"]), {"task_id": self.task.id if self.task else None, **d["info"]}
+        req = wire.ResetRequest(task=self.task.to_dict() if self.task else None)
+        d = wire.ResetReply.model_validate_json(self._call("POST", f"/envs/{self.env_id}/reset", json=_body(req)).content)
+        return self._array(d.screenshot), {"task_id": self.task.id if self.task else None, **d.info}
 
     def step(self, action: Action | dict):
         a = action if isinstance(action, Action) else Action.from_dict(action)
-        d = self._call("POST", f"/envs/{self.env_id}/step", json={"action": a.to_dict()}).json()
-        obs = self._array(d["screenshot"])
-        terminated = bool(d["terminated"])
+        r = self._call("POST", f"/envs/{self.env_id}/step", json=_body(wire.StepRequest(action=a.to_dict())))
+        d = wire.StepReply.model_validate_json(r.content)
+        obs = self._array(d.screenshot or "")
+        terminated = d.terminated
         reward = 0.0
         if terminated and self.task is not None and self.task.evaluator:
-            reward = float(self._call("POST", f"/envs/{self.env_id}/evaluate",
-                                      json={"task": self.task.to_dict(), "last_action": a.type}).json()["reward"])
-        info = {k: v for k, v in d["info"].items() if not k.endswith("_s")}  # timings vary run to run
+            req = wire.EvaluateRequest(task=self.task.to_dict(), last_action=a.type)
+            r = self._call("POST", f"/envs/{self.env_id}/evaluate", json=_body(req))
+            reward = wire.EvaluateReply.model_validate_json(r.content).reward
+        info = {k: v for k, v in d.info.items() if not k.endswith("_s")}  # timings vary run to run
         return obs, reward, terminated, False, info
 
     def render(self):

@@ -76,7 +76,7 @@ class EnvPool:
             for _ in range(max(0, want - len(have))):
                 have.append(await client.create())
             have = have[:want]
-        return [AsyncDesktopEnv(client, e["id"], (e["width"], e["height"])) for e in have]
+        return [AsyncDesktopEnv(client, e.id, e.screen) for e in have]
 
     def _take(self, envs: list[AsyncDesktopEnv]) -> None:
         for env in envs:
@@ -196,7 +196,7 @@ class EnvPool:
                 return None
             try:
                 e = await env.client.create()
-                new = AsyncDesktopEnv(env.client, e["id"], (e["width"], e["height"]))
+                new = AsyncDesktopEnv(env.client, e.id, e.screen)
                 break
             except EnvError as err:  # the service may be restarting: give it replace_timeout_s
                 if time.monotonic() + delay > deadline:

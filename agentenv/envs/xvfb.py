@@ -506,6 +506,23 @@ class LocalDesktop:
     def active_window_title(self) -> str:
         return self._input.active_window_title() if self._input else ""
 
+    def close_windows(self, name: str, strict: bool = False, by_class: bool = False) -> int:
+        """Ask the window manager to close the windows titled (or of WM_CLASS) ``name``; how many
+        were asked (0 when input is not connected)."""
+        inp = self._input
+        return inp.close_windows(name, strict, by_class) if inp else 0
+
+    def pointer(self) -> tuple[int, int]:
+        """Where the mouse pointer is ((0, 0) when input is not connected)."""
+        inp = self._input
+        return inp.pointer() if inp else (0, 0)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold this desktop's lock: no reset swaps HOME (or ends the apps) meanwhile."""
+        with self._lock:
+            yield
+
     def wait_for_window(self, title: str | None = None, timeout: float = 30.0, before: int | None = None) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -237,7 +237,7 @@ async def desktops(client: AsyncEnvClient, screens: list[tuple[int, int]]) -> As
     try:
         for w, h in screens:
             e = await client.create(w, h)
-            made.append(AsyncDesktopEnv(client, e["id"], (e["width"], e["height"])))
+            made.append(AsyncDesktopEnv(client, e.id, e.screen))
         yield made
     finally:
         for env in made:
@@ -266,7 +266,7 @@ async def each_on_a_desktop(jobs: list, client: AsyncEnvClient, n: int, screen_o
                     if not await env.alive():  # a desktop that died is not handed to the next job
                         with contextlib.suppress(EnvError):
                             e = await client.create(*screen)
-                            env = AsyncDesktopEnv(client, e["id"], (e["width"], e["height"]))
+                            env = AsyncDesktopEnv(client, e.id, e.screen)
                             envs.append(env)   # closed with the others
                     free.put_nowait(env)
 

@@ -74,7 +74,7 @@ async def record_run(run_dir: str | Path | None, cfg: Any, services: list[Any], 
         client = AsyncEnvClient(spec.url, spec.token, timeout_s=10.0)
         try:
             for e in await client.list():
-                screens[f"{client.url}/envs/{e['id']}"] = [e["width"], e["height"]]
+                screens[f"{client.url}/envs/{e.id}"] = [e.width, e.height]
             sizes = Counter(tuple(v) for k, v in screens.items() if k.startswith(client.url + "/"))
             if sizes:  # desktops created later (replacements) are looked up by their service
                 screens[client.url] = list(sizes.most_common(1)[0][0])

@@ -147,7 +147,7 @@ async def test_a_stopped_x_server_is_a_dead_desktop_replaced_and_rerun(vllm_serv
         await _wait_for(lambda: sched.stats.steps >= 2)
         key, env = running(sched)[-1]
         did = env.rsplit("/", 1)[1]
-        display = next(e["display"] for e in await pool._specs[0][0].list() if e["id"] == did)
+        display = next(e.display for e in await pool._specs[0][0].list() if e.id == did)
         pid = int(Path(f"/tmp/.X{display[1:]}-lock").read_text())
         os.kill(pid, signal.SIGSTOP)
         record(faults=1)

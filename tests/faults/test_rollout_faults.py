@@ -211,7 +211,7 @@ async def test_the_env_client_retries_a_blip_but_never_repeats_an_action(env_ser
     try:
         envs, _ = await asyncio.gather(client.list(), start_late())
         assert envs and proxy.requests == ["/envs"]
-        env = AsyncDesktopEnv(client, envs[0]["id"], (envs[0]["width"], envs[0]["height"]))
+        env = AsyncDesktopEnv(client, envs[0].id, envs[0].screen)
         proxy.drop(times=1, path="/reset")
         obs = await env.reset(None)  # idempotent: retried after the dropped connection
         assert obs.png and proxy.injected == [f"drop /envs/{env.id}/reset"]

@@ -22,7 +22,7 @@ CLICK_ONLY = r"Thought: [a-z ]{1,12}\nAction: click\(start_box='\([12]?\d{1,2},[
 async def _first_env(env_service) -> tuple[AsyncEnvClient, AsyncDesktopEnv]:
     client = AsyncEnvClient(env_service.url, env_service.token)
     e = (await client.list())[-1]
-    return client, AsyncDesktopEnv(client, e["id"], (e["width"], e["height"]))
+    return client, AsyncDesktopEnv(client, e.id, e.screen)
 
 
 async def test_clicks_land_on_the_mapped_pixel(vllm_server, env_service, tiny_pixels):

@@ -58,7 +58,7 @@ async def test_every_builtin_task_oracle_scores_1_and_noop_0(env_service):
 async def test_state_does_not_leak_between_tasks(env_service):
     client = AsyncEnvClient(env_service.url, env_service.token)
     try:
-        env_id = (await client.list())[0]["id"]
+        env_id = (await client.list())[0].id
         make = Task(id="make", instruction="-", config=[
             {"type": "execute", "parameters": {"command": "echo secret > ~/leak.txt", "shell": True}},
             {"type": "launch", "parameters": {"command": ["editor"]}}])
@@ -67,8 +67,8 @@ async def test_state_does_not_leak_between_tasks(env_service):
             "expected": {"type": "literal", "value": True}})
         await client.reset(env_id, make)
         assert await client.evaluate(env_id, check) == 1.0
-        envs = {e["id"]: e for e in await client.list()}
-        assert envs[env_id]["task"] == "make"
+        envs = {e.id: e for e in await client.list()}
+        assert envs[env_id].task == "make"
         await client.reset(env_id, Task(id="next", instruction="-"))
         assert await client.evaluate(env_id, check) == 0.0
         titles = Task(id="t", instruction="-", evaluator={
@@ -91,7 +91,7 @@ async def test_four_desktops_side_by_side_each_shows_its_own_text(env_service):
     client = AsyncEnvClient(env_service.url, env_service.token)
     words = ["ALPHA", "BRAVO", "CHARLIE", "DELTA"]
     try:
-        ids = [e["id"] for e in await client.list()][:4]
+        ids = [e.id for e in await client.list()][:4]
         assert len(ids) == 4
         task = Task(id="edit", instruction="-", config=[{"type": "launch", "parameters": {"command": ["editor"]}}])
         await asyncio.gather(*[client.reset(i, task) for i in ids])
@@ -220,14 +220,14 @@ async def test_killed_x_server_is_replaced_by_the_pool(env_service):
     try:
         n = pool.size
         env = await pool.acquire()
-        display = next(e["display"] for e in await client.list() if e["id"] == env.id)
+        display = next(e.display for e in await client.list() if e.id == env.id)
         os.kill(_xvfb_pid(display), signal.SIGKILL)
         await asyncio.sleep(0.5)
         with pytest.raises(EnvDeadError, match="503"):
             await env.reset(None)
         await pool.release(env)  # the health check finds it dead
         assert pool.replaced == 1 and pool.size == n
-        ids = {e["id"] for e in await client.list()}
+        ids = {e.id for e in await client.list()}
         assert env.id not in ids and len(ids) == n
         fresh = [e for e in pool._all.values() if e.id not in {env.id}]
         obs = await fresh[-1].reset(None)
@@ -254,7 +254,7 @@ def test_desktop_env_passes_gymnasium_checker(env_service):
 async def test_unsupported_evaluator_is_named(env_service):
     client = AsyncEnvClient(env_service.url, env_service.token)
     try:
-        env_id = (await client.list())[0]["id"]
+        env_id = (await client.list())[0].id
         bad = Task(id="b", instruction="-", evaluator={"func": "compare_pptx_files", "result": {"type": "vm_file"}})
         with pytest.raises(EnvRequestError, match="compare_pptx_files"):
             await client.evaluate(env_id, bad)

@@ -188,7 +188,7 @@ async def test_broken_task_file_and_killed_desktop_are_recorded(vllm_server, poo
         released = {(e.key, e.sample) for e in sched.stats.events if e.kind in ("release", "done")}
         victim = next(e for e in reversed(busy) if (e.key, e.sample) not in released)
         env_id = victim.env.rsplit("/", 1)[1]
-        display = next(e["display"] for e in await client.list() if e["id"] == env_id)
+        display = next(e.display for e in await client.list() if e.id == env_id)
         os.kill(int(Path(f"/tmp/.X{display[1:]}-lock").read_text()), signal.SIGKILL)
         killed.update(key=(victim.key, victim.sample))
 

@@ -153,6 +153,61 @@ def test_osworlds_own_client_drives_a_desktop_on_its_port(svc):
     assert "echo from-$((6*7))-osworld" in out and "from-42-osworld" in out, out
 
 
+def test_osworlds_own_client_reads_files_wallpaper_desktop_path_and_records(svc, tmp_path):
+    """What OSWorld's runner and getters ask of the VM beyond actions, through desktop_env's
+    PythonController (unchanged) on the desktop's own port."""
+    import json
+    import subprocess
+
+    from desktop_env.controllers.python import PythonController
+    from PIL import Image
+
+    port, token = svc.service.osworld_port, svc.service.token
+    on_port = f"http://agentenv:{token}@127.0.0.1:{port}"
+    c = PythonController(vm_ip=f"agentenv:{token}@127.0.0.1", server_port=port)
+    c.retry_times, c.retry_interval = 1, 0
+    assert c.get_vm_platform() == "Linux"
+    assert c.get_vm_desktop_path() == "/home/user/Desktop"
+    # get_file posts file_path as a form field; bytes come back as they are
+    r = c.run_bash_script("printf 'a\\000b\\377' > ~/Desktop/bin.dat && echo ok")
+    assert r["output"].strip() == "ok", r
+    assert c.get_file("/home/user/Desktop/bin.dat") == b"a\x00b\xff"
+    assert c.get_file("~/Desktop/bin.dat") == b"a\x00b\xff"
+    assert c.get_file("/home/user/Desktop/missing.txt") is None
+    # the wallpaper: the image file GNOME's setting names, as set by a task's change_wallpaper step
+    img = tmp_path / "w.png"
+    Image.new("RGB", (32, 16), (200, 30, 90)).save(img)
+    r = httpx.post(f"{on_port}/setup/upload", data={"file_path": "/home/user/Pictures/w.png"},
+                   files={"file_data": img.read_bytes()}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert httpx.post(f"{on_port}/setup/change_wallpaper", json={"path": "~/Pictures/w.png"}).status_code == 200
+    assert c.get_vm_wallpaper() == img.read_bytes()
+    # a recording of the screen, as OSWorld's runner makes of every episode
+    assert httpx.post(f"{on_port}/end_recording", timeout=60).status_code == 400  # none started
+    c.start_recording()
+    r = httpx.post(f"{on_port}/start_recording", timeout=60)
+    assert r.status_code == 400 and "already" in r.json()["detail"]
+    for x in range(50, 450, 100):
+        c.execute_python_command(f"pyautogui.moveTo({x}, 200)")
+        time.sleep(0.5)
+    dest = tmp_path / "episode.mp4"
+    c.end_recording(str(dest))
+    data = dest.read_bytes()
+    assert data[4:8] == b"ftyp", data[:16]
+    probe = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-show_entries",
+                            "stream=codec_name,width,height,nb_read_frames", "-of", "json", str(dest)],
+                           capture_output=True, text=True, check=True)
+    stream = json.loads(probe.stdout)["streams"][0]
+    assert (stream["codec_name"], stream["width"], stream["height"]) == ("h264", 640, 480), stream
+    assert int(stream["nb_read_frames"]) >= 5, stream
+    assert httpx.post(f"{on_port}/end_recording", timeout=60).status_code == 400  # ended: nothing left
+    # what this service does not serve says so
+    r = httpx.post(f"{on_port}/setup/download_file", json={"url": "http://x", "path": "~/a"})
+    assert r.status_code == 501 and "network" in r.json()["detail"]
+    r = httpx.post(f"{on_port}/no_such_route")
+    assert r.status_code == 404 and "/no_such_route" in r.json()["detail"] and "/execute" in r.json()["detail"]
+
+
 def test_osworld_ports_follow_desktops_closed_and_created(svc):
     """Ports are slots: a closed desktop frees its port (404 there), the next desktop created takes
     it; with every port taken a new desktop has none. Last in this file: it replaces the desktop."""

@@ -184,7 +184,7 @@ def test_osworld_task_over_the_env_service(env_service, samples):
     async def go() -> tuple[float, float]:
         client = AsyncEnvClient(env_service.url, env_service.token)
         try:
-            env_id = (await client.list())[0]["id"]
+            env_id = (await client.list())[0].id
             await client.reset(env_id, task)
             idle = await client.evaluate(env_id, task, None)
             await client.step(env_id, Action("type", text="touch ~/Desktop/project/README.md\n"))

@@ -9,6 +9,7 @@ import itertools
 import pytest
 
 from agentenv.envs.pool import EnvPool, EnvPoolExhausted
+from agentenv.envs.wire import Created, DesktopInfo, Health
 
 _ids = itertools.count()
 
@@ -18,13 +19,13 @@ class FakeService:
         self.url, self.desktops = url, desktops
 
     async def health(self):
-        return {"desktops": self.desktops}
+        return Health(desktops=self.desktops)
 
     async def list(self):
-        return [{"id": f"d{next(_ids)}", "width": 100, "height": 100} for _ in range(self.desktops)]
+        return [DesktopInfo(id=f"d{next(_ids)}", width=100, height=100) for _ in range(self.desktops)]
 
     async def create(self, width=None, height=None):
-        return {"id": f"d{next(_ids)}", "width": 100, "height": 100}
+        return Created(id=f"d{next(_ids)}", width=100, height=100)
 
     async def close(self, env_id):
         return None

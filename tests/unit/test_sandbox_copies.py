@@ -132,18 +132,18 @@ class _FakeDesktop:
 
 
 def test_osworld_port_slots_are_taken_lowest_first_and_freed(monkeypatch):
-    from agentenv.envs import server
+    from agentenv.envs.service import host as hosting
     from agentenv.envs.xvfb import DesktopError, DesktopSpec
 
-    monkeypatch.setattr(server, "make_desktop", _FakeDesktop)
-    host = server.DesktopHost(2, DesktopSpec(), osworld_ports=[9000, 9001])
+    monkeypatch.setattr(hosting, "make_desktop", _FakeDesktop)
+    host = hosting.DesktopHost(2, DesktopSpec(), osworld_ports=[9000, 9001])
     a, b = host.create(), host.create()
     assert (host.osworld_port(a.id), host.osworld_port(b.id)) == (9000, 9001)
     with pytest.raises(DesktopError, match="no display"):
         host.create()
     assert host.slots == [a.id, b.id]
     c = host.create()
-    assert host.osworld_port(c.id) is None and host.info(c)["osworld_port"] is None
+    assert host.osworld_port(c.id) is None and host.info(c).osworld_port is None
     host.close(a.id)
     assert host.on_port(9000) is None and host.on_port(9001) == b.id
     d = host.create()
