@@ -13,7 +13,7 @@ lives in the sandbox's namespaces. Requests:
     {"op": "run", "argv": [...] | "cmd", "shell": bool, "timeout": s, "max_output": bytes}
     {"op": "spawn", "argv": [...], "keep": bool}       an app (keep: the window manager)
     {"op": "reset"}       end every process but the X server, the buses and kept ones; remove what
-                          was written to the sandbox's own filesystem (/, /tmp, /dev/shm, /run/user)
+                          was written to the sandbox's own filesystem (/, /tmp, /dev/shm, /run, /run/user)
                           and make /etc and /var copies of the host's again (``sync``)
 
 /etc and /var are the sandbox's own tmpfs: before anything else starts the runner fills them with a
@@ -47,8 +47,9 @@ CTL = "/run/agentenv"
 SOCK = CTL + "/runner.sock"
 RUNTIME = "/run/user/1000"
 BUS = RUNTIME + "/bus"
-# What the sandbox's writable places hold at start; a reset removes everything else.
-WRITABLE = ("/", "/tmp", "/dev/shm", RUNTIME)
+# What the sandbox's writable places hold at start; a reset removes everything else (/run: sudo's
+# remembered passwords in /run/sudo, what a task made there).
+WRITABLE = ("/", "/tmp", "/dev/shm", "/run", RUNTIME)
 # /etc and /var: the sandbox's tmpfs, copies of the host's (read-only here) that a reset makes again.
 HOST = "/opt/agentenv/host"
 COPIES = "/opt/agentenv/copies.json"  # {"/etc": {"skip": [patterns], "files": {"passwd": path}}, ...}
