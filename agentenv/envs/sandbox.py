@@ -40,6 +40,7 @@ from typing import Any
 
 from loguru import logger
 
+from agentenv.envs import sandbox_vm
 from agentenv.envs.xvfb import OSWORLD_HOME, DesktopError, LocalDesktop
 from agentenv.procs import spawn_tied
 
@@ -68,93 +69,6 @@ nogroup:x:65534:
 ETC_LEFT_OUT = ("shadow", "shadow-", "gshadow", "gshadow-", "passwd-", "group-", "subuid*", "subgid*",
                 "sudoers", "sudoers.d", "ssh/ssh_host_*", "ssl/private", "security/opasswd")
 VAR_FROM_HOST = ("cache", "lib/apt", "lib/dpkg")
-
-
-# sudo inside the sandbox: checks OSWorld's password, then runs the command as uid 0 of a user
-# namespace nested in the sandbox's (bwrap again), i.e. root inside the sandbox only. As sudo on the
-# VM, a right password is remembered for 15 minutes per terminal (its tty and session), or per
-# calling process where there is no terminal, in /run/sudo/ts (wiped at reset); -k, -K, -v and -n
-# mean what they mean to sudo.
-SUDO = r"""#!/bin/bash
-# agentenv sandbox sudo: root in a nested user namespace, never on the host.
-stdin_pw=0 as=root reset=0 validate=0 nonint=0
-while [ $# -gt 0 ]; do
-  case "$1" in
-    -S|--stdin) stdin_pw=1; shift ;;
-    -k|--reset-timestamp) reset=1; shift ;;
-    -K|--remove-timestamp) rm -f /run/sudo/ts/user; exit 0 ;;
-    -v|--validate) validate=1; shift ;;
-    -n|--non-interactive) nonint=1; shift ;;
-    -E|-H|-i|-s|--login|--shell|--preserve-env|--preserve-env=*) shift ;;
-    -u|--user) as="$2"; shift 2 ;;
-    -u*) as="${1#-u}"; shift ;;
-    --user=*) as="${1#--user=}"; shift ;;
-    -g|-p|--group|--prompt) shift 2 ;;
-    -g*|-p*|--group=*|--prompt=*) shift ;;
-    --) shift; break ;;
-    -[SkvnEHis]*) f="${1#-}"; shift; set -- $(printf -- '-%s ' $(echo "$f" | fold -w1)) "$@" ;;
-    -*) echo "sudo: option $1 is not supported in this sandbox" >&2; exit 1 ;;
-    *) break ;;
-  esac
-done
-ts=/run/sudo/ts/user
-# The record's key, as sudo's tty tickets: the terminal and its session (leader's start time), or
-# the calling process (and its start time) without a terminal.
-stat=$(cat /proc/$$/stat); f=(${stat##*) })
-if [ "${f[4]}" != 0 ]; then
-  lead=$(cat /proc/${f[3]}/stat 2>/dev/null); l=(${lead##*) })
-  key="tty:${f[4]}:${f[3]}:${l[19]}"
-else
-  parent=$(cat /proc/$PPID/stat 2>/dev/null); l=(${parent##*) })
-  key="ppid:$PPID:${l[19]}"
-fi
-if [ "$reset" = 1 ] && [ $# -eq 0 ] && [ "$validate" = 0 ]; then
-  [ -f "$ts" ] && { grep -v "^$key " "$ts" > "$ts.new"; mv -f "$ts.new" "$ts"; }
-  exit 0
-fi
-now=$(date +%s) cached=0
-if [ "$(id -u)" = 0 ]; then
-  cached=1
-elif [ "$reset" = 0 ] && [ -f "$ts" ]; then
-  while read -r k t; do
-    [ "$k" = "$key" ] && [ $((now - t)) -lt 900 ] && [ "$t" -le "$now" ] && cached=1
-  done < "$ts"
-fi
-if [ "$cached" = 0 ]; then
-  if [ "$nonint" = 1 ]; then
-    echo "sudo: a password is required" >&2; exit 1
-  elif [ "$stdin_pw" = 1 ]; then
-    printf '[sudo] password for user: ' >&2; IFS= read -r pw
-  elif [ -t 0 ]; then
-    printf '[sudo] password for user: ' >&2; IFS= read -rs pw; echo >&2
-  else
-    echo "sudo: a terminal is required to read the password; either use the -S option to read from standard input or configure an askpass helper" >&2
-    exit 1
-  fi
-  if [ "$pw" != "password" ]; then
-    echo "sudo: 1 incorrect password attempt" >&2; exit 1
-  fi
-fi
-if [ "$reset" = 0 ] && [ "$(id -u)" != 0 ]; then  # remember (or refresh) this terminal's password
-  mkdir -p -m 700 /run/sudo /run/sudo/ts
-  { [ -f "$ts" ] && grep -v "^$key " "$ts"; echo "$key $now"; } > "$ts.new" && mv -f "$ts.new" "$ts"
-fi
-[ "$validate" = 1 ] && [ $# -eq 0 ] && exit 0
-[ $# -eq 0 ] && set -- /bin/bash
-case "$as" in
-  user|1000|'#1000') exec "$@" ;;
-  root|0|'#0') ;;
-  *) echo "sudo: unknown user $as" >&2; exit 1 ;;
-esac
-exec bwrap --unshare-user --uid 0 --gid 0 --bind / / --setenv SUDO_USER user --setenv SUDO_UID 1000 -- "$@"
-"""
-
-
-# The terminal (Ctrl+Alt+T, the menu, the `terminal` app, and `gnome-terminal` as OSWorld's tasks
-# name it). /terminal reads its text over AT-SPI (sandbox_a11y.py), as OSWorld's server does.
-TERMINAL = r"""#!/bin/bash
-exec xfce4-terminal --disable-server -T Terminal
-"""
 
 
 @dataclass(frozen=True)
@@ -255,14 +169,7 @@ class SandboxDesktop(LocalDesktop):
         (self.sys / "empty").touch()  # bound over host files the copies leave out (_hide_left_out)
         for top in ("etc", "var"):
             (self.sys / "host" / top).mkdir(parents=True)  # where the host's are bound, read-only
-        sudo = self.sys / "bin" / "sudo"
-        sudo.write_text(SUDO)
-        sudo.chmod(0o755)
-        (self.sys / "bin" / "python").symlink_to("/usr/bin/python3")
-        term = self.sys / "bin" / "terminal"
-        term.write_text(TERMINAL)
-        term.chmod(0o755)
-        (self.sys / "bin" / "gnome-terminal").symlink_to("terminal")
+        sandbox_vm.write_files(self.sys)  # sudo, python, the terminal, firefox.desktop, the VM's settings
         self._openbox_files(self.sys, INNER)
 
         argv = ["bwrap", "--unshare-all", *(["--share-net"] if self.spec.network else []),
@@ -431,6 +338,7 @@ class SandboxDesktop(LocalDesktop):
             # modules (GTK3 skips both names: it has them built in).
             "GTK_MODULES": "gail:atk-bridge",
             "XDG_RUNTIME_DIR": "/run/user/1000",
+            "XDG_DATA_DIRS": sandbox_vm.XDG_DATA_DIRS,
             "DBUS_SESSION_BUS_ADDRESS": "unix:path=/run/user/1000/bus",
             "PYTHONPATH": f"{INNER}/site",
         }
@@ -630,3 +538,5 @@ class SandboxDesktop(LocalDesktop):
                 if p.name != "user":
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink()
         super()._restore_home()
+        for p in sandbox_vm.seed_home(self.home, self.sys):
+            self._chown(p)

@@ -1,7 +1,9 @@
-"""Setup steps as desktop-env's SetupController runs them, and the VM's sudo, on a sandboxed desktop:
+"""Setup steps as desktop-env's SetupController runs them, and OSWorld's VM, on a sandboxed desktop:
 a failing `execute` is logged and setup goes on, `until` ends on any one of its conditions,
-{CLIENT_PASSWORD} and {SCREEN_*} are filled in, and a password given to sudo once is remembered in
-that shell or terminal (not in another, not after a reset)."""
+{CLIENT_PASSWORD} and {SCREEN_*} are filled in, a password given to sudo once is remembered in that
+shell or terminal (not in another, not after a reset), the terminal is GNOME Terminal with its
+gsettings profiles, firefox.desktop exists, and settings tasks read are the VM's, not GNOME's
+defaults. Tasks of our own in OSWorld's format; solutions typed into a terminal the agent opens."""
 
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from tests.conftest import wait_for
 
 @pytest.fixture(scope="module")
 def desktop():
-    d = make_desktop(f"fidelity-{os.getpid()}", DesktopSpec(width=1280, height=800, sandbox=True)).start()
+    # OSWorld's VM's screen size: a GNOME Terminal of 132x43 cells fits
+    d = make_desktop(f"fidelity-{os.getpid()}", DesktopSpec(width=1920, height=1080, sandbox=True)).start()
     try:
         yield d
     finally:
@@ -85,11 +88,11 @@ def test_placeholders_are_filled_in_execute_and_command_steps(desktop):
         execute(["python", "-c", "import pyautogui; pyautogui.moveTo({SCREEN_WIDTH_HALF}, {SCREEN_HEIGHT_HALF})"])],
         evaluator={"func": "exact_match",
                    "result": {"type": "vm_command_line", "command": "cat ~/uid ~/size", "shell": True},
-                   "expected": {"type": "rule", "rules": {"expected": "0\n1280 800 640 400\n"}}})
+                   "expected": {"type": "rule", "rules": {"expected": "0\n1920 1080 960 540\n"}}})
     desktop.reset(task)
     assert evaluate(desktop, task) == 1.0
     r = desktop.run(["xdotool", "getmouselocation", "--shell"], timeout=10)
-    assert "X=640\n" in r.stdout and "Y=400\n" in r.stdout
+    assert "X=960\n" in r.stdout and "Y=540\n" in r.stdout
 
 
 def test_sudo_remembers_the_password_in_the_same_shell_only(desktop):
@@ -119,3 +122,76 @@ def test_sudo_remembers_the_password_in_a_terminal_until_reset(desktop):
     assert desktop.run(["ls", "/run/sudo/ts"], timeout=10).stdout == "user\n"
     desktop.reset(os_task("sudo-after-reset", []))
     assert desktop.run(["ls", "/run/sudo"], timeout=10).returncode != 0  # gone with the reset
+
+
+PROFILE = "org.gnome.Terminal.Legacy.Profile:/org/gnome/terminal/legacy/profiles:/:b1dcc9dd-5262-4d8d-a863-c897e6d979b9/"
+CLICK = execute(["python", "-c", "import pyautogui; import time; pyautogui.click({SCREEN_WIDTH_HALF}, "
+                                 "{SCREEN_HEIGHT_HALF}); time.sleep(0.5);"])
+
+
+def in_own_terminal(desktop, *lines: str) -> None:
+    """What an agent does: Ctrl+Alt+T, then type each line."""
+    before = len(desktop.window_titles())
+    assert desktop.execute(Action("hotkey", keys=["ctrl", "alt", "t"])) == {}
+    assert desktop.wait_for_window(None, 20, before=before)
+    time.sleep(1.0)
+    for line in lines:
+        assert desktop.execute(Action("type", text=line + "\n")) == {}
+        time.sleep(0.5)
+
+
+def test_terminal_is_gnome_terminal_whose_profile_sets_its_size(desktop):
+    # As OSWorld's os task about the terminal's size: scored on a new terminal's `stty size`.
+    task = os_task("terminal-size", [CLICK], {
+        "postconfig": [{"type": "sleep", "parameters": {"seconds": 1}},
+                       execute(["python", "-c", "import pyautogui; import time; pyautogui.hotkey('ctrl', 'alt', 't'); "
+                                "time.sleep(2); pyautogui.write('stty size'); time.sleep(0.5); pyautogui.press('enter'); "
+                                "time.sleep(1)"])],
+        "func": "check_include_exclude", "result": {"type": "vm_terminal_output"},
+        "expected": {"type": "rule", "rules": {"include": ["43 132"], "exclude": []}}})
+    desktop.reset(task)
+    assert evaluate(desktop, task) == 0.0  # 24 80, GNOME Terminal's default
+    desktop.reset(task)
+    in_own_terminal(desktop, f"gsettings set {PROFILE} default-size-columns 132",
+                    f"gsettings set {PROFILE} default-size-rows 43", "pwd > ~/cwd")
+    assert wait_for(lambda: (desktop.home / "cwd").exists(), 10)
+    assert (desktop.home / "cwd").read_text() == "/home/user\n"  # Ctrl+Alt+T opens in HOME
+    procs = desktop.run(["ps", "-eo", "args"], timeout=10).stdout
+    assert "/usr/libexec/gnome-terminal-server" in procs and "xfce4-terminal" not in procs
+    assert evaluate(desktop, task) == 1.0
+    desktop.reset(task)  # the profile is the user's dconf, in HOME: back to the default
+    assert desktop.run(["gsettings", "get", PROFILE[:-1] + "/", "default-size-columns"], timeout=10).stdout == "80\n"
+
+
+def test_settings_are_the_vms_not_gnomes_defaults(desktop):
+    lock = os_task("lock", [CLICK], {
+        "func": "exact_match",
+        "result": {"type": "vm_command_line", "command": "gsettings get org.gnome.desktop.screensaver lock-enabled",
+                   "shell": True},
+        "expected": {"type": "rule", "rules": {"expected": "true\n"}}})
+    volume = os_task("volume", [CLICK], {
+        "func": "exact_match",
+        "result": {"type": "vm_command_line", "shell": True, "command":
+                   "pulseaudio --start\npactl list sinks | grep '^[[:space:]]Volume:' | head -n 1 | awk '{print $5}' "
+                   "| sed 's/%//g'"},
+        "expected": {"type": "rule", "rules": {"expected": "100\n"}}})
+    for task, solution in ((lock, "gsettings set org.gnome.desktop.screensaver lock-enabled true"),
+                           (volume, "pactl set-sink-volume @DEFAULT_SINK@ 100%")):
+        desktop.reset(task)
+        assert evaluate(desktop, task) == 0.0, task.id  # GNOME's default (lock on, volume 100 %) would pass
+        in_own_terminal(desktop, solution + " && touch ~/done")
+        assert wait_for(lambda: (desktop.home / "done").exists(), 10)
+        assert evaluate(desktop, task) == 1.0, task.id
+        desktop.reset(task)
+        assert evaluate(desktop, task) == 0.0, task.id  # a reset brings the VM's value back
+
+
+def test_firefox_is_installed_and_firefox_desktop_exists(desktop):
+    task = os_task("browser", [execute("xdg-settings set default-web-browser firefox.desktop"), CLICK], {
+        "func": "exact_match", "result": {"type": "vm_command_line", "command": "xdg-settings get default-web-browser"},
+        "expected": {"type": "rule", "rules": {"expected": "firefox.desktop\n"}}})
+    desktop.reset(task)
+    assert evaluate(desktop, task) == 1.0
+    r = desktop.run("command -v firefox && grep -h '^Exec=' $(for d in $(echo $XDG_DATA_DIRS | tr : ' '); do "
+                    "ls $d/applications/firefox.desktop 2>/dev/null; done)", shell=True, timeout=10)
+    assert r.stdout.splitlines()[1].startswith("Exec=firefox"), r.stdout
