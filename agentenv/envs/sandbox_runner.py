@@ -46,7 +46,7 @@ import time
 CTL = "/run/agentenv"
 SOCK = CTL + "/runner.sock"
 RUNTIME = "/run/user/1000"
-VM_VOLUME = "50%"  # the sound volume of a fresh desktop
+PULSE_SCRIPT = "/opt/agentenv/pulse.pa"  # commands the sound server runs at start
 BUS = RUNTIME + "/bus"
 # What the sandbox's writable places hold at start; a reset removes everything else (/run: sudo's
 # remembered passwords in /run/sudo, what a task made there).
@@ -109,18 +109,15 @@ def _start_audio() -> None:
     # not kept: a reset ends it with the apps and starts a fresh one (volumes back to default).
     if shutil.which("pulseaudio") is None:
         return
+    # Its volume: the VM's, not 100 % (OSWorld's os/28cc3b7e, "turn up to the max volume", expects
+    # 100), set by a script the sandbox was given (sandbox_vm.py), in the server: no pactl to wait for.
+    script = ["-F", PULSE_SCRIPT] if os.path.exists(PULSE_SCRIPT) else []
     _popen(["pulseaudio", "--daemonize=no", "--exit-idle-time=-1", "--disallow-exit", "--log-target=stderr",
             "-n", "--load=module-null-sink", "--load=module-native-protocol-unix",
-            "--load=module-always-sink"], log="pulse.log")
+            "--load=module-always-sink", *script], log="pulse.log")
     deadline = time.monotonic() + 3  # ready before a task's first pactl
     while not os.path.exists(RUNTIME + "/pulse/native") and time.monotonic() < deadline:
         time.sleep(0.01)
-    # Not at 100 %: OSWorld's VM is not (os/28cc3b7e, "turn up to the max volume", expects 100).
-    try:
-        subprocess.run(["pactl", "set-sink-volume", "@DEFAULT_SINK@", VM_VOLUME], stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=5, env=_app_env)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        _log(f"cannot set the volume: {e}")
 
 
 def _start_a11y_bus() -> None:
