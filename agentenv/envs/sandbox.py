@@ -5,7 +5,8 @@ Inside, it looks like OSWorld's VM: user ``user`` (uid 1000) with HOME ``/home/u
 that takes the password ``password`` and makes a command root in a user namespace nested in the
 sandbox (root there, the desktop user on the host), ``python`` with pyautogui on the desktop's own
 display, a D-Bus session bus (so ``gsettings`` saves through dconf), ``xdg-settings``, and AT-SPI
-(the accessibility bus; the tree and the terminal's text are read inside, by sandbox_a11y.py).
+(the accessibility bus; the tree and the terminal's text are read inside, by sandbox_a11y.py);
+GNOME Terminal, firefox.desktop and the VM's settings (sandbox_vm.py).
 
 Namespaces: user, mount, PID, IPC, UTS, cgroup and network are all new (``--unshare-all``), so from
 inside there is no network (the host's loopback services included), no host process to signal and

@@ -106,7 +106,7 @@ def _start_bus() -> None:
 
 def _start_audio() -> None:
     # A sound server with a null sink, so `pactl` (OSWorld's volume tasks) has something to set;
-    # not kept: a reset ends it with the apps and starts a fresh one (volumes back to default).
+    # not kept: a reset ends it with the apps and starts a fresh one (volumes back to the VM's).
     if shutil.which("pulseaudio") is None:
         return
     # Its volume: the VM's, not 100 % (OSWorld's os/28cc3b7e, "turn up to the max volume", expects
