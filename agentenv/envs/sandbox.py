@@ -5,7 +5,8 @@ Inside, it looks like OSWorld's VM: user ``user`` (uid 1000) with HOME ``/home/u
 that takes the password ``password`` and makes a command root in a user namespace nested in the
 sandbox (root there, the desktop user on the host), ``python`` with pyautogui on the desktop's own
 display, a D-Bus session bus (so ``gsettings`` saves through dconf), ``xdg-settings``, and AT-SPI
-(the accessibility bus; the tree and the terminal's text are read inside, by sandbox_a11y.py).
+(the accessibility bus; the tree and the terminal's text are read inside, by sandbox_a11y.py);
+GNOME Terminal, firefox.desktop and the VM's settings (sandbox_vm.py).
 
 Namespaces: user, mount, PID, IPC, UTS, cgroup and network are all new (``--unshare-all``), so from
 inside there is no network (the host's loopback services included), no host process to signal and
@@ -40,6 +41,7 @@ from typing import Any
 
 from loguru import logger
 
+from agentenv.envs import sandbox_vm
 from agentenv.envs.xvfb import OSWORLD_HOME, DesktopError, LocalDesktop
 from agentenv.procs import spawn_tied
 
@@ -68,55 +70,6 @@ nogroup:x:65534:
 ETC_LEFT_OUT = ("shadow", "shadow-", "gshadow", "gshadow-", "passwd-", "group-", "subuid*", "subgid*",
                 "sudoers", "sudoers.d", "ssh/ssh_host_*", "ssl/private", "security/opasswd")
 VAR_FROM_HOST = ("cache", "lib/apt", "lib/dpkg")
-
-
-# sudo inside the sandbox: checks OSWorld's password, then runs the command as uid 0 of a user
-# namespace nested in the sandbox's (bwrap again), i.e. root inside the sandbox only.
-SUDO = r"""#!/bin/bash
-# agentenv sandbox sudo: root in a nested user namespace, never on the host.
-stdin_pw=0
-as=root
-while [ $# -gt 0 ]; do
-  case "$1" in
-    -S|--stdin) stdin_pw=1; shift ;;
-    -k|-K|-E|-H|-n|-v|-i|-s|--login|--shell|--preserve-env|--preserve-env=*|--reset-timestamp) shift ;;
-    -u|--user) as="$2"; shift 2 ;;
-    -u*) as="${1#-u}"; shift ;;
-    --user=*) as="${1#--user=}"; shift ;;
-    -g|-p|--group|--prompt) shift 2 ;;
-    -g*|-p*|--group=*|--prompt=*) shift ;;
-    -SE|-ES|-Sk|-kS|-SH|-HS) stdin_pw=1; shift ;;
-    --) shift; break ;;
-    -*) echo "sudo: option $1 is not supported in this sandbox" >&2; exit 1 ;;
-    *) break ;;
-  esac
-done
-if [ "$stdin_pw" = 1 ]; then
-  printf '[sudo] password for user: ' >&2; IFS= read -r pw
-elif [ -t 0 ]; then
-  printf '[sudo] password for user: ' >&2; IFS= read -rs pw; echo >&2
-else
-  echo "sudo: a terminal is required to read the password; either use the -S option to read from standard input or configure an askpass helper" >&2
-  exit 1
-fi
-if [ "$pw" != "password" ]; then
-  echo "sudo: 1 incorrect password attempt" >&2; exit 1
-fi
-[ $# -eq 0 ] && set -- /bin/bash
-case "$as" in
-  user|1000|'#1000') exec "$@" ;;
-  root|0|'#0') ;;
-  *) echo "sudo: unknown user $as" >&2; exit 1 ;;
-esac
-exec bwrap --unshare-user --uid 0 --gid 0 --bind / / --setenv SUDO_USER user --setenv SUDO_UID 1000 -- "$@"
-"""
-
-
-# The terminal (Ctrl+Alt+T, the menu, the `terminal` app, and `gnome-terminal` as OSWorld's tasks
-# name it). /terminal reads its text over AT-SPI (sandbox_a11y.py), as OSWorld's server does.
-TERMINAL = r"""#!/bin/bash
-exec xfce4-terminal --disable-server -T Terminal
-"""
 
 
 @dataclass(frozen=True)
@@ -217,14 +170,7 @@ class SandboxDesktop(LocalDesktop):
         (self.sys / "empty").touch()  # bound over host files the copies leave out (_hide_left_out)
         for top in ("etc", "var"):
             (self.sys / "host" / top).mkdir(parents=True)  # where the host's are bound, read-only
-        sudo = self.sys / "bin" / "sudo"
-        sudo.write_text(SUDO)
-        sudo.chmod(0o755)
-        (self.sys / "bin" / "python").symlink_to("/usr/bin/python3")
-        term = self.sys / "bin" / "terminal"
-        term.write_text(TERMINAL)
-        term.chmod(0o755)
-        (self.sys / "bin" / "gnome-terminal").symlink_to("terminal")
+        sandbox_vm.write_files(self.sys)  # sudo, python, the terminal, firefox.desktop, the VM's settings
         self._openbox_files(self.sys, INNER)
 
         argv = ["bwrap", "--unshare-all", *(["--share-net"] if self.spec.network else []),
@@ -393,6 +339,7 @@ class SandboxDesktop(LocalDesktop):
             # modules (GTK3 skips both names: it has them built in).
             "GTK_MODULES": "gail:atk-bridge",
             "XDG_RUNTIME_DIR": "/run/user/1000",
+            "XDG_DATA_DIRS": sandbox_vm.XDG_DATA_DIRS,
             "DBUS_SESSION_BUS_ADDRESS": "unix:path=/run/user/1000/bus",
             "PYTHONPATH": f"{INNER}/site",
         }
@@ -592,3 +539,5 @@ class SandboxDesktop(LocalDesktop):
                 if p.name != "user":
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink()
         super()._restore_home()
+        for p in sandbox_vm.seed_home(self.home, self.sys):
+            self._chown(p)

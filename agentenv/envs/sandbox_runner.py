@@ -13,7 +13,7 @@ lives in the sandbox's namespaces. Requests:
     {"op": "run", "argv": [...] | "cmd", "shell": bool, "timeout": s, "max_output": bytes}
     {"op": "spawn", "argv": [...], "keep": bool}       an app (keep: the window manager)
     {"op": "reset"}       end every process but the X server, the buses and kept ones; remove what
-                          was written to the sandbox's own filesystem (/, /tmp, /dev/shm, /run/user)
+                          was written to the sandbox's own filesystem (/, /tmp, /dev/shm, /run, /run/user)
                           and make /etc and /var copies of the host's again (``sync``)
 
 /etc and /var are the sandbox's own tmpfs: before anything else starts the runner fills them with a
@@ -46,9 +46,11 @@ import time
 CTL = "/run/agentenv"
 SOCK = CTL + "/runner.sock"
 RUNTIME = "/run/user/1000"
+PULSE_SCRIPT = "/opt/agentenv/pulse.pa"  # commands the sound server runs at start
 BUS = RUNTIME + "/bus"
-# What the sandbox's writable places hold at start; a reset removes everything else.
-WRITABLE = ("/", "/tmp", "/dev/shm", RUNTIME)
+# What the sandbox's writable places hold at start; a reset removes everything else (/run: sudo's
+# remembered passwords in /run/sudo, what a task made there).
+WRITABLE = ("/", "/tmp", "/dev/shm", "/run", RUNTIME)
 # /etc and /var: the sandbox's tmpfs, copies of the host's (read-only here) that a reset makes again.
 HOST = "/opt/agentenv/host"
 COPIES = "/opt/agentenv/copies.json"  # {"/etc": {"skip": [patterns], "files": {"passwd": path}}, ...}
@@ -104,12 +106,15 @@ def _start_bus() -> None:
 
 def _start_audio() -> None:
     # A sound server with a null sink, so `pactl` (OSWorld's volume tasks) has something to set;
-    # not kept: a reset ends it with the apps and starts a fresh one (volumes back to default).
+    # not kept: a reset ends it with the apps and starts a fresh one (volumes back to the VM's).
     if shutil.which("pulseaudio") is None:
         return
+    # Its volume: the VM's, not 100 % (OSWorld's os/28cc3b7e, "turn up to the max volume", expects
+    # 100), set by a script the sandbox was given (sandbox_vm.py), in the server: no pactl to wait for.
+    script = ["-F", PULSE_SCRIPT] if os.path.exists(PULSE_SCRIPT) else []
     _popen(["pulseaudio", "--daemonize=no", "--exit-idle-time=-1", "--disallow-exit", "--log-target=stderr",
             "-n", "--load=module-null-sink", "--load=module-native-protocol-unix",
-            "--load=module-always-sink"], log="pulse.log")
+            "--load=module-always-sink", *script], log="pulse.log")
     deadline = time.monotonic() + 3  # ready before a task's first pactl
     while not os.path.exists(RUNTIME + "/pulse/native") and time.monotonic() < deadline:
         time.sleep(0.01)

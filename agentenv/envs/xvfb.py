@@ -74,6 +74,8 @@ OPENBOX_RC = """<?xml version="1.0" encoding="UTF-8"?>
   <desktops><number>1</number></desktops>
   <applications>
     <application class="*" type="normal"><maximized>yes</maximized><focus>yes</focus></application>
+    <!-- GNOME Terminal opens at its profile's size, as on OSWorld's VM (tasks set it and read `stty size`) -->
+    <application class="Gnome-terminal" type="normal"><maximized>no</maximized></application>
   </applications>
 </openbox_config>
 """

@@ -42,6 +42,24 @@ def pyautogui_code(command: Any) -> str | None:
     return None
 
 
+def substitute(command: Any, width: int, height: int) -> Any:
+    """desktop-env's placeholders in a setup ``execute``/``command`` step's command (a string or each
+    string of a list): the VM's password and the screen's size and half size."""
+    values = {"{CLIENT_PASSWORD}": OSWORLD_PASSWORD, "{SCREEN_WIDTH_HALF}": str(width // 2),
+              "{SCREEN_HEIGHT_HALF}": str(height // 2), "{SCREEN_WIDTH}": str(width), "{SCREEN_HEIGHT}": str(height)}
+
+    def fill(text: str) -> str:
+        for key, value in values.items():
+            text = text.replace(key, value)
+        return text
+
+    if isinstance(command, str):
+        return fill(command)
+    if isinstance(command, list):
+        return [fill(c) if isinstance(c, str) else c for c in command]
+    return command
+
+
 def _map_home(text: str, home: str) -> str:
     # /home/user and /home/user/... only: not /home/username
     return re.sub(r"%s(?=/|\b|$)(?![\w-])" % re.escape(OSWORLD_HOME), home, text)

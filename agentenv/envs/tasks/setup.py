@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from loguru import logger
+
 from agentenv.envs.tasks import commands
 from agentenv.types import Task
 
@@ -194,8 +196,47 @@ def run_command(desktop: Any, cmd: Any, shell: bool, timeout: float) -> subproce
     return desktop.run(commands.adapt(desktop, _argv(cmd), False), timeout=timeout, shell=False)
 
 
+# desktop-env's SetupController (1.0.2, the one installed) runs an `execute` step once, or with `until`
+# again every 0.3 s until any one of its conditions holds or 5 requests have failed (a command that
+# could not run or timed out; an exit status is an answer, not a failure); then setup goes on either
+# way. With conditions that never hold it would retry for ever: ours stops after UNTIL_MAX_S and fails
+# the task, naming the condition.
+MAX_FAILED_RUNS = 5
+UNTIL_MAX_S = 60.0
+UNTIL_PAUSE_S = 0.3
+
+
+def _until_met(until: dict[str, Any], r: subprocess.CompletedProcess) -> bool:
+    """desktop-env's rule: any one of the conditions given (returncode, stdout, stderr) ends the loop."""
+    return ("returncode" in until and r.returncode == until["returncode"]) \
+        or ("stdout" in until and str(until["stdout"]) in r.stdout) \
+        or ("stderr" in until and str(until["stderr"]) in r.stderr)
+
+
+def _run_until(desktop: Any, task: Task, cmd: Any, shell: bool, timeout: float,
+               until: dict[str, Any]) -> subprocess.CompletedProcess | None:
+    """Run ``cmd`` as desktop-env's ``_execute_setup`` does; None when the last run failed."""
+    failed = 0
+    deadline = time.monotonic() + UNTIL_MAX_S
+    while True:
+        r = None
+        try:
+            r = run_command(desktop, cmd, shell, timeout)
+        except (subprocess.TimeoutExpired, FileNotFoundError, PermissionError, NotADirectoryError) as e:
+            failed += 1
+            logger.warning("task {}: setup command {!r} could not run ({}/{}): {}: {}", task.id, cmd, failed,
+                           MAX_FAILED_RUNS, type(e).__name__, e)
+        if not until or (r is not None and _until_met(until, r)) or failed >= MAX_FAILED_RUNS:
+            return r
+        if r is not None and time.monotonic() > deadline:
+            raise TaskSetupError(f"command never met its 'until' condition {until!r} in {UNTIL_MAX_S:.0f} s "
+                                 f"(last exit status {r.returncode})")
+        time.sleep(UNTIL_PAUSE_S)
+
+
 def _execute(desktop: Any, task: Task, p: dict[str, Any]) -> None:
-    cmd = p.get("command")
+    # desktop-env fills in {CLIENT_PASSWORD}, {SCREEN_WIDTH}... in these steps' commands only.
+    cmd = commands.substitute(p.get("command"), desktop.width, desktop.height)
     code = commands.pyautogui_code(cmd)
     if code is not None:
         try:
@@ -209,28 +250,18 @@ def _execute(desktop: Any, task: Task, p: dict[str, Any]) -> None:
     # A string without "shell" is a shell command in our own files; OSWorld's server splits it,
     # which for the commands its files hold is the same thing.
     shell = commands.shell_flag(p.get("shell"), cmd) if "shell" in p else isinstance(cmd, str)
-    until = p.get("until") if isinstance(p.get("until"), dict) else None
-    tries = 5 if until else 1
-    for attempt in range(tries):
-        r = run_command(desktop, cmd, shell, _bounded(p.get("timeout", 60), 300))
-        if until is None:
-            break
-        if ("returncode" not in until or r.returncode == until["returncode"]) and \
-                ("stdout" not in until or str(until["stdout"]) in r.stdout):
-            return
-        time.sleep(1.0)
-    else:
-        raise TaskSetupError(f"command never met its 'until' condition {until!r} in {tries} tries")
-    saved = False
+    until = p.get("until") if isinstance(p.get("until"), dict) else {}
+    r = _run_until(desktop, task, cmd, shell, _bounded(p.get("timeout", 60), 300), until)
+    if r is None:
+        return  # logged; desktop-env goes on too
     for stream in ("stdout", "stderr"):  # OSWorld keeps a command's output for the cache_file getter
         name = p.get(stream)
         if isinstance(name, str) and name:
             dest = task_cache_dir(desktop, task) / Path(name).name
             dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             dest.write_text(getattr(r, stream))
-            saved = True
-    if r.returncode != 0 and not p.get("ignore_errors") and not saved:  # `diff` exits 1 and is scored
-        raise TaskSetupError(f"command exited {r.returncode}: {r.stderr.strip()[:300]}")
+    if r.returncode != 0:  # desktop-env logs it and goes on: the task's next steps or its metric decide
+        logger.info("task {}: setup command {!r} exited {}: {}", task.id, cmd, r.returncode, r.stderr.strip()[:300])
 
 
 def _sleep(desktop: Any, task: Task, p: dict[str, Any]) -> None:
