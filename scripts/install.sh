@@ -39,7 +39,8 @@ APT_PACKAGES=(python3 python3-venv python3-dev gcc g++ xvfb openbox xdotool x11-
   x11-apps xclip tesseract-ocr util-linux procps curl socat
   bubblewrap python3-xlib python3-tk dbus-daemon dconf-gsettings-backend libglib2.0-bin xdg-utils
   pulseaudio pulseaudio-utils at-spi2-core python3-gi gir1.2-atspi-2.0
-  libatk-adaptor libgail-common)
+  libatk-adaptor libgail-common
+  libreoffice-impress gimp vlc thunderbird)
 
 if [ "$DO_APT" = 1 ]; then
   missing=()
