@@ -27,7 +27,18 @@ http-port=8080
 """
 
 THUNDERBIRD_PROFILE = "t5q2a5hp.default-release"
-PROFILES_INI = f"""[Profile0]
+# Thunderbird keeps one default profile per install, keyed by a hash of its folder (this is
+# Debian's /usr/lib/thunderbird): without these lines it would make a new empty profile.
+THUNDERBIRD_INSTALL = "FDC34C9F024745EB"
+INSTALLS_INI = f"""[{THUNDERBIRD_INSTALL}]
+Default={THUNDERBIRD_PROFILE}
+Locked=1
+"""
+PROFILES_INI = f"""[Install{THUNDERBIRD_INSTALL}]
+Default={THUNDERBIRD_PROFILE}
+Locked=1
+
+[Profile0]
 Name=default-release
 IsRelative=1
 Path={THUNDERBIRD_PROFILE}
@@ -69,6 +80,7 @@ def write(home: Path) -> None:
     files = {
         home / ".config" / "vlc" / "vlcrc": VLCRC,
         home / ".thunderbird" / "profiles.ini": PROFILES_INI,
+        home / ".thunderbird" / "installs.ini": INSTALLS_INI,
         home / ".thunderbird" / THUNDERBIRD_PROFILE / "prefs.js":
             "// Mozilla User Preferences\n" + "".join(_pref_line(k, v) for k, v in _PREFS.items()),
     }
