@@ -74,13 +74,13 @@ def test_gimp_image_mirrored_and_overwritten(desktop, samples, agentenv_home):
     assert evaluate(desktop, task) == 0.0
     assert (desktop.home / ".config" / "GIMP" / "2.10").is_dir()  # where desktop-env's gimp getter reads
     # The Flip tool (Shift+F) flips the layer left to right at a click on the canvas; then
-    # File > Overwrite shapes.png (Ctrl+E for an imported image) and the PNG export dialog's Export.
+    # File > Export to (Ctrl+E): Export, Replace the file, and Export in the PNG options.
     time.sleep(2.0)
     act(desktop, Action("hotkey", keys=["shift", "f"]), Action("click", x=desktop.width // 2, y=desktop.height // 2),
         settle=1.0)
     before = (desktop.home / "Desktop" / "shapes.png").stat().st_mtime_ns
     act(desktop, Action("hotkey", keys=["ctrl", "e"]), settle=2.0)
-    act(desktop, Action("key", keys=["enter"]), settle=1.0)
+    act(desktop, *[Action("key", keys=["enter"])] * 3, settle=2.0)
     assert wait_for(lambda: (desktop.home / "Desktop" / "shapes.png").stat().st_mtime_ns != before, timeout=20)
     time.sleep(1.0)
     assert evaluate(desktop, task) == 1.0
