@@ -127,7 +127,8 @@ def load() -> dict[str, Callable[..., Any]]:
         listed = metric_modules()
         for mod_name in LOADABLE:
             try:
-                with _without_easyocr():
+                # PyMuPDF (pdf.py) prints a deprecation notice on stdout: stdout is our CLI's answer
+                with _without_easyocr(), contextlib.redirect_stdout(sys.stderr):
                     mod = importlib.import_module(f"{PACKAGE}.{mod_name}")
             except Exception as e:  # an import of theirs that is missing here: named in the refusal
                 _errors[mod_name] = f"{type(e).__name__}: {e}"
