@@ -150,6 +150,30 @@ if [ ! -d "$SANDBOX_SITE/pyautogui" ] && mkdir -p "$SANDBOX_SITE" 2>/dev/null; t
   chmod -R a+rX "$SANDBOX_SITE"
 fi
 
+# GIMP's config folder as after its first start (agentenv/envs/app_defaults.py copies it into each
+# fresh HOME): a first start queries every plug-in again, 20-30 s here. Made again when GIMP changes.
+APP_SEEDS=${AGENTENV_APP_SEEDS:-/opt/agentenv/app-seeds}
+if command -v gimp >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && id agentenv-desk >/dev/null 2>&1; then
+  GIMP_STAMP="$(gimp --version 2>/dev/null)"
+  if [ "$(cat "$APP_SEEDS/GIMP-2.10.stamp" 2>/dev/null)" != "$GIMP_STAMP" ]; then
+    log "apps: GIMP's config folder after a first start -> $APP_SEEDS/GIMP-2.10"
+    SEED_HOME=$(mktemp -d)
+    chown agentenv-desk "$SEED_HOME"
+    (cd "$SEED_HOME" && timeout 300 runuser -u agentenv-desk -- env -i HOME="$SEED_HOME" \
+      PATH=/usr/bin:/bin gimp -i -b '(gimp-quit 0)' >/dev/null 2>&1) || true
+    if [ -f "$SEED_HOME/.config/GIMP/2.10/pluginrc" ]; then
+      mkdir -p "$APP_SEEDS" && rm -rf "$APP_SEEDS/GIMP-2.10"
+      cp -r "$SEED_HOME/.config/GIMP/2.10" "$APP_SEEDS/GIMP-2.10"
+      rm -rf "$APP_SEEDS/GIMP-2.10/CrashLog"/* "$APP_SEEDS/GIMP-2.10/backups"/* "$APP_SEEDS/GIMP-2.10/tmp"/*
+      chown -R root:root "$APP_SEEDS" && chmod -R a+rX "$APP_SEEDS"
+      echo "$GIMP_STAMP" > "$APP_SEEDS/GIMP-2.10.stamp"
+    else
+      log "apps: GIMP did not start; desktops start it without a seed (slower)"
+    fi
+    rm -rf "$SEED_HOME"
+  fi
+fi
+
 if [ "$DO_MODEL" = 1 ]; then
   PYTHONPATH="$ROOT" "$PY" "$ROOT/scripts/make_tiny_model.py" --quiet >&2
 fi

@@ -8,12 +8,19 @@
   tasks name theirs, with a POP account that never connects and Local Folders, so Thunderbird
   opens its mail window instead of the account wizard. Tasks that bring their own profile
   (a tarball extracted over ``~/``) replace it.
-* GIMP writes ``~/.config/GIMP/2.10`` itself at its first start, where OSWorld's metrics look.
+* GIMP: ``~/.config/GIMP/2.10`` (where desktop-env's gimp getter and metrics look) from a seed that
+  ``scripts/install.sh`` makes by starting GIMP once (``APP_SEEDS``): a first start in a fresh HOME
+  queries every plug-in again, 20-30 s here, the seeded one starts as on a used VM.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
+
+APP_SEEDS = Path(os.environ.get("AGENTENV_APP_SEEDS", "/opt/agentenv/app-seeds"))
+SEEDED = {"GIMP-2.10": Path(".config") / "GIMP" / "2.10"}  # seed folder -> where it goes in HOME
 
 VLCRC = """[qt]
 qt-privacy-ask=0
@@ -88,3 +95,6 @@ def write(home: Path) -> None:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
+    for seed, dest in SEEDED.items():
+        if (APP_SEEDS / seed).is_dir() and not (home / dest).exists():
+            shutil.copytree(APP_SEEDS / seed, home / dest, symlinks=True)
