@@ -79,8 +79,12 @@ def test_gimp_image_mirrored_and_overwritten(desktop, samples, agentenv_home):
     act(desktop, Action("hotkey", keys=["shift", "f"]), Action("click", x=desktop.width // 2, y=desktop.height // 2),
         settle=1.0)
     before = (desktop.home / "Desktop" / "shapes.png").stat().st_mtime_ns
-    act(desktop, Action("hotkey", keys=["ctrl", "e"]), settle=2.0)
-    act(desktop, *[Action("key", keys=["enter"])] * 3, settle=2.0)
+    assert titled(desktop, "*[shapes]")  # the image changed
+    act(desktop, Action("hotkey", keys=["ctrl", "e"]))
+    assert titled(desktop, "Export Image")
+    act(desktop, Action("key", keys=["enter"]), Action("key", keys=["enter"]), settle=1.5)  # Export; Replace
+    assert titled(desktop, "Export Image as PNG")
+    act(desktop, Action("key", keys=["enter"]))
     assert wait_for(lambda: (desktop.home / "Desktop" / "shapes.png").stat().st_mtime_ns != before, timeout=20)
     time.sleep(1.0)
     assert evaluate(desktop, task) == 1.0
