@@ -26,6 +26,15 @@ def desktop():
         d.close()
 
 
+def getter(d: LocalDesktop, name: str, spec: dict, tmp_path) -> str | None:
+    """One of OSWorld's app getters (desktop-env's own where it can be), as an evaluator calls it."""
+    from agentenv.envs.tasks.app_getters import APP_GETTERS
+    from agentenv.envs.tasks.getters import EvalContext
+    from agentenv.types import Task
+
+    return APP_GETTERS[name](EvalContext(desktop=d, task=Task(id="g", instruction="-"), tmp=tmp_path), spec)
+
+
 def act(d: LocalDesktop, *actions: Action, settle: float = 0.5) -> None:
     for a in actions:
         assert d.execute(a) == {}, a
@@ -45,13 +54,16 @@ def retitle_slide(d: LocalDesktop, keys_for_title: list[Action]) -> None:
     act(d, Action("key", keys=["enter"]), settle=2.0)
 
 
-def test_impress_slide_title(desktop, samples, agentenv_home):
+def test_impress_slide_title(desktop, samples, agentenv_home, tmp_path):
     task = load_sample(samples, "3b9e5f20-slide-title")
     desktop.reset(task)  # deck.pptx downloaded to the Desktop, opened in LibreOffice Impress
     assert titled(desktop, "deck.pptx")
     assert evaluate(desktop, task) == 0.0
     retitle_slide(desktop, [Action("type", text="Launch plan")])
     assert evaluate(desktop, task) == 1.0
+    # desktop-env's audio_in_slide getter (through our desktop): this deck has no audio
+    assert getter(desktop, "audio_in_slide", {"ppt_file_path": "/home/user/Desktop/deck.pptx", "slide_index": 0,
+                                              "dest": "audio.mp3"}, tmp_path) is None
 
 
 def test_multi_app_title_copied_from_the_editor_into_the_slide(desktop, samples, agentenv_home):
@@ -67,12 +79,14 @@ def test_multi_app_title_copied_from_the_editor_into_the_slide(desktop, samples,
     assert evaluate(desktop, task) == 1.0
 
 
-def test_gimp_image_mirrored_and_overwritten(desktop, samples, agentenv_home):
+def test_gimp_image_mirrored_and_overwritten(desktop, samples, agentenv_home, tmp_path):
     task = load_sample(samples, "8c2d4e71-mirror-image")
     desktop.reset(task)  # `gimp /home/user/Desktop/shapes.png`, as OSWorld's tasks launch it
     assert titled(desktop, "shapes", timeout=120)  # past GIMP's splash: the image window
     assert evaluate(desktop, task) == 0.0
-    assert (desktop.home / ".config" / "GIMP" / "2.10").is_dir()  # where desktop-env's gimp getter reads
+    # desktop-env's gimp_config_file getter reads ~/.config/GIMP/2.10; a dest is kept inside our folder
+    got = getter(desktop, "gimp_config_file", {"file_name": "pluginrc", "dest": "../../pluginrc"}, tmp_path)
+    assert got == str(tmp_path / "pluginrc") and "plug-in-def" in open(got).read()
     # The Flip tool (Shift+F) flips the layer left to right at a click on the canvas; then
     # File > Export to (Ctrl+E): Export, Replace the file, and Export in the PNG options.
     time.sleep(2.0)
@@ -90,7 +104,7 @@ def test_gimp_image_mirrored_and_overwritten(desktop, samples, agentenv_home):
     assert evaluate(desktop, task) == 1.0
 
 
-def test_vlc_playing_state_read_through_its_http_interface(desktop, samples, agentenv_home):
+def test_vlc_playing_state_read_through_its_http_interface(desktop, samples, agentenv_home, tmp_path):
     task = load_sample(samples, "5e7a9c13-play-clip")
     desktop.reset(task)  # `vlc --start-paused clip.wav`; the HTTP interface from vlcrc (app_defaults)
     assert titled(desktop, "clip.wav")
@@ -98,6 +112,9 @@ def test_vlc_playing_state_read_through_its_http_interface(desktop, samples, age
                                   "http://127.0.0.1:8080/requests/status.xml"]).stdout
     assert wait_for(lambda: "<state>paused</state>" in status(), timeout=20)
     assert evaluate(desktop, task) == 0.0
+    vlcrc = getter(desktop, "vlc_config", {"dest": "vlcrc"}, tmp_path)  # desktop-env's own getter
+    assert "extraintf=http" in open(vlcrc).read()
+    assert getter(desktop, "vm_window_size", {"app_class_name": "vlc"}, tmp_path)["width"] > 0
     act(desktop, Action("key", keys=["space"]))  # VLC's play/pause key
     assert wait_for(lambda: "<state>playing</state>" in status(), timeout=20)
     assert evaluate(desktop, task) == 1.0

@@ -8,7 +8,9 @@ inside the desktop's network namespace (no one outside it can reach it), so it i
 
 from __future__ import annotations
 
+import contextlib
 import shlex
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
@@ -63,7 +65,8 @@ def _theirs(module: str, func: str) -> Callable[[EvalContext, dict], Any]:
             fn = getattr(getter_module(module), func)
         except ImportError as e:
             raise EvaluatorError(f"desktop-env's getters/{module}.py does not load here: {e}") from e
-        return fn(OSWorldEnvView(ctx), _safe_dest(spec))
+        with contextlib.redirect_stdout(sys.stderr):  # theirs print (the gimp one, its platform)
+            return fn(OSWorldEnvView(ctx), _safe_dest(spec))
 
     getter.__name__ = f"os_{func}"
     return getter
