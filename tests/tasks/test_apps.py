@@ -86,7 +86,7 @@ def test_gimp_image_mirrored_and_overwritten(desktop, samples, agentenv_home, tm
     assert evaluate(desktop, task) == 0.0
     # desktop-env's gimp_config_file getter reads ~/.config/GIMP/2.10; a dest is kept inside our folder
     got = getter(desktop, "gimp_config_file", {"file_name": "pluginrc", "dest": "../../pluginrc"}, tmp_path)
-    assert got == str(tmp_path / "pluginrc") and "plug-in-def" in open(got).read()
+    assert got == str(tmp_path / "pluginrc") and b"plug-in-def" in open(got, "rb").read()
     # The Flip tool (Shift+F) flips the layer left to right at a click on the canvas; then
     # File > Export to (Ctrl+E): Export, Replace the file, and Export in the PNG options.
     time.sleep(2.0)
