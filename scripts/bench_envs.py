@@ -87,7 +87,8 @@ def bench_app(app: str, n: int) -> dict:
     config: list[dict] = [{"type": "launch", "parameters": {"command": argv, "window": ready, "timeout": 120}}]
     if app == "impress":  # a deck to open: our sample task's
         deck = Path(__file__).resolve().parent.parent / "tests" / "tasks" / "samples" / "files" / "deck.pptx"
-        code = f"import base64; open('/home/user/deck.pptx', 'wb').write(base64.b64decode('{base64.b64encode(deck.read_bytes()).decode()}'))"
+        data = base64.b64encode(deck.read_bytes()).decode()
+        code = f"import base64; open('/home/user/deck.pptx', 'wb').write(base64.b64decode('{data}'))"
         config.insert(0, {"type": "execute", "parameters": {"command": ["python3", "-c", code]}})
     task = Task(id=f"bench-{app}", instruction="-", extra={"snapshot": app}, config=config)
     bare = Task(id="bench-bare", instruction="-")
