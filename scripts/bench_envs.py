@@ -3,6 +3,7 @@
 desktop, and how many desktops run side by side before step latency doubles.
 
     python scripts/bench_envs.py [--steps 40] [--think 1.0] [--max-desktops 16] [--kinds host,sandbox]
+    python scripts/bench_envs.py --app gimp|vlc|thunderbird|impress [--resets 5]
 
 Both kinds of desktop are measured side by side in one run: the plain one (apps on the host as the
 desktop user) and the sandboxed one (bubblewrap, agentenv/envs/sandbox.py), in alternating rounds,
@@ -13,6 +14,9 @@ with sandbox/host ratios (median and spread over the rounds).
 - memory: PSS of every process of a desktop (Xvfb, openbox, the editor), from smaps_rollup.
 - side by side: N desktops each step once per ``--think`` seconds (the model's time between two
   steps of an agent); N grows until the p50 step latency is twice the single-desktop p50.
+- ``--app``: one sandboxed desktop, reset with a task that opens the app as OSWorld's tasks do and
+  waits for its ready window; reset p50 with the app, p50 of a bare reset (no app: our own part),
+  and PSS with the app open.
 Last line: one JSON object with the figures.
 """
 
@@ -65,6 +69,50 @@ def side_by_side(desktops: list[LocalDesktop], think: float, steps: int) -> list
     return lat
 
 
+# --app: a launch step per app and the window title that says it is ready (past splash screens).
+APP_LAUNCH = {
+    "gimp": (["gimp"], "GNU Image Manipulation Program"),
+    "vlc": (["vlc"], "VLC media player"),
+    "thunderbird": (["/usr/bin/thunderbird"], "user@example.invalid - Mozilla Thunderbird"),
+    "impress": (["libreoffice", "--impress", "--norestore", "/home/user/deck.pptx"], "deck.pptx"),
+}
+
+
+def bench_app(app: str, n: int) -> dict:
+    import base64
+
+    from agentenv.types import Task
+
+    argv, ready = APP_LAUNCH[app]
+    config: list[dict] = [{"type": "launch", "parameters": {"command": argv, "window": ready, "timeout": 120}}]
+    if app == "impress":  # a deck to open: our sample task's
+        deck = Path(__file__).resolve().parent.parent / "tests" / "tasks" / "samples" / "files" / "deck.pptx"
+        data = base64.b64encode(deck.read_bytes()).decode()
+        code = f"import base64; open('/home/user/deck.pptx', 'wb').write(base64.b64decode('{data}'))"
+        config.insert(0, {"type": "execute", "parameters": {"command": ["python3", "-c", code]}})
+    task = Task(id=f"bench-{app}", instruction="-", extra={"snapshot": app}, config=config)
+    bare = Task(id="bench-bare", instruction="-")
+    d = make_desktop(f"bench-app-{app}", DesktopSpec(width=1280, height=800, sandbox=True)).start()
+    with_app, without, pss = [], [], []
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            d.reset(task)
+            with_app.append(time.perf_counter() - t0)
+            time.sleep(3.0)  # the app settles (caches, background pages) before its memory is read
+            pss.append(d.memory_pss_kb() / 1024)
+            t0 = time.perf_counter()
+            d.reset(bare)
+            without.append(time.perf_counter() - t0)
+    finally:
+        d.close()
+    out = {"app": app, "reset_p50_s": round(statistics.median(with_app), 3), "reset_max_s": round(max(with_app), 3),
+           "bare_reset_p50_s": round(statistics.median(without), 3), "pss_mb": round(statistics.median(pss), 1)}
+    print(f"[{app}] reset with the app p50 {out['reset_p50_s']}s (max {out['reset_max_s']}s), bare reset p50 "
+          f"{out['bare_reset_p50_s']}s, PSS with the app open {out['pss_mb']} MB", flush=True)
+    return out
+
+
 def make(kind: str, name: str) -> LocalDesktop:
     return make_desktop(name, DesktopSpec(sandbox=(kind == "sandbox"))).start()
 
@@ -84,7 +132,11 @@ def main() -> int:
     ap.add_argument("--think", type=float, default=1.0)
     ap.add_argument("--max-desktops", type=int, default=16)
     ap.add_argument("--kinds", default="host,sandbox", help="host, sandbox or both (compared side by side)")
+    ap.add_argument("--app", choices=sorted(APP_LAUNCH), help="measure one app's desktop (see above)")
     a = ap.parse_args()
+    if a.app:
+        print(json.dumps(bench_app(a.app, a.resets)))
+        return 0
     kinds = [k for k in a.kinds.split(",") if k]
     if not set(kinds) <= {"host", "sandbox"}:
         ap.error("--kinds takes host and/or sandbox")

@@ -40,7 +40,8 @@ APT_PACKAGES=(python3 python3-venv python3-dev gcc g++ xvfb openbox xdotool x11-
   bubblewrap python3-xlib python3-tk dbus-daemon dconf-gsettings-backend libglib2.0-bin xdg-utils
   pulseaudio pulseaudio-utils at-spi2-core python3-gi gir1.2-atspi-2.0
   libatk-adaptor libgail-common ffmpeg
-  gnome-terminal firefox-esr dconf-cli gnome-shell-common gnome-settings-daemon-common)
+  gnome-terminal firefox-esr dconf-cli gnome-shell-common gnome-settings-daemon-common
+  libreoffice-impress gimp vlc thunderbird)
 
 if [ "$DO_APT" = 1 ]; then
   missing=()
@@ -148,6 +149,30 @@ if [ ! -d "$SANDBOX_SITE/pyautogui" ] && mkdir -p "$SANDBOX_SITE" 2>/dev/null; t
   "$PY" -m pip install --disable-pip-version-check -q --target "$SANDBOX_SITE" --no-deps \
     pyautogui pymsgbox pytweening pyscreeze pygetwindow pyrect mouseinfo pyperclip >&2
   chmod -R a+rX "$SANDBOX_SITE"
+fi
+
+# GIMP's config folder as after its first start (agentenv/envs/app_defaults.py copies it into each
+# fresh HOME): a first start queries every plug-in again, 20-30 s here. Made again when GIMP changes.
+APP_SEEDS=${AGENTENV_APP_SEEDS:-/opt/agentenv/app-seeds}
+if command -v gimp >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && id agentenv-desk >/dev/null 2>&1; then
+  GIMP_STAMP="$(gimp --version 2>/dev/null)"
+  if [ "$(cat "$APP_SEEDS/GIMP-2.10.stamp" 2>/dev/null)" != "$GIMP_STAMP" ]; then
+    log "apps: GIMP's config folder after a first start -> $APP_SEEDS/GIMP-2.10"
+    SEED_HOME=$(mktemp -d)
+    chown agentenv-desk "$SEED_HOME"
+    (cd "$SEED_HOME" && timeout 300 runuser -u agentenv-desk -- env -i HOME="$SEED_HOME" \
+      PATH=/usr/bin:/bin gimp -i -b '(gimp-quit 0)' >/dev/null 2>&1) || true
+    if [ -f "$SEED_HOME/.config/GIMP/2.10/pluginrc" ]; then
+      mkdir -p "$APP_SEEDS" && rm -rf "$APP_SEEDS/GIMP-2.10"
+      cp -r "$SEED_HOME/.config/GIMP/2.10" "$APP_SEEDS/GIMP-2.10"
+      rm -rf "$APP_SEEDS/GIMP-2.10/CrashLog"/* "$APP_SEEDS/GIMP-2.10/backups"/* "$APP_SEEDS/GIMP-2.10/tmp"/*
+      chown -R root:root "$APP_SEEDS" && chmod -R a+rX "$APP_SEEDS"
+      echo "$GIMP_STAMP" > "$APP_SEEDS/GIMP-2.10.stamp"
+    else
+      log "apps: GIMP did not start; desktops start it without a seed (slower)"
+    fi
+    rm -rf "$SEED_HOME"
+  fi
 fi
 
 if [ "$DO_MODEL" = 1 ]; then

@@ -30,6 +30,7 @@ from typing import Any, Iterator
 
 from loguru import logger
 
+from agentenv.envs import app_defaults
 from agentenv.envs.actions import ActionError, XInput
 from agentenv.procs import spawn_tied
 
@@ -445,6 +446,7 @@ class LocalDesktop:
         if not office.exists():
             office.parent.mkdir(parents=True, exist_ok=True)
             office.write_text(LIBREOFFICE_SETTINGS)
+        app_defaults.write(self.home)  # VLC's HTTP interface, Thunderbird's offline profile
         runtime = self.root / "xdg-runtime"
         runtime.mkdir(mode=0o700, exist_ok=True)
         if self.user is not None:

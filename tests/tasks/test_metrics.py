@@ -36,7 +36,8 @@ from agentenv.envs.tasks import osworld_lib
 fns = osworld_lib.load()
 for name in ("compare_table", "compare_csv", "exact_match", "check_include_exclude", "is_in_list",
              "check_line_number", "check_json_settings", "check_json_keybindings", "compare_text_file",
-             "compare_config", "check_moved_jpgs"):
+             "compare_config", "check_moved_jpgs", "compare_pptx_files", "check_image_mirror", "is_vlc_playing",
+             "check_thunderbird_prefs", "check_pdf_pages", "check_mp3_meta", "compare_epub"):
     assert name in fns, name
     assert fns[name].__module__.startswith("desktop_env.evaluators.metrics."), fns[name].__module__
 assert "torch" not in sys.modules and "easyocr" not in sys.modules, "the pinned stack was imported"
@@ -168,8 +169,9 @@ def test_sheet_reader_keeps_spaces_dates_and_booleans(tmp_path):
 
 def test_refused_metrics_and_getters_name_what_is_missing():
     os_ev = {"func": "compare_pptx_files", "result": {"type": "vm_file", "path": "a.pptx", "dest": "a.pptx"}}
-    with pytest.raises(EvaluatorError, match="LibreOffice Impress"):
-        validate_evaluator(os_ev, "osworld")
+    validate_evaluator(os_ev, "osworld")  # desktop-env's slides.py loads (python-pptx)
+    with pytest.raises(EvaluatorError, match="OCR with easyocr"):
+        validate_evaluator({**os_ev, "func": "compare_image_text"}, "osworld")
     with pytest.raises(EvaluatorError, match="runs a task's Python code"):
         validate_evaluator({**os_ev, "func": "check_python_file_by_test_suite"}, "osworld")
     with pytest.raises(EvaluatorError, match="Google Chrome"):

@@ -222,13 +222,17 @@ def test_writer_task_scored_by_compare_docx_files_against_a_served_gold_file(des
     assert evaluate(desktop, task) == 1.0
 
 
-def test_a_missing_office_module_is_named(desktop, agentenv_home):
-    # LibreOffice Impress is not installed here (Calc and Writer are): an open step names it.
+def test_a_missing_office_module_is_named(desktop, agentenv_home, monkeypatch):
+    # Calc, Writer and Impress are all installed here (scripts/install.sh): a machine without Impress
+    # is stood in for by a program name that no machine has; an open step names what is missing.
+    from agentenv.envs.tasks import setup
+
+    monkeypatch.setitem(setup.OFFICE_PROGRAMS, "--impress", "loimpress-not-installed")
     (desktop.home / "Desktop").mkdir(parents=True, exist_ok=True)
     task = Task(id="slides", instruction="-", extra={"snapshot": "libreoffice_impress"}, config=[
         {"type": "execute", "parameters": {"command": "echo x > /home/user/Desktop/talk.pptx", "shell": True}},
         {"type": "open", "parameters": {"path": "/home/user/Desktop/talk.pptx"}}])
-    with pytest.raises(TaskSetupError, match=r"talk.pptx needs LibreOffice impress \(loimpress\), which is not installed"):
+    with pytest.raises(TaskSetupError, match=r"talk.pptx needs LibreOffice impress \(loimpress-not-installed\), which is not installed"):
         desktop.reset(task)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from loguru import logger
 
 from agentenv.envs.tasks import getters, metrics
+from agentenv.envs.tasks.app_getters import APP_GETTERS
 from agentenv.envs.tasks.getters import EvaluatorError, EvalContext
 from agentenv.types import Task
 
@@ -53,7 +54,7 @@ def _funcs(ev: dict) -> list[Any]:
 
 
 def getter_for(kind: Any, dia: str, role: str):
-    table = getters.OSWORLD_GETTERS if dia == "osworld" else getters.AGENTENV_GETTERS
+    table = {**getters.OSWORLD_GETTERS, **APP_GETTERS} if dia == "osworld" else getters.AGENTENV_GETTERS
     if isinstance(kind, str) and kind in table:
         return table[kind]
     if dia == "osworld" and isinstance(kind, str) and kind in getters.GETTER_NEEDS:

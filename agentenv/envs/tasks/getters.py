@@ -248,12 +248,9 @@ OSWORLD_GETTERS: dict[str, Callable[[EvalContext, dict], Any]] = {
 }
 # OSWorld getters that only a desktop looking like OSWorld's VM (the sandboxed one) can run.
 OSWORLD_LIKE_NEEDS: dict[str, str] = {"accessibility_tree": "an AT-SPI accessibility tree (sandboxed desktops)"}
-# OSWorld getters this machine cannot run: name -> what is missing.
+# OSWorld getters this machine cannot run: name -> what is missing. (The apps' getters: app_getters.py.)
 GETTER_NEEDS: dict[str, str] = {
-    "vlc_playing_info": "VLC", "vlc_config": "VLC", "default_video_player": "VLC",
-    "gimp_config_file": "GIMP",
-    "audio_in_slide": "LibreOffice Impress", "background_image_in_slide": "LibreOffice Impress",
-    "vm_wallpaper": "a GNOME desktop", "vm_window_size": "a window manager query by app class",
+    "vm_wallpaper": "a GNOME desktop",
     "rule_relativeTime": "relative dates of OSWorld's calendar rules",
     "time_diff_range": "relative dates of OSWorld's calendar rules",
     "googledrive_file": "network and a Google Drive account",

@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 PACKAGE = "desktop_env.evaluators.metrics"
+GETTERS = "desktop_env.evaluators.getters"
 
 # Modules that load without the pinned stack, and functions of theirs we do not offer: they import
 # and run a task's Python test file inside the env service.
-LOADABLE = ("table", "general", "vscode", "basic_os", "libreoffice", "docs")
+LOADABLE = ("table", "general", "vscode", "basic_os", "libreoffice", "docs",
+            "slides", "gimp", "vlc", "thunderbird", "pdf", "others")
 NOT_OFFERED = {
     "compare_image_text": "OCR with easyocr and torch (not installed here)",
     "check_python_file_by_test_suite": "runs a task's Python code inside the env service",
@@ -34,12 +36,6 @@ NOT_OFFERED = {
 # pinned stack).
 MODULE_NEEDS = {
     "chrome": "Google Chrome (its profile and DevTools protocol) and PyMuPDF/borb",
-    "gimp": "GIMP and OpenCV",
-    "slides": "LibreOffice Impress and python-pptx",
-    "thunderbird": "Thunderbird",
-    "vlc": "VLC",
-    "pdf": "PyMuPDF",
-    "others": "mutagen (audio tags) and epub files",
 }
 
 _lock = threading.Lock()
@@ -86,6 +82,23 @@ def _without_easyocr():
         sys.modules.pop("easyocr", None)
 
 
+def getter_module(name: str) -> types.ModuleType:
+    """desktop-env's getter module ``name`` (``gimp``, ``impress``, ``vlc``...), imported alone, as the
+    metric modules are: its package ``__init__`` (which imports the Chrome getters and more) never runs.
+    ImportError when desktop-env is not installed."""
+    root = _root()
+    if root is None:
+        raise ImportError("the desktop-env package is not installed (requirements/nodeps.txt)")
+    with _lock:
+        _register_namespaces(root)
+        pkg = sys.modules.get(GETTERS)
+        if pkg is None or getattr(pkg, "__file__", None):
+            pkg = types.ModuleType(GETTERS)
+            pkg.__path__ = [str(root / "evaluators" / "getters")]
+            sys.modules[GETTERS] = pkg
+    return importlib.import_module(f"{GETTERS}.{name}")
+
+
 def metric_modules() -> dict[str, list[str]]:
     """{module: [metric names]} as desktop-env's metrics/__init__.py lists them (read, not run)."""
     root = _root()
@@ -114,7 +127,8 @@ def load() -> dict[str, Callable[..., Any]]:
         listed = metric_modules()
         for mod_name in LOADABLE:
             try:
-                with _without_easyocr():
+                # PyMuPDF (pdf.py) prints a deprecation notice on stdout: stdout is our CLI's answer
+                with _without_easyocr(), contextlib.redirect_stdout(sys.stderr):
                     mod = importlib.import_module(f"{PACKAGE}.{mod_name}")
             except Exception as e:  # an import of theirs that is missing here: named in the refusal
                 _errors[mod_name] = f"{type(e).__name__}: {e}"
