@@ -119,6 +119,16 @@ exec xfce4-terminal --disable-server -T Terminal
 """
 
 
+# google-chrome as OSWorld's tasks run it: the Debian Chromium with Chrome's profile folder (where
+# OSWorld's getters read Bookmarks, History, Preferences, Cookies); the task's flags come last and
+# win (--remote-debugging-port=1337: the port is in the sandbox's own network only).
+GOOGLE_CHROME = r"""#!/bin/bash
+exec chromium --user-data-dir="$HOME/.config/google-chrome" --disable-gpu --no-first-run \
+  --no-default-browser-check --password-store=basic --disable-component-update --disable-sync \
+  --disable-background-networking --renderer-process-limit=1 "$@"
+"""
+
+
 @dataclass(frozen=True)
 class A11yLimits:
     """Bounds on one accessibility tree (OSWorld's server has the first three); a tree past one is cut
@@ -225,6 +235,10 @@ class SandboxDesktop(LocalDesktop):
         term.write_text(TERMINAL)
         term.chmod(0o755)
         (self.sys / "bin" / "gnome-terminal").symlink_to("terminal")
+        chrome = self.sys / "bin" / "google-chrome"
+        chrome.write_text(GOOGLE_CHROME)
+        chrome.chmod(0o755)
+        (self.sys / "bin" / "google-chrome-stable").symlink_to("google-chrome")
         self._openbox_files(self.sys, INNER)
 
         argv = ["bwrap", "--unshare-all", *(["--share-net"] if self.spec.network else []),
@@ -492,7 +506,9 @@ class SandboxDesktop(LocalDesktop):
             argv = [self.terminal] + argv[1:]
         if argv and argv[0] in APPS:
             argv = APPS[argv[0]] + argv[1:]
-        if argv and argv[0] in ("chromium", "google-chrome"):
+        if argv and argv[0] == "google-chrome":
+            argv = [f"{INNER}/bin/google-chrome"] + argv[1:]
+        elif argv and argv[0] == "chromium":
             # Chromium's own sandbox nests in ours (user namespaces nest); no --no-sandbox, whose
             # warning bar would move the page down.
             argv = ["chromium", f"--user-data-dir={OSWORLD_HOME}/.config/chromium"] + \
