@@ -29,6 +29,8 @@ from agentenv.envs.tasks import osworld_lib
 CDP_PORT = 1337                     # the port OSWorld's tasks give --remote-debugging-port
 CDP_URL = f"http://127.0.0.1:{CDP_PORT}"
 CLONE_NEWNET = 0x40000000
+# How long setup waits for the launched Chrome's port (OSWorld's setup: 15 tries, 5 s apart).
+CONNECT_WAIT_S = 60.0
 
 
 class CdpError(RuntimeError):
@@ -143,11 +145,13 @@ def _close_tabs(urls: list[str], wait_s: float) -> None:
                     break
 
 
-def open_tabs(desktop: Any, urls: list[str], wait_s: float = 60.0) -> None:
+def open_tabs(desktop: Any, urls: list[str]) -> None:
     """OSWorld's ``chrome_open_tabs``: each URL in a new tab of the running Chrome; the start tab closed."""
+    wait_s = CONNECT_WAIT_S
     in_desktop_network(desktop, lambda: _open_tabs(urls, wait_s), timeout=wait_s + 60.0 * len(urls) + 30)
 
 
-def close_tabs(desktop: Any, urls: list[str], wait_s: float = 60.0) -> None:
+def close_tabs(desktop: Any, urls: list[str]) -> None:
     """OSWorld's ``chrome_close_tabs``: the first tab showing each URL closed."""
+    wait_s = CONNECT_WAIT_S
     in_desktop_network(desktop, lambda: _close_tabs(urls, wait_s), timeout=wait_s + 30)
