@@ -14,6 +14,7 @@ import ast
 import contextlib
 import functools
 import importlib
+import io
 import importlib.util
 import sys
 import threading
@@ -115,7 +116,8 @@ def load() -> dict[str, Callable[..., Any]]:
         listed = metric_modules()
         for mod_name in LOADABLE:
             try:
-                with _without_easyocr():
+                # chrome.py's `import fitz` prints a deprecation notice on stdout: kept out of ours
+                with _without_easyocr(), contextlib.redirect_stdout(io.StringIO()):
                     mod = importlib.import_module(f"{PACKAGE}.{mod_name}")
             except Exception as e:  # an import of theirs that is missing here: named in the refusal
                 _errors[mod_name] = f"{type(e).__name__}: {e}"
