@@ -138,3 +138,30 @@ def test_tasks_check_says_the_chrome_task_runs_on_sandboxed_desktops(chrome_task
     plain = {r.id: r for r in check_tasks(folder, osworld_like=False)}[TASK_ID]
     assert plain.status == "missing"
     assert any("DevTools port" in m for m in plain.missing), plain.missing
+
+
+def test_with_the_operators_network_a_live_task_runs_and_reads_its_own_chrome(tmp_path):
+    """env.sandbox_network: the desktop shares the host's network, so the live task's setup runs
+    (this machine reaches no website: the page fails to load, which OSWorld's setup logs and passes);
+    the getters read the Chrome of this desktop, found by the listening socket's owner."""
+    from agentenv.envs.tasks.chrome_getters import run_getter
+    from agentenv.envs.tasks.getters import EvalContext
+
+    with socket.socket() as s:  # the host's port must be free for the shared-network desktop
+        if s.connect_ex(("127.0.0.1", cdp.CDP_PORT)) == 0:
+            pytest.skip(f"something on this host listens on {cdp.CDP_PORT}")
+    d = make_desktop(f"chrome-net-{os.getpid()}", DesktopSpec(width=1280, height=800, sandbox=True, network=True))
+    try:
+        d.start()
+        live = Task(id="live-net", instruction="x", extra={"snapshot": "chrome"}, config=[
+            {"type": "execute", "parameters": {"command": "echo '<title>Local</title>' > /home/user/local.html",
+                                               "shell": True}},
+            {"type": "launch", "parameters": {"command": ["google-chrome", "--remote-debugging-port=1337"]}},
+            {"type": "chrome_open_tabs", "parameters": {"urls_to_open": ["file:///home/user/local.html",
+                                                                         "https://www.example.org/"]}}])
+        d.reset(live)
+        tabs = run_getter(EvalContext(d, live, tmp_path), "open_tabs_info", {})
+        assert {"title": "Local", "url": "file:///home/user/local.html"} in tabs, tabs
+        assert len(tabs) == 2, tabs  # and the live page's tab (its error page here)
+    finally:
+        d.close()

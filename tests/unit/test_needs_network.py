@@ -111,3 +111,20 @@ def test_who_has_the_network_and_who_may_reach_a_devtools_port():
         cdp.in_desktop_network(_Desktop(sandboxed=False), lambda: None)
     with pytest.raises(cdp.CdpError, match="no running process"):
         cdp.in_desktop_network(_Desktop(sandboxed=True), lambda: None)
+
+
+def test_on_a_shared_network_only_the_desktops_own_listener_counts(monkeypatch):
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        monkeypatch.setattr(cdp, "CDP_PORT", s.getsockname()[1])
+        mine = _Desktop(sandboxed=True)
+        mine.pids = lambda: [os.getpid()]  # this process listens: the port is the desktop's own
+        cdp.check_port_owner(mine)
+        other = _Desktop(sandboxed=True)
+        other.pids = lambda: [1]  # init holds no such socket: another desktop's, or nobody's
+        with pytest.raises(cdp.CdpError, match="not its own Chrome"):
+            cdp.check_port_owner(other)

@@ -9,7 +9,9 @@ sockets, and the Playwright driver it spawns, live there. The thread ends when t
 returns, so no thread of the service is ever left in a desktop's network.
 
 A sandbox that shares the host's network (``env.sandbox_network``) has no namespace of its own:
-the function then runs in the host's, where the port is the host's loopback port (see the docs).
+the function then runs in the host's, where the port is the host's loopback port, open to the host
+and to the other desktops sharing it; it runs only once a process of this desktop listens on the
+port (not another desktop's Chrome).
 A plain (unsandboxed) desktop has no namespace of its own either, and is refused: its port would
 be every local user's.
 """
@@ -20,6 +22,7 @@ import ctypes
 import os
 import threading
 import time
+from collections import Counter
 from typing import Any, Callable
 
 from loguru import logger
@@ -31,6 +34,7 @@ CDP_URL = f"http://127.0.0.1:{CDP_PORT}"
 CLONE_NEWNET = 0x40000000
 # How long setup waits for the launched Chrome's port (OSWorld's setup: 15 tries, 5 s apart).
 CONNECT_WAIT_S = 60.0
+SHARED_OWNER_WAIT_S = 20.0  # on a shared network: how long to wait for this desktop's Chrome to listen
 
 
 class CdpError(RuntimeError):
@@ -38,23 +42,68 @@ class CdpError(RuntimeError):
 
 
 def _netns_path(desktop: Any) -> str | None:
-    """The network namespace of the desktop's processes, or None when they share ours."""
+    """The network namespace of the desktop's processes, or None when they share ours. Chromium's
+    own sandbox puts its zygote and renderers in namespaces of their own: the desktop's is the one
+    most of its processes are in."""
     if not getattr(desktop, "sandboxed", False):
         raise CdpError("Chrome's DevTools port needs a sandboxed desktop (its own network namespace): "
                        "on a plain desktop it would be open to every local user")
-    own = os.readlink("/proc/self/ns/net")
-    seen = False
+    seen: dict[str, str] = {}
+    count: Counter[str] = Counter()
     for pid in desktop.pids():
         try:
             link = os.readlink(f"/proc/{pid}/ns/net")
         except OSError:
             continue
-        seen = True
-        if link != own:
-            return f"/proc/{pid}/ns/net"
-    if not seen:
+        seen.setdefault(link, f"/proc/{pid}/ns/net")
+        count[link] += 1
+    if not count:
         raise CdpError(f"desktop {getattr(desktop, 'id', '?')} has no running process (is it closed?)")
-    return None
+    ns = count.most_common(1)[0][0]
+    return None if ns == os.readlink("/proc/self/ns/net") else seen[ns]
+
+
+def _listening_inodes(port: int) -> set[str]:
+    out: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                out.add(f[9])
+    return out
+
+
+def check_port_owner(desktop: Any) -> None:
+    """On a network shared with the host (env.sandbox_network) the port may be another desktop's
+    Chrome: refuse unless a process of this desktop listens on it."""
+    want = {f"socket:[{i}]" for i in _listening_inodes(CDP_PORT)}
+    for pid in desktop.pids():
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in want:
+                    return
+            except OSError:
+                continue
+    raise CdpError(f"port {CDP_PORT} on the network this desktop shares with the host (env.sandbox_network) "
+                   "is not its own Chrome's (another desktop's, or none)")
+
+
+def _wait_port_owner(desktop: Any, deadline: float) -> None:
+    while True:
+        try:
+            return check_port_owner(desktop)
+        except CdpError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)
 
 
 def _enter(path: str) -> None:
@@ -82,6 +131,8 @@ def in_desktop_network(desktop: Any, fn: Callable[[], Any], timeout: float = 180
         try:
             if path is not None:
                 _enter(path)
+            else:
+                _wait_port_owner(desktop, time.monotonic() + SHARED_OWNER_WAIT_S)
             box["value"] = fn()
         except BaseException as e:  # handed to the caller's thread
             box["error"] = e
