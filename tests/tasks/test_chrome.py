@@ -113,9 +113,10 @@ def test_the_devtools_port_is_reachable_inside_its_desktop_only(desktops, chrome
         with socket.socket() as s:  # the host (this service's network): nothing there either
             s.settimeout(2)
             assert s.connect_ex(("127.0.0.1", port)) != 0
-    # A desktop without the task's Chrome: setup's chrome_open_tabs says so, naming the port.
-    no_chrome = Task(id="no-chrome", instruction="x", extra={"snapshot": "chrome"},
-                     config=[{"type": "chrome_open_tabs", "parameters": {"urls_to_open": [SHOPPING]}}])
+    # A Chromium started without the port: setup's chrome_open_tabs says so, naming the port.
+    no_chrome = Task(id="no-port", instruction="x", extra={"snapshot": "chrome"},
+                     config=[{"type": "launch", "parameters": {"command": ["chromium"]}},
+                             {"type": "chrome_open_tabs", "parameters": {"urls_to_open": [SHOPPING]}}])
     monkeypatch.setattr(cdp, "CONNECT_WAIT_S", 3.0)
     with pytest.raises(TaskSetupError, match="1337"):
         b.reset(no_chrome)

@@ -321,11 +321,19 @@ def _urls(p: dict[str, Any], key: str) -> list[str]:
 
 def _chrome_open_tabs(desktop: Any, task: Task, p: dict[str, Any]) -> None:
     """Tabs opened through Chrome's DevTools port (1337) inside the desktop, as OSWorld's setup does;
-    the task's earlier ``launch`` step started google-chrome with it."""
+    the task's earlier ``launch`` step started google-chrome with it. Where no Chrome runs, one is
+    launched with the port (as OSWorld's getters do); a plain desktop has no port (it would be the
+    host's): the pages open as the browser's arguments."""
     from agentenv.envs.tasks import cdp
 
+    urls = _urls(p, "urls_to_open")
+    if not getattr(desktop, "sandboxed", False):
+        _launch(desktop, task, {"command": ["browser", *urls], "wait": True})
+        return
+    if desktop.run(["pgrep", "-x", "chromium"], timeout=10).returncode != 0:
+        _launch(desktop, task, {"command": ["google-chrome", f"--remote-debugging-port={cdp.CDP_PORT}"]})
     try:
-        cdp.open_tabs(desktop, _urls(p, "urls_to_open"))
+        cdp.open_tabs(desktop, urls)
     except cdp.CdpError as e:
         raise TaskSetupError(str(e)) from e
 
