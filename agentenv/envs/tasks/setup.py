@@ -1,7 +1,8 @@
 """OSWorld task setup steps (``config``) and ``evaluator.postconfig``, run on a desktop.
 
 Supported types: launch, open, execute / command, sleep, activate_window, close_window,
-upload_file, download (through the URL cache), chrome_open_tabs. A ``python -c "import pyautogui;
+upload_file, download (through the URL cache), chrome_open_tabs, chrome_close_tabs (Chrome's DevTools
+port inside the desktop: cdp.py). A ``python -c "import pyautogui;
 ..."`` command goes through the pyautogui allow-list (``agentenv.envs.actions``) and runs as our own
 actions, never as code. Commands are adapted to a desktop that is not OSWorld's VM
 (``agentenv.envs.tasks.commands``). Types we cannot run fail with an error naming the step and
