@@ -104,7 +104,7 @@ def test_noop_scores_0_and_a_keyboard_solution_scores_1(desktops, chrome_task):
     assert evaluate(d, chrome_task) == 0.0
 
 
-def test_the_devtools_port_is_reachable_inside_its_desktop_only(desktops, chrome_task, monkeypatch):
+def test_the_devtools_port_is_reachable_inside_its_desktop_only(desktops, chrome_task, monkeypatch, tmp_path):
     a, b = desktops
     a.reset(chrome_task)
     for port in (1337, 9222):  # Chrome's own port and the socat forward, as in OSWorld's VM
@@ -113,6 +113,15 @@ def test_the_devtools_port_is_reachable_inside_its_desktop_only(desktops, chrome
         with socket.socket() as s:  # the host (this service's network): nothing there either
             s.settimeout(2)
             assert s.connect_ex(("127.0.0.1", port)) != 0
+    # chrome_close_tabs (a setup step of OSWorld's) closes the tab showing its URL, over the same port.
+    from agentenv.envs.tasks.chrome_getters import run_getter
+    from agentenv.envs.tasks.getters import EvalContext
+    from agentenv.envs.tasks.setup import run_steps
+
+    run_steps(a, chrome_task, [{"type": "chrome_close_tabs", "parameters": {
+        "urls_to_close": ["file:///home/user/Documents/recipes.html"]}}], "config")
+    tabs = run_getter(EvalContext(a, chrome_task, tmp_path), "open_tabs_info", {})
+    assert [t["url"] for t in tabs] == [SHOPPING], tabs
     # A Chromium started without the port: setup's chrome_open_tabs says so, naming the port.
     no_chrome = Task(id="no-port", instruction="x", extra={"snapshot": "chrome"},
                      config=[{"type": "launch", "parameters": {"command": ["chromium"]}},
