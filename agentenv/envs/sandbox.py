@@ -439,7 +439,9 @@ class SandboxDesktop(LocalDesktop):
             argv = [self.terminal] + argv[1:]
         if argv and argv[0] in APPS:
             argv = APPS[argv[0]] + argv[1:]
-        if argv and argv[0] in ("chromium", "google-chrome"):
+        if argv and argv[0] == "google-chrome":
+            argv = [f"{INNER}/bin/google-chrome"] + argv[1:]
+        elif argv and argv[0] == "chromium":
             # Chromium's own sandbox nests in ours (user namespaces nest); no --no-sandbox, whose
             # warning bar would move the page down.
             argv = ["chromium", f"--user-data-dir={OSWORLD_HOME}/.config/chromium"] + \

@@ -40,6 +40,9 @@ NS = {  # OSWorld's namespaces for Ubuntu (prefix -> URI); consumers match on th
     "val": "https://accessibility.ubuntu.example.org/ns/value",
     "act": "https://accessibility.ubuntu.example.org/ns/action",
 }
+# Apps that stand in for OSWorld's, named as on its VM: google-chrome is the Debian Chromium here,
+# and OSWorld's getters find its address bar under application[name="Google Chrome"].
+APP_NAMES = {"Chromium": "Google Chrome"}
 CALL_TIMEOUT_MS = 1500  # one D-Bus call to an app (libatspi's default is 25 s)
 _BAD_XML_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 _XML_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
@@ -146,6 +149,8 @@ class Walker:
                     attrib[f"{{{NS['act']}}}{name}_desc"] = clean(acc.get_action_description(i))
                     attrib[f"{{{NS['act']}}}{name}_kb"] = clean(acc.get_key_binding(i))
         role = re.sub(r"[^A-Za-z0-9_.-]", "-", (acc.get_role_name() or "").strip()) or "unknown"
+        if role == "application" and attrib["name"] in APP_NAMES:
+            attrib["name"] = APP_NAMES[attrib["name"]]
         el = ET.Element(role if role[0].isalpha() else "tag" + role, attrib)
         if text:
             el.text = text

@@ -141,15 +141,26 @@ lock-enabled=false
 PULSE_SCRIPT = f"set-sink-volume null {0x10000 // 2}\n"  # 50 %
 
 
+# google-chrome as OSWorld's tasks run it: the Debian Chromium with Chrome's profile folder (where
+# OSWorld's getters read Bookmarks, History, Preferences, Cookies); the task's flags come last and
+# win (--remote-debugging-port=1337: the port is in the sandbox's own network only).
+GOOGLE_CHROME = r"""#!/bin/bash
+exec chromium --user-data-dir="$HOME/.config/google-chrome" --disable-gpu --no-first-run \
+  --no-default-browser-check --password-store=basic --disable-component-update --disable-sync \
+  --disable-background-networking --renderer-process-limit=1 "$@"
+"""
+
+
 def write_files(sys_dir: Path) -> None:
-    """sudo, python, the terminal, firefox.desktop, the VM's volume and dconf database, in ``sys_dir``
-    (the sandbox's /opt/agentenv)."""
+    """sudo, python, the terminal, google-chrome, firefox.desktop, the VM's volume and dconf database,
+    in ``sys_dir`` (the sandbox's /opt/agentenv)."""
     bin_dir = sys_dir / "bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in (("sudo", SUDO), ("terminal", TERMINAL)):
+    for name, text in (("sudo", SUDO), ("terminal", TERMINAL), ("google-chrome", GOOGLE_CHROME)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     (bin_dir / "python").symlink_to("/usr/bin/python3")
+    (bin_dir / "google-chrome-stable").symlink_to("google-chrome")
     if not os.path.exists(GNOME_TERMINAL):
         (bin_dir / "gnome-terminal").symlink_to("terminal")
     if os.path.exists(FIREFOX):

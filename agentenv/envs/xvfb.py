@@ -412,6 +412,8 @@ class LocalDesktop:
         if argv and argv[0] in ("chromium", "google-chrome"):  # OSWorld configs say google-chrome
             argv = ["chromium", f"--user-data-dir={self.home}/.config/chromium"] + \
                 [a for a in APPS["browser"][1:] if a not in argv] + argv[1:]
+            # no DevTools port here: it would be the host's, open to every local user (tasks/cdp.py)
+            argv = [a for a in argv if not a.startswith("--remote-debugging-")]
         return self._spawn(argv, log="apps.log")
 
     def close_apps(self, include_wm: bool = False) -> None:

@@ -37,7 +37,8 @@ fns = osworld_lib.load()
 for name in ("compare_table", "compare_csv", "exact_match", "check_include_exclude", "is_in_list",
              "check_line_number", "check_json_settings", "check_json_keybindings", "compare_text_file",
              "compare_config", "check_moved_jpgs", "compare_pptx_files", "check_image_mirror", "is_vlc_playing",
-             "check_thunderbird_prefs", "check_pdf_pages", "check_mp3_meta", "compare_epub"):
+             "check_thunderbird_prefs", "check_pdf_pages", "check_mp3_meta", "compare_epub",
+             "is_expected_bookmarks", "is_expected_tabs", "compare_pdfs"):
     assert name in fns, name
     assert fns[name].__module__.startswith("desktop_env.evaluators.metrics."), fns[name].__module__
 assert "torch" not in sys.modules and "easyocr" not in sys.modules, "the pinned stack was imported"
@@ -174,8 +175,9 @@ def test_refused_metrics_and_getters_name_what_is_missing():
         validate_evaluator({**os_ev, "func": "compare_image_text"}, "osworld")
     with pytest.raises(EvaluatorError, match="runs a task's Python code"):
         validate_evaluator({**os_ev, "func": "check_python_file_by_test_suite"}, "osworld")
-    with pytest.raises(EvaluatorError, match="Google Chrome"):
-        validate_evaluator({"func": "is_expected_tabs", "result": {"type": "open_tabs_info"}}, "osworld")
+    with pytest.raises(EvaluatorError, match="Google Drive"):  # desktop-env's other Chrome getters are offered
+        validate_evaluator({"func": "compare_pdfs", "result": {"type": "googledrive_file"}}, "osworld")
+    validate_evaluator({"func": "is_expected_tabs", "result": {"type": "open_tabs_info"}}, "osworld")
     a11y = {"func": "check_accessibility_tree", "result": {"type": "accessibility_tree"},
             "expected": {"type": "rule", "rules": [{"xpath": "//application"}]}}
     validate_evaluator(a11y, "osworld")  # offered: a sandboxed desktop has the tree, a plain one says what it lacks

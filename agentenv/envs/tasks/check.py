@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 from agentenv.envs.tasks import NotATask, TaskLoadError, commands, load_task_file
 from agentenv.envs.tasks.cache import DownloadCache
+from agentenv.envs.tasks.network import needs_network
 from agentenv.envs.tasks.setup import OFFICE_MODULES, OFFICE_PROGRAMS, SETUP_STEPS, UNSUPPORTED
 from agentenv.types import Task
 
@@ -143,10 +144,6 @@ def _steps_needs(steps: Any, where: str, urls: list[str], osworld_like: bool = F
                 suffix = Path(str(p.get("path", ""))).suffix.lower()
                 if suffix in OFFICE_MODULES and not _installed(OFFICE_PROGRAMS[OFFICE_MODULES[suffix]]):
                     out.append(f"app: {OFFICE_PROGRAMS[OFFICE_MODULES[suffix]]} (opens {suffix} files)")
-            elif kind == "chrome_open_tabs":
-                urls_open = [u for u in p.get("urls_to_open") or [] if isinstance(u, str)]
-                if any(u.startswith(("http://", "https://")) for u in urls_open):
-                    out.append("network: web pages in chrome_open_tabs")
         except ActionError as e:
             if not osworld_like:  # an OSWorld-like desktop runs it as code, as OSWorld does
                 out.append(f"{where}: pyautogui code the allow-list refuses ({e})")
@@ -215,9 +212,11 @@ def iter_files(root: Path) -> Iterator[Path]:
         yield from sorted(root.rglob("*.json"))
 
 
-def check_tasks(root: str | Path, cache: DownloadCache | None = None, osworld_like: bool = False) -> list[TaskReport]:
+def check_tasks(root: str | Path, cache: DownloadCache | None = None, osworld_like: bool = False,
+                network: bool = False) -> list[TaskReport]:
     """``osworld_like``: the desktops that will run the tasks look like OSWorld's VM from inside
-    (the sandboxed desktop), so what only such a desktop has is not missing."""
+    (the sandboxed desktop), so what only such a desktop has is not missing. ``network``: the
+    desktops have the network (env.sandbox_network), so live web pages are not missing."""
     root = Path(root)
     cache = cache or DownloadCache.from_config()
     reports: list[TaskReport] = []
@@ -233,7 +232,7 @@ def check_tasks(root: str | Path, cache: DownloadCache | None = None, osworld_li
         if not tasks:
             reports.append(TaskReport(str(f), f.stem, _domain(f, root, None), "skipped", note="holds no task"))
         for t in tasks:
-            reports.append(check_task(t, f, root, cache, osworld_like))
+            reports.append(check_task(t, f, root, cache, osworld_like, network))
     _note_duplicates(reports)
     return reports
 
@@ -250,7 +249,8 @@ def _note_duplicates(reports: list[TaskReport]) -> None:
             r.note = f"duplicate id of {rs[0].file}: loaded as {tid}~{k}"
 
 
-def check_task(t: Task, f: Path, root: Path, cache: DownloadCache, osworld_like: bool = False) -> TaskReport:
+def check_task(t: Task, f: Path, root: Path, cache: DownloadCache, osworld_like: bool = False,
+               network: bool = False) -> TaskReport:
     urls: list[str] = []
     try:
         text = json.dumps([t.config, t.evaluator])
@@ -260,6 +260,8 @@ def check_task(t: Task, f: Path, root: Path, cache: DownloadCache, osworld_like:
             missing += [f"OSWorld-like desktop: {why}" for rx, why in OSWORLD_VM_NEEDS if rx.search(text)]
         missing += _steps_needs(t.config, "config", urls, osworld_like)
         missing += _evaluator_needs(t, urls, osworld_like)
+        if not network:  # live web pages (network.needs_network): env.sandbox_network runs them
+            missing += [f"network: {why}" for why in needs_network(t)]
         for app in t.related_apps:
             prog = APP_PROGRAMS.get(str(app))
             if prog and not _installed(prog):

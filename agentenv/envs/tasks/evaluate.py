@@ -22,7 +22,7 @@ from typing import Any
 
 from loguru import logger
 
-from agentenv.envs.tasks import getters, metrics
+from agentenv.envs.tasks import chrome_getters, getters, metrics
 from agentenv.envs.tasks.app_getters import APP_GETTERS
 from agentenv.envs.tasks.getters import EvaluatorError, EvalContext
 from agentenv.types import Task
@@ -57,6 +57,8 @@ def getter_for(kind: Any, dia: str, role: str):
     table = {**getters.OSWORLD_GETTERS, **APP_GETTERS} if dia == "osworld" else getters.AGENTENV_GETTERS
     if isinstance(kind, str) and kind in table:
         return table[kind]
+    if dia == "osworld" and isinstance(kind, str) and kind in chrome_getters.getter_names():
+        return chrome_getters.getter(kind)  # desktop-env's own, through the desktop's network
     if dia == "osworld" and isinstance(kind, str) and kind in getters.GETTER_NEEDS:
         raise EvaluatorError(f"{role} getter {kind!r} cannot run here: needs {getters.GETTER_NEEDS[kind]}")
     raise EvaluatorError(f"unsupported {role} getter {kind!r} (supported: {sorted(table)})")

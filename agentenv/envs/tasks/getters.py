@@ -266,7 +266,9 @@ for _n in ("default_search_engine", "cookie_data", "bookmarks", "open_tabs_info"
            "active_tab_html_parse", "active_tab_url_parse", "url_dashPart", "active_url_from_accessTree",
            "find_installed_extension_name", "macys_product_url_parse", "url_path_parse",
            "extensions_installed_from_shop", "chrome_saved_address"):
-    GETTER_NEEDS[_n] = "Google Chrome's profile and DevTools protocol (and mostly network)"
+    # desktop-env's own (chrome_getters.py) where it loads; this says why where it does not
+    GETTER_NEEDS[_n] = "Google Chrome's profile and DevTools protocol (desktop-env's getters/chrome.py)"
+    OSWORLD_LIKE_NEEDS[_n] = "Chrome's DevTools port in the desktop's own network (sandboxed desktops)"
 
 
 # ----------------------------------------------------------------------------- agentenv's getters

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import importlib
 import importlib.util
 import sys
@@ -21,12 +22,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 PACKAGE = "desktop_env.evaluators.metrics"
-GETTERS = "desktop_env.evaluators.getters"
 
 # Modules that load without the pinned stack, and functions of theirs we do not offer: they import
 # and run a task's Python test file inside the env service.
 LOADABLE = ("table", "general", "vscode", "basic_os", "libreoffice", "docs",
-            "slides", "gimp", "vlc", "thunderbird", "pdf", "others")
+            "slides", "gimp", "vlc", "thunderbird", "pdf", "others", "chrome")
 NOT_OFFERED = {
     "compare_image_text": "OCR with easyocr and torch (not installed here)",
     "check_python_file_by_test_suite": "runs a task's Python code inside the env service",
@@ -35,7 +35,7 @@ NOT_OFFERED = {
 # What each module we do not load needs (the apps are not installed here, or its imports pull the
 # pinned stack).
 MODULE_NEEDS = {
-    "chrome": "Google Chrome (its profile and DevTools protocol) and PyMuPDF/borb",
+    "chrome": "beautifulsoup4, PyMuPDF, borb and imagehash (requirements/base.txt)",
 }
 
 _lock = threading.Lock()
@@ -82,23 +82,6 @@ def _without_easyocr():
         sys.modules.pop("easyocr", None)
 
 
-def getter_module(name: str) -> types.ModuleType:
-    """desktop-env's getter module ``name`` (``gimp``, ``impress``, ``vlc``...), imported alone, as the
-    metric modules are: its package ``__init__`` (which imports the Chrome getters and more) never runs.
-    ImportError when desktop-env is not installed."""
-    root = _root()
-    if root is None:
-        raise ImportError("the desktop-env package is not installed (requirements/nodeps.txt)")
-    with _lock:
-        _register_namespaces(root)
-        pkg = sys.modules.get(GETTERS)
-        if pkg is None or getattr(pkg, "__file__", None):
-            pkg = types.ModuleType(GETTERS)
-            pkg.__path__ = [str(root / "evaluators" / "getters")]
-            sys.modules[GETTERS] = pkg
-    return importlib.import_module(f"{GETTERS}.{name}")
-
-
 def metric_modules() -> dict[str, list[str]]:
     """{module: [metric names]} as desktop-env's metrics/__init__.py lists them (read, not run)."""
     root = _root()
@@ -127,7 +110,7 @@ def load() -> dict[str, Callable[..., Any]]:
         listed = metric_modules()
         for mod_name in LOADABLE:
             try:
-                # PyMuPDF (pdf.py) prints a deprecation notice on stdout: stdout is our CLI's answer
+                # PyMuPDF (pdf.py, chrome.py) prints a deprecation notice on stdout: stdout is our CLI's answer
                 with _without_easyocr(), contextlib.redirect_stdout(sys.stderr):
                     mod = importlib.import_module(f"{PACKAGE}.{mod_name}")
             except Exception as e:  # an import of theirs that is missing here: named in the refusal
@@ -154,3 +137,67 @@ def why_missing(name: str) -> str | None:
     if "*" in _errors:
         return _errors["*"]
     return None
+
+
+# ----------------------------------------------------------------------------- getters
+
+GETTERS_PACKAGE = "desktop_env.evaluators.getters"
+# What a getter module imports at its top for functions we do not offer: a stand-in takes the name
+# while it loads (chrome.py: pydrive, for get_googledrive_file).
+GETTER_STUBS = {"chrome": ("pydrive", "pydrive.auth", "pydrive.drive")}
+_getter_modules: dict[str, types.ModuleType] = {}
+
+
+def _missing_class(module: str, attr: str) -> type:
+    def refuse(*_a: Any, **_k: Any) -> None:
+        raise ImportError(f"{module} is not installed here ({attr} is not offered)")
+
+    return type(attr, (), {"__init__": refuse})
+
+
+@contextlib.contextmanager
+def _stand_ins(names: tuple[str, ...]):
+    added: list[str] = []
+    tops = {n.split(".")[0] for n in names}
+    if any(t in sys.modules or importlib.util.find_spec(t) is not None for t in tops):
+        names = ()  # the real package is installed: it is used
+    for n in names:
+        stub = types.ModuleType(n)
+        stub.__getattr__ = functools.partial(_missing_class, n)  # type: ignore[attr-defined]
+        sys.modules[n] = stub
+        added.append(n)
+    try:
+        yield
+    finally:
+        for n in added:
+            sys.modules.pop(n, None)
+
+
+def getter_module(name: str) -> types.ModuleType:
+    """desktop-env's ``evaluators/getters/<name>.py`` (OSWorld's own getters), loaded without its
+    package ``__init__`` (which imports every domain). ImportError says what is missing."""
+    with _lock:
+        if name in _getter_modules:
+            return _getter_modules[name]
+        root = _root()
+        if root is None:
+            raise ImportError("the desktop-env package is not installed (requirements/nodeps.txt)")
+        _register_namespaces(root)
+        if GETTERS_PACKAGE not in sys.modules or getattr(sys.modules[GETTERS_PACKAGE], "__file__", None):
+            mod = types.ModuleType(GETTERS_PACKAGE)
+            mod.__path__ = [str(root / "evaluators" / "getters")]
+            sys.modules[GETTERS_PACKAGE] = mod
+        with _stand_ins(GETTER_STUBS.get(name, ())):
+            mod = importlib.import_module(f"{GETTERS_PACKAGE}.{name}")
+        _getter_modules[name] = mod
+        return mod
+
+
+def utils_function(name: str) -> Callable[..., Any]:
+    """A helper of desktop-env's ``evaluators/metrics/utils.py`` (compare_urls...)."""
+    root = _root()
+    if root is None:
+        raise ImportError("the desktop-env package is not installed (requirements/nodeps.txt)")
+    with _lock:
+        _register_namespaces(root)
+    return getattr(importlib.import_module(f"{PACKAGE}.utils"), name)

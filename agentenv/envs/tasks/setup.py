@@ -1,7 +1,8 @@
 """OSWorld task setup steps (``config``) and ``evaluator.postconfig``, run on a desktop.
 
 Supported types: launch, open, execute / command, sleep, activate_window, close_window,
-upload_file, download (through the URL cache), chrome_open_tabs. A ``python -c "import pyautogui;
+upload_file, download (through the URL cache), chrome_open_tabs, chrome_close_tabs (Chrome's DevTools
+port inside the desktop: cdp.py). A ``python -c "import pyautogui;
 ..."`` command goes through the pyautogui allow-list (``agentenv.envs.actions``) and runs as our own
 actions, never as code. Commands are adapted to a desktop that is not OSWorld's VM
 (``agentenv.envs.tasks.commands``). Types we cannot run fail with an error naming the step and
@@ -34,7 +35,6 @@ class TaskSetupError(RuntimeError):
 UNSUPPORTED: dict[str, str] = {
     "googledrive": "network and a Google Drive account",
     "login": "network and a website account",
-    "chrome_close_tabs": "Chrome's DevTools protocol (google-chrome with remote debugging)",
     "update_browse_history": "Google Chrome's history database",
     "tidy_desktop": "a GNOME desktop",
     "proxy": "network (an HTTP proxy)",
@@ -63,6 +63,12 @@ def task_cache_dir(desktop: Any, task: Task) -> Path:
 
 
 def run_setup(desktop: Any, task: Task) -> None:
+    from agentenv.envs.tasks.network import desktop_has_network, needs_network
+
+    live = needs_network(task)
+    if live and not desktop_has_network(desktop):
+        raise TaskSetupError(f"task {task.id} needs the network ({live[0]}), which sandboxed desktops have "
+                             "only when the operator allows it (env.sandbox_network / --sandbox-network)")
     shutil.rmtree(task_cache_dir(desktop, task), ignore_errors=True)  # made again by a step that writes
     run_steps(desktop, task, task.config, "config")
 
@@ -277,8 +283,16 @@ def _xdotool_search(p: dict[str, Any]) -> list[str]:
     return ["xdotool", "search", "--onlyvisible", "--limit", "1", by, pattern]
 
 
+# Window names OSWorld's files use for apps that are another one here: google-chrome is Chromium,
+# whose windows are titled "... - Chromium".
+WINDOW_ALIASES = {"Google Chrome": "Chromium"}
+
+
 def _activate_window(desktop: Any, task: Task, p: dict[str, Any]) -> None:
     r = desktop.run(_xdotool_search(p) + ["windowactivate", "--sync"], timeout=10)
+    if r.returncode != 0 and p.get("window_name") in WINDOW_ALIASES:
+        alias = {**p, "window_name": WINDOW_ALIASES[p["window_name"]]}
+        r = desktop.run(_xdotool_search(alias) + ["windowactivate", "--sync"], timeout=10)
     if r.returncode != 0:
         raise TaskSetupError(f"no window named {p['window_name']!r}")
 
@@ -330,11 +344,39 @@ def _download(desktop: Any, task: Task, p: dict[str, Any]) -> None:
         write_desktop_file(desktop, f["path"], src)
 
 
-def _chrome_open_tabs(desktop: Any, task: Task, p: dict[str, Any]) -> None:
-    urls = p.get("urls_to_open")
+def _urls(p: dict[str, Any], key: str) -> list[str]:
+    urls = p.get(key)
     if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
-        raise TaskSetupError("chrome_open_tabs needs 'urls_to_open': a list of URLs")
-    _launch(desktop, task, {"command": ["browser", *urls], "wait": True})
+        raise TaskSetupError(f"needs {key!r}: a list of URLs")
+    return urls
+
+
+def _chrome_open_tabs(desktop: Any, task: Task, p: dict[str, Any]) -> None:
+    """Tabs opened through Chrome's DevTools port (1337) inside the desktop, as OSWorld's setup does;
+    the task's earlier ``launch`` step started google-chrome with it. Where no Chrome runs, one is
+    launched with the port (as OSWorld's getters do); a plain desktop has no port (it would be the
+    host's): the pages open as the browser's arguments."""
+    from agentenv.envs.tasks import cdp
+
+    urls = _urls(p, "urls_to_open")
+    if not getattr(desktop, "sandboxed", False):
+        _launch(desktop, task, {"command": ["browser", *urls], "wait": True})
+        return
+    if desktop.run(["pgrep", "-x", "chromium"], timeout=10).returncode != 0:
+        _launch(desktop, task, {"command": ["google-chrome", f"--remote-debugging-port={cdp.CDP_PORT}"]})
+    try:
+        cdp.open_tabs(desktop, urls)
+    except cdp.CdpError as e:
+        raise TaskSetupError(str(e)) from e
+
+
+def _chrome_close_tabs(desktop: Any, task: Task, p: dict[str, Any]) -> None:
+    from agentenv.envs.tasks import cdp
+
+    try:
+        cdp.close_tabs(desktop, _urls(p, "urls_to_close"))
+    except cdp.CdpError as e:
+        raise TaskSetupError(str(e)) from e
 
 
 SETUP_STEPS: dict[str, Callable[[Any, Task, dict[str, Any]], None]] = {
@@ -348,4 +390,5 @@ SETUP_STEPS: dict[str, Callable[[Any, Task, dict[str, Any]], None]] = {
     "upload_file": _upload_file,
     "download": _download,
     "chrome_open_tabs": _chrome_open_tabs,
+    "chrome_close_tabs": _chrome_close_tabs,
 }
