@@ -19,7 +19,7 @@ Per desktop, the OSWorld in-VM server paths used by OSWorld-style clients and ta
 /setup/activate_window, /setup/upload, /file, /screen_size, /platform, /cursor_position,
 /list_directory, /setup/close_window, /setup/change_wallpaper, and on sandboxed desktops only
 /terminal (the terminal's text over AT-SPI), /accessibility (the AT-SPI tree as OSWorld's XML,
-``{"AT": xml}``; bounded, see sandbox.A11yLimits), /run_python and /run_bash_script (plain desktops:
+``{"AT": xml}``; bounded, see desktop_types.A11yLimits), /run_python and /run_bash_script (plain desktops:
 501 for the first two, 403 for the others).
 Unlike OSWorld's server these are authenticated, commands run as the unprivileged desktop user,
 and ``python -c "import pyautogui; ..."`` commands go through the pyautogui allow-list instead of
@@ -53,7 +53,9 @@ from pydantic import BaseModel, Field
 from agentenv.envs.actions import ActionError, check_action, parse_pyautogui
 from agentenv.envs.tasks.evaluate import EvaluatorError, evaluate
 from agentenv.envs.tasks.setup import TaskSetupError
-from agentenv.envs.xvfb import DesktopError, DesktopSpec, LocalDesktop, make_desktop
+from agentenv.envs.desktop import Desktop, make_desktop
+from agentenv.envs.desktop_types import A11yError, DesktopError, DesktopSpec
+from agentenv.envs.sandbox import SandboxError, check_sandbox
 from agentenv.types import Action, Task
 
 
@@ -183,7 +185,7 @@ class DesktopHost:
 
     def __init__(self, num: int, spec: DesktopSpec, osworld_ports: list[int] | None = None):
         self.spec = spec
-        self.desktops: dict[str, LocalDesktop] = {}
+        self.desktops: dict[str, Desktop] = {}
         # OSWorld ports (serve-envs --osworld-port): slot i is port osworld_ports[i]; a desktop takes
         # the lowest free slot when it is created and frees it when it is closed.
         self.osworld_ports = list(osworld_ports or [])
@@ -202,7 +204,7 @@ class DesktopHost:
                                    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
         self.m_desktops = Gauge("agentenv_env_desktops", "desktops alive", registry=self.registry)
 
-    def create(self, width: int | None = None, height: int | None = None) -> LocalDesktop:
+    def create(self, width: int | None = None, height: int | None = None) -> Desktop:
         with self._lock:
             self._n += 1
             did = f"d{self._n}-{secrets.token_hex(3)}"
@@ -233,7 +235,7 @@ class DesktopHost:
             did = self.slots[self.osworld_ports.index(port)] if port in self.osworld_ports else None
             return did if did in self.desktops else None
 
-    def info(self, d: LocalDesktop) -> dict[str, Any]:
+    def info(self, d: Desktop) -> dict[str, Any]:
         return {"id": d.id, "display": d.display, "width": d.width, "height": d.height, "task": d.task_id,
                 "alive": d.alive(), "sandboxed": d.sandboxed, "osworld_port": self.osworld_port(d.id)}
 
@@ -247,7 +249,7 @@ class DesktopHost:
             list(ex.map(lambda _: self.create(), range(self.num)))
         logger.info("env service: {} desktops up", len(self.desktops))
 
-    def get(self, did: str) -> LocalDesktop:
+    def get(self, did: str) -> Desktop:
         d = self.desktops.get(did)
         if d is None:
             raise UnknownDesktop(f"no desktop {did!r} on this service (closed, or the service restarted)")
@@ -333,7 +335,7 @@ class _OSWorldPorts:
         await self.app({**scope, "path": path, "raw_path": path.encode(), "headers": headers}, receive, send)
 
 
-def _run_bounded(d: LocalDesktop, argv: list[str] | str, *, shell: bool, timeout: float,
+def _run_bounded(d: Desktop, argv: list[str] | str, *, shell: bool, timeout: float,
                  max_output: int) -> dict[str, Any]:
     """Run a command in the desktop session (as its user, inside its sandbox when it has one)."""
     return d.run_bounded(argv, shell=shell, timeout=timeout, max_output=max_output)
@@ -499,7 +501,7 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
         with d._lock:  # a desktop's HOME is swapped by reset: never read it halfway through one
             return _evaluate(d, req)
 
-    def _evaluate(d: LocalDesktop, req: EvaluateRequest):
+    def _evaluate(d: Desktop, req: EvaluateRequest):
         try:
             task = Task.from_dict(req.task)
             return {"reward": evaluate(d, task, req.last_action)}
@@ -507,7 +509,7 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
             raise HTTPException(422, f"cannot evaluate: {e}") from e
 
     # ------------------------------------------------------------- OSWorld in-VM server paths
-    def _execute(d: LocalDesktop, req: ExecuteRequest) -> dict[str, Any]:
+    def _execute(d: Desktop, req: ExecuteRequest) -> dict[str, Any]:
         # Inside a sandbox an OSWorld-style ``python -c "import pyautogui; ..."`` runs as the code it
         # is (it reaches nothing but its own desktop); on the host only its allowed calls run, as actions.
         code = None if d.sandboxed else _pyautogui_code(req.command)
@@ -588,11 +590,11 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
         await anyio.to_thread.run_sync(_upload, d, file_path, data)
         return {"status": "success"}
 
-    def _upload(d: LocalDesktop, file_path: str, data: bytes) -> None:
+    def _upload(d: Desktop, file_path: str, data: bytes) -> None:
         with d._lock:  # not while a reset swaps HOME
             _write_in_home(d, file_path, data)
 
-    def _write_in_home(d: LocalDesktop, file_path: str, data: bytes) -> None:
+    def _write_in_home(d: Desktop, file_path: str, data: bytes) -> None:
         try:
             d.write_file(file_path, data)  # component by component, no link followed
         except IsADirectoryError as e:
@@ -608,7 +610,7 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
         with d._lock:
             return _read_in_home(d, file_path)
 
-    def _read_in_home(d: LocalDesktop, file_path: str) -> Response:
+    def _read_in_home(d: Desktop, file_path: str) -> Response:
         try:
             data = d.read_file(file_path, limits.max_file_bytes)  # component by component, no link followed
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
@@ -632,7 +634,7 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
         host.get(did)
         return Response("Linux", media_type="text/plain")
 
-    def _sandboxed(d: LocalDesktop, route: str) -> None:
+    def _sandboxed(d: Desktop, route: str) -> None:
         if not d.sandboxed:
             raise HTTPException(403, f"{route} runs arbitrary code: it is served by sandboxed desktops only "
                                      "(serve-envs --sandbox)")
@@ -690,8 +692,6 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
 
     @app.get("/envs/{did}/accessibility", dependencies=A)
     def os_accessibility(did: str):
-        from agentenv.envs.sandbox import A11yError
-
         d = host.get(did)
         try:
             with d._lock:  # a reset would end the reader mid-walk
@@ -783,8 +783,6 @@ def serve(num: int, host: str = "127.0.0.1", port: int = 8100, token: str | None
     else:
         print(f"export ENV_SERVER_URL=http://{host}:{port}  # ENV_TOKEN: the token you gave", flush=True)
     if sandbox:
-        from agentenv.envs.sandbox import SandboxError, check_sandbox
-
         try:
             check_sandbox()  # before any desktop: a missing tool is named, not found halfway
         except SandboxError as e:

@@ -13,7 +13,8 @@ import pytest
 
 from agentenv.envs.tasks.evaluate import evaluate
 from agentenv.envs.tasks.setup import TaskSetupError
-from agentenv.envs.xvfb import DesktopSpec, LocalDesktop, make_desktop
+from agentenv.envs.desktop import Desktop, make_desktop
+from agentenv.envs.desktop_types import DesktopSpec
 from agentenv.types import Action, Task
 from tests.conftest import wait_for
 from tests.tasks.conftest import load_sample
@@ -32,7 +33,7 @@ def desktop(request):
         d.close()
 
 
-def act(d: LocalDesktop, *actions: Action, settle: float = 0.4) -> None:
+def act(d: Desktop, *actions: Action, settle: float = 0.4) -> None:
     for a in actions:
         assert d.execute(a) == {}, a
     time.sleep(settle)
@@ -62,7 +63,7 @@ def test_terminal_output_is_read_from_the_terminal(desktop, samples, agentenv_ho
     if desktop.sandboxed:
         assert "echo" not in desktop.clipboard()  # scored from AT-SPI: no select-all and copy
         # a tree past its bounds is cut and says so, never a hang
-        from agentenv.envs.sandbox import A11yLimits
+        from agentenv.envs.desktop_types import A11yLimits
         from lxml import etree
 
         cut = etree.fromstring(desktop.accessibility_tree(A11yLimits(max_nodes=3)).encode())

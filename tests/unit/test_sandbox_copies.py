@@ -133,7 +133,7 @@ class _FakeDesktop:
 
 def test_osworld_port_slots_are_taken_lowest_first_and_freed(monkeypatch):
     from agentenv.envs import server
-    from agentenv.envs.xvfb import DesktopError, DesktopSpec
+    from agentenv.envs.desktop_types import DesktopError, DesktopSpec
 
     monkeypatch.setattr(server, "make_desktop", _FakeDesktop)
     host = server.DesktopHost(2, DesktopSpec(), osworld_ports=[9000, 9001])
