@@ -24,7 +24,7 @@ from loguru import logger
 
 from agentenv import procs
 from agentenv.envs import display as xdisplay
-from agentenv.envs.actions import ActionError, XInput
+from agentenv.envs.actions import ActionError
 from agentenv.envs.desktop_types import (A11Y_LIMITS, A11yLimits, DesktopError, DesktopSpec, Processes, Seat,
                                          Started, desktop_user)
 from agentenv.envs.home import open_in_home, resolve_in_home, restore_home
@@ -32,6 +32,7 @@ from agentenv.envs.host import HostProcesses
 from agentenv.envs.sandbox import SandboxProcesses
 from agentenv.envs.tasks import BUILTIN_DIR
 from agentenv.envs.tasks.setup import run_setup
+from agentenv.envs.xinput import XInput
 
 
 class Desktop:
