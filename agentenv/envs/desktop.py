@@ -34,6 +34,14 @@ from agentenv.envs.tasks import BUILTIN_DIR
 from agentenv.envs.tasks.setup import run_setup
 from agentenv.envs.xinput import XInput
 
+# The screen an agent is shown must be painted and settled, not merely mapped: a reset ends, and an
+# action returns, once consecutive frames have stayed the same for ``quiet_s`` (bounded by ``cap_s``).
+# A change within STILL_PX pixels (a caret, a cursor cell) does not count as the screen moving.
+RESET_SETTLE = (0.5, 10.0)    # (quiet_s, cap_s) after a reset's setup: apps paint their first frames
+ACTION_SETTLE = (0.15, 2.0)   # after an action: a menu opening, a page scrolling
+SETTLE_POLL_S = 0.05
+STILL_PX = 400
+
 
 class Desktop:
     """A real X desktop. Thread-safe: every public method that changes it takes the desktop's lock
@@ -208,6 +216,7 @@ class Desktop:
             self.task_id = getattr(task, "id", None)
             if task is not None:
                 run_setup(self, task)
+            self.wait_settled(*RESET_SETTLE)
 
     # ------------------------------------------------------------------ observation / action
     def screenshot_png(self, compress_level: int = 1) -> bytes:
@@ -231,6 +240,7 @@ class Desktop:
                 raise DesktopError(f"desktop {self.id} is closed")
             try:
                 self._input.execute(action)
+                self.wait_settled(*ACTION_SETTLE)
                 return {}
             except ActionError as e:
                 return {"error": str(e)}
@@ -238,6 +248,25 @@ class Desktop:
                 if not self.alive():
                     raise DesktopError(f"desktop {self.id}: X server died during the action ({e})") from e
                 return {"error": f"{type(e).__name__}: {e}"}
+
+    def wait_settled(self, quiet_s: float, cap_s: float) -> bool:
+        """Wait until the screen has not changed (beyond STILL_PX pixels) for ``quiet_s`` seconds, at
+        most ``cap_s``; whether it settled. A screen still changing at the cap is logged and shown."""
+        if self._input is None or not self.procs.server_running():
+            return False
+        t0 = time.monotonic()
+        prev, still_since = self._input.grab(), t0
+        while True:
+            time.sleep(SETTLE_POLL_S)
+            cur, now = self._input.grab(), time.monotonic()
+            if frames_differ(prev, cur):
+                still_since = now
+            elif now - still_since >= quiet_s:
+                return True
+            if now - t0 >= cap_s:
+                logger.info("desktop {}: the screen still changes {:.1f} s on", self.id, cap_s)
+                return False
+            prev = cur
 
     def close_windows(self, name: str, strict: bool, by_class: bool) -> int:
         """Close the windows whose title (or class, ``by_class``) holds ``name`` (is ``name``,
@@ -313,6 +342,14 @@ class Desktop:
         """Host folders whose files an ``upload_file`` step may copy in: the built-in tasks' folder
         and the operator's ``upload_roots``."""
         return [Path(os.path.realpath(r)) for r in (BUILTIN_DIR, *self.spec.upload_roots)]
+
+
+def frames_differ(a: Any, b: Any) -> bool:
+    """Whether two screen grabs (PIL images) differ in more than a caret's worth of pixels."""
+    from PIL import ImageChops
+
+    box = ImageChops.difference(a, b).getbbox()
+    return box is not None and (box[2] - box[0]) * (box[3] - box[1]) > STILL_PX
 
 
 def make_desktop(desktop_id: str, spec: DesktopSpec | None = None) -> Desktop:

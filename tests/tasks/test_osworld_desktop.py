@@ -13,7 +13,7 @@ import pytest
 
 from agentenv.envs.tasks.evaluate import evaluate
 from agentenv.envs.tasks.setup import TaskSetupError
-from agentenv.envs.desktop import Desktop, make_desktop
+from agentenv.envs.desktop import Desktop, frames_differ, make_desktop
 from agentenv.envs.desktop_types import DesktopSpec
 from agentenv.types import Action, Task
 from tests.conftest import wait_for
@@ -150,6 +150,21 @@ def test_pyautogui_setup_code_goes_through_the_allow_list(desktop, agentenv_home
                                                       "pyautogui.typewrite('touch ~/ran.txt'); pyautogui.press('enter')\""}}])
     desktop.reset(typed)  # the same code, as actions: typed into the terminal, which runs it
     assert wait_for(lambda: marker.exists())
+
+
+def test_the_first_screenshot_of_a_task_is_painted_and_settled(desktop, agentenv_home):
+    # A task opening LibreOffice Calc once gave the agent a first screenshot of Calc's frame with
+    # nothing drawn inside (the window existed, its cells were not painted yet): a reset ends only
+    # once the screen has settled.
+    task = Task(id="calc-first-frame", instruction="-", config=[
+        {"type": "launch", "parameters": {"command": ["spreadsheet"]}}])
+    desktop.reset(task)
+    first = desktop.screenshot()
+    time.sleep(3)
+    assert not frames_differ(first, desktop.screenshot())  # nothing was still being drawn
+    w, h = first.size
+    sheet = first.crop((w // 4, h // 2, 3 * w // 4, 3 * h // 4))
+    assert len(sheet.getcolors(1 << 24)) >= 2  # cells and their grid lines, not an empty frame
 
 
 def test_list_directory_and_close_window(desktop, agentenv_home):
