@@ -35,12 +35,16 @@ from agentenv.envs.tasks.setup import run_setup
 from agentenv.envs.xinput import XInput
 
 # The screen an agent is shown must be painted and settled, not merely mapped: a reset ends, and an
-# action returns, once consecutive frames have stayed the same for ``quiet_s`` (bounded by ``cap_s``).
-# A change within STILL_PX pixels (a caret, a cursor cell) does not count as the screen moving.
+# action returns, once consecutive frames have stayed the same for ``quiet_s`` (bounded by ``cap_s``)
+# and no window is blank. A change within STILL_PX pixels (a caret, a cursor cell) does not count as
+# the screen moving. A window is mapped before its app draws in it (LibreOffice, loading, leaves it
+# black for seconds on a busy machine): a screen that is one colour below the top TITLE_PX rows (the
+# window manager's title bar) while a window is open is not painted yet.
 RESET_SETTLE = (0.5, 10.0)    # (quiet_s, cap_s) after a reset's setup: apps paint their first frames
 ACTION_SETTLE = (0.15, 2.0)   # after an action: a menu opening, a page scrolling
 SETTLE_POLL_S = 0.05
 STILL_PX = 400
+TITLE_PX = 24
 
 
 class Desktop:
@@ -250,8 +254,9 @@ class Desktop:
                 return {"error": f"{type(e).__name__}: {e}"}
 
     def wait_settled(self, quiet_s: float, cap_s: float) -> bool:
-        """Wait until the screen has not changed (beyond STILL_PX pixels) for ``quiet_s`` seconds, at
-        most ``cap_s``; whether it settled. A screen still changing at the cap is logged and shown."""
+        """Wait until the screen has not changed (beyond STILL_PX pixels) for ``quiet_s`` seconds and
+        no open window is blank, at most ``cap_s``; whether it settled. A screen still changing at
+        the cap is logged and shown."""
         if self._input is None or not self.procs.server_running():
             return False
         t0 = time.monotonic()
@@ -261,7 +266,7 @@ class Desktop:
             cur, now = self._input.grab(), time.monotonic()
             if frames_differ(prev, cur):
                 still_since = now
-            elif now - still_since >= quiet_s:
+            elif now - still_since >= quiet_s and (not blank_below_title(cur) or not self.window_titles()):
                 return True
             if now - t0 >= cap_s:
                 logger.info("desktop {}: the screen still changes {:.1f} s on", self.id, cap_s)
@@ -350,6 +355,12 @@ def frames_differ(a: Any, b: Any) -> bool:
 
     box = ImageChops.difference(a, b).getbbox()
     return box is not None and (box[2] - box[0]) * (box[3] - box[1]) > STILL_PX
+
+
+def blank_below_title(img: Any) -> bool:
+    """Whether the screen below its top TITLE_PX rows is all one colour (a window not drawn yet)."""
+    w, h = img.size
+    return img.crop((0, min(TITLE_PX, h - 1), w, h)).getcolors(1) is not None
 
 
 def make_desktop(desktop_id: str, spec: DesktopSpec | None = None) -> Desktop:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PIL import Image, ImageDraw
 
-from agentenv.envs.desktop import STILL_PX, frames_differ
+from agentenv.envs.desktop import STILL_PX, TITLE_PX, blank_below_title, frames_differ
 
 
 def test_a_caret_is_still_a_painted_window_is_not():
@@ -19,3 +19,13 @@ def test_a_caret_is_still_a_painted_window_is_not():
     far = caret.copy()
     ImageDraw.Draw(far).point((600, 460), fill="black")  # two small changes far apart span the screen
     assert frames_differ(blank, far) and 2 * 18 < STILL_PX
+
+
+def test_a_window_with_nothing_drawn_below_its_title_is_blank():
+    unpainted = Image.new("RGB", (640, 480), "black")
+    ImageDraw.Draw(unpainted).rectangle((0, 0, 639, TITLE_PX - 5), fill=(120, 150, 200))  # the title bar
+    assert blank_below_title(unpainted)
+    editor = unpainted.copy()
+    ImageDraw.Draw(editor).rectangle((0, TITLE_PX, 639, 479), fill="white")
+    ImageDraw.Draw(editor).text((4, TITLE_PX + 2), "File  Edit  View", fill="black")  # an empty editor: its menu
+    assert not blank_below_title(editor)
