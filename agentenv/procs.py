@@ -11,6 +11,8 @@ children must not outlive it: tied in its place, it ends the server's whole proc
 
 ``descendants(pid)`` is the process tree under a PID, read from /proc: tests and benchmarks use
 it to prove that nothing we started is left, without ever looking processes up by name.
+``marked(name, value)`` finds the processes that carry an environment variable (a desktop marks
+every process it starts), ``kill_all`` ends a list of them, ``pss_kb`` sums their memory.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
@@ -75,7 +78,8 @@ def _stats() -> Iterator[tuple[int, list[str]]]:
                 continue
 
 
-def _children() -> dict[int, list[int]]:
+def children() -> dict[int, list[int]]:
+    """Every process's children now: ppid -> [pid, ...]."""
     out: dict[int, list[int]] = {}
     for pid, fields in _stats():
         out.setdefault(int(fields[1]), []).append(pid)
@@ -84,10 +88,10 @@ def _children() -> dict[int, list[int]]:
 
 def descendants(pid: int) -> list[int]:
     """Every process under ``pid`` now (children, their children...), from /proc."""
-    children = _children()
+    kids = children()
     out, todo = [], [pid]
     while todo:
-        for c in children.get(todo.pop(), []):
+        for c in kids.get(todo.pop(), []):
             out.append(c)
             todo.append(c)
     return out
@@ -100,6 +104,82 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def command_name(pid: int) -> str | None:
+    """The command name of ``pid`` (/proc/PID/comm), or None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
+
+
+def marked(name: str, value: str) -> list[int]:
+    """Every process but this one whose environment holds ``name=value``."""
+    marker = f"{name}={value}".encode() + b"\0"
+    pids = []
+    me = os.getpid()
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == me:
+            continue
+        try:
+            with open(f"/proc/{d}/environ", "rb") as f:
+                env = f.read()
+        except OSError:
+            continue
+        if (b"\0" + env).find(b"\0" + marker) >= 0:
+            pids.append(int(d))
+    return pids
+
+
+def kill_all(pids: list[int], grace: float = 1.0) -> None:
+    """SIGTERM each of ``pids``, SIGKILL those left after ``grace`` seconds, reap what is ours."""
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    left = list(pids)
+    while left and time.monotonic() < deadline:
+        left = [p for p in left if alive(p)]
+        if left:
+            time.sleep(0.02)
+    for p in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    for p in left:  # reap so no zombie holds the pid
+        _wait_gone(p, 1.0)
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while alive(pid) and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.01)
+
+
+def terminate(proc: subprocess.Popen, grace: float = 2.0) -> None:
+    """SIGTERM a child of ours, SIGKILL it after ``grace`` seconds, and reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(2)
+
+
+def pss_kb(pids: list[int]) -> int:
+    """The proportional set size of ``pids`` together, in KiB (smaps_rollup); gone ones count 0."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            pass
+    return total
 
 
 def _group_members(pgid: int) -> list[int]:

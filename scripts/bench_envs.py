@@ -33,7 +33,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentenv.envs.tasks import builtin_tasks  # noqa: E402
-from agentenv.envs.xvfb import DesktopSpec, LocalDesktop, make_desktop  # noqa: E402
+from agentenv.envs.desktop import Desktop, make_desktop  # noqa: E402
+from agentenv.envs.desktop_types import DesktopSpec  # noqa: E402
 from agentenv.types import Action  # noqa: E402
 
 
@@ -42,18 +43,18 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-def step_once(d: LocalDesktop, i: int) -> float:
+def step_once(d: Desktop, i: int) -> float:
     t0 = time.perf_counter()
     d.execute(Action("type", text="abcdefghij"[i % 10]))
     d.screenshot_png()
     return time.perf_counter() - t0
 
 
-def side_by_side(desktops: list[LocalDesktop], think: float, steps: int) -> list[float]:
+def side_by_side(desktops: list[Desktop], think: float, steps: int) -> list[float]:
     lat: list[float] = []
     lock = threading.Lock()
 
-    def worker(d: LocalDesktop, offset: float) -> None:
+    def worker(d: Desktop, offset: float) -> None:
         time.sleep(offset)
         for i in range(steps):
             t = step_once(d, i)
@@ -113,7 +114,7 @@ def bench_app(app: str, n: int) -> dict:
     return out
 
 
-def make(kind: str, name: str) -> LocalDesktop:
+def make(kind: str, name: str) -> Desktop:
     return make_desktop(name, DesktopSpec(sandbox=(kind == "sandbox"))).start()
 
 
@@ -141,7 +142,7 @@ def main() -> int:
     if not set(kinds) <= {"host", "sandbox"}:
         ap.error("--kinds takes host and/or sandbox")
     task = next(t for t in builtin_tasks() if t.id == "editor-type-hello")
-    desktops: dict[str, list[LocalDesktop]] = {k: [] for k in kinds}
+    desktops: dict[str, list[Desktop]] = {k: [] for k in kinds}
     resets: dict[str, list[float]] = {k: [] for k in kinds}
     steps: dict[str, list[float]] = {k: [] for k in kinds}
     shots: dict[str, list[float]] = {k: [] for k in kinds}

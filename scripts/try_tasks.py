@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agentenv.envs.tasks.check import check_tasks  # noqa: E402
 from agentenv.envs.tasks.evaluate import EvaluatorError, evaluate  # noqa: E402
 from agentenv.envs.tasks.setup import TaskSetupError  # noqa: E402
-from agentenv.envs.xvfb import DesktopSpec, LocalDesktop  # noqa: E402
+from agentenv.envs.desktop import make_desktop  # noqa: E402
+from agentenv.envs.desktop_types import DesktopSpec  # noqa: E402
 from agentenv.rollout.sources import load_items  # noqa: E402
 from agentenv.types import Task  # noqa: E402
 
@@ -40,7 +41,7 @@ def main() -> int:
              and (t.source, t.extra.get("original_id", t.id)) in runnable][: a.limit]
     out: Counter = Counter()
     resets: list[float] = []
-    d = LocalDesktop(f"try-{os.getpid()}", DesktopSpec(width=1920, height=1080)).start()
+    d = make_desktop(f"try-{os.getpid()}", DesktopSpec(width=1920, height=1080)).start()
     try:
         for t in tasks:
             t0 = time.perf_counter()

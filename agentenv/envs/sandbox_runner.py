@@ -31,6 +31,7 @@ place cannot forge an answer.
 from __future__ import annotations
 
 import ctypes
+import fnmatch
 import hashlib
 import hmac
 import json
@@ -38,6 +39,7 @@ import os
 import shutil
 import signal
 import socketserver
+import stat
 import subprocess
 import sys
 import threading
@@ -221,6 +223,36 @@ def _ident(st: os.stat_result) -> tuple[int, int]:
     return st.st_ino, st.st_ctime_ns
 
 
+def _listing(s: str, rel: str, skip: tuple[str, ...], instead: dict[str, str]) -> dict[str, str]:
+    """The entries of folder ``s`` (``rel`` under the copy's root) to copy: name -> path."""
+    try:
+        srcs = {name: os.path.join(s, name) for name in os.listdir(s)}
+    except OSError:
+        srcs = {}
+    srcs = {name: sp for name, sp in srcs.items()  # left out: removed if a task made one
+            if not any(fnmatch.fnmatchcase(f"{rel}/{name}" if rel else name, pat) for pat in skip)}
+    srcs.update(instead)
+    return srcs
+
+
+def _copy_entry(sp: str, p: str, st: os.stat_result) -> bool:
+    """Copy the link or regular file ``sp`` (whose lstat is ``st``) to ``p``; False if it is left out."""
+    try:
+        if stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(sp), p)
+            os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        elif stat.S_ISREG(st.st_mode):
+            shutil.copyfile(sp, p, follow_symlinks=False)  # copy2's xattr calls cost more than
+            os.chmod(p, stat.S_IMODE(st.st_mode))          # the copy itself
+            os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+        else:
+            return False  # a device, fifo or socket: not a file a task reads
+    except OSError:
+        _remove(p)  # unreadable to the desktop user: stays out
+        return False
+    return True
+
+
 def sync(src: str, dst: str, synced: dict[str, tuple[int, int]] | None = None,
          skip: tuple[str, ...] = (), files: dict[str, str] | None = None) -> dict[str, tuple[int, int]]:
     """Make the tree ``dst`` a copy of ``src`` and return what it left, for the next call.
@@ -232,9 +264,6 @@ def sync(src: str, dst: str, synced: dict[str, tuple[int, int]] | None = None,
     ``skip``: paths under ``src`` (relative, fnmatch patterns) left out; ``files``: relative path ->
     the file copied there instead of ``src``'s. What cannot be read in ``src`` (running as the
     desktop user: what that user may not read) is left out."""
-    import fnmatch
-    import stat
-
     synced = synced or {}
     left: dict[str, tuple[int, int]] = {}
     root_dev = os.lstat(dst).st_dev
@@ -245,13 +274,7 @@ def sync(src: str, dst: str, synced: dict[str, tuple[int, int]] | None = None,
     def walk(s: str, d: str, rel: str, want: os.stat_result) -> None:
         if stat.S_IMODE(os.lstat(d).st_mode) & 0o700 != 0o700:
             os.chmod(d, 0o700)  # a folder made unreadable or read-only: ours to change until done
-        try:
-            srcs = {name: os.path.join(s, name) for name in os.listdir(s)}
-        except OSError:
-            srcs = {}
-        srcs = {name: sp for name, sp in srcs.items()  # left out: removed if a task made one
-                if not any(fnmatch.fnmatchcase(f"{rel}/{name}" if rel else name, pat) for pat in skip)}
-        srcs.update(instead.get(rel, {}))
+        srcs = _listing(s, rel, skip, instead.get(rel, {}))
         for name in os.listdir(d):
             if name not in srcs:
                 p = os.path.join(d, name)
@@ -290,20 +313,8 @@ def sync(src: str, dst: str, synced: dict[str, tuple[int, int]] | None = None,
                 continue
             if now is not None:
                 _remove(p)
-            try:
-                if stat.S_ISLNK(st.st_mode):
-                    os.symlink(os.readlink(sp), p)
-                    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-                elif stat.S_ISREG(st.st_mode):
-                    shutil.copyfile(sp, p, follow_symlinks=False)  # copy2's xattr calls cost more than
-                    os.chmod(p, stat.S_IMODE(st.st_mode))          # the copy itself
-                    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
-                else:
-                    continue  # a device, fifo or socket: not a file a task reads
-            except OSError:
-                _remove(p)  # unreadable to the desktop user: stays out
-                continue
-            left[r] = _ident(os.lstat(p))
+            if _copy_entry(sp, p, st):
+                left[r] = _ident(os.lstat(p))
         now = os.lstat(d)
         if stat.S_IMODE(now.st_mode) != stat.S_IMODE(want.st_mode):
             os.chmod(d, stat.S_IMODE(want.st_mode))

@@ -30,9 +30,9 @@ from tests.faultproxy import FaultProxy
 from tests.faults.test_rollout_faults import POLICY, _wait_for
 from tests.osworld.test_streaming_task_sampling import CLICK_ONLY, ROLLOUT_N, check_complete, make_scheduler, tasks
 
+from agentenv.envs.host import MARK
 from agentenv.envs.pool import EnvPool, ServiceSpec
-from agentenv.envs.xvfb import _marked_pids
-from agentenv.procs import alive, descendants
+from agentenv.procs import alive, descendants, marked
 from agentenv.rollout.buffer import read_trajectories
 from agentenv.rollout.llm import ServiceLLM
 from agentenv.types import Status
@@ -114,7 +114,7 @@ async def test_an_app_killed_mid_run_leaves_the_desktop_alive(vllm_server, env_s
     async def kill_app() -> None:
         await _wait_for(lambda: sched.stats.steps >= 3)
         for key, env in running(sched):
-            apps = [p for p in _marked_pids(env.rsplit("/", 1)[1])
+            apps = [p for p in marked(MARK, env.rsplit("/", 1)[1])
                     if Path(f"/proc/{p}/comm").read_text().strip() != "openbox"]
             if apps:
                 for p in apps:

@@ -21,7 +21,7 @@ from tests.faults.test_fault_suite import assert_gone, record
 
 from agentenv.config import AGENTENV_HOME
 from agentenv.envs.server import write_secret
-from agentenv.envs.xvfb import DESKTOP_USER
+from agentenv.envs.desktop_types import DESKTOP_USER
 from agentenv.procs import descendants
 
 pytestmark = pytest.mark.slow

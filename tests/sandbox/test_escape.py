@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agentenv.envs.xvfb import DESKTOP_USER
+from agentenv.envs.desktop_types import DESKTOP_USER
 
 from .conftest import start_service
 
@@ -200,7 +200,8 @@ def test_ctrl_alt_t_opens_a_terminal(svc, did):
 
 
 def test_network_only_when_the_operator_allows_it():
-    from agentenv.envs.xvfb import DesktopSpec, make_desktop
+    from agentenv.envs.desktop import make_desktop
+    from agentenv.envs.desktop_types import DesktopSpec
 
     srv = socket.create_server(("127.0.0.1", 0))
     port = srv.getsockname()[1]
@@ -236,7 +237,8 @@ while True:
 def test_a_fake_runner_cannot_answer_for_the_sandbox():
     """Evaluator commands run through the runner: something inside that takes its socket's place
     (same uid) must not be able to answer for it; the desktop is dead instead."""
-    from agentenv.envs.xvfb import DesktopError, DesktopSpec, make_desktop
+    from agentenv.envs.desktop import make_desktop
+    from agentenv.envs.desktop_types import DesktopError, DesktopSpec
 
     d = make_desktop(f"fake-{os.urandom(2).hex()}", DesktopSpec(width=320, height=240, sandbox=True)).start()
     try:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agentenv.envs.xvfb import DesktopSpec, make_desktop
+from agentenv.envs.desktop import make_desktop
+from agentenv.envs.desktop_types import DesktopSpec
 from agentenv.types import Task
 
 pytestmark = pytest.mark.slow

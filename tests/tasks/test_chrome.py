@@ -18,7 +18,8 @@ from agentenv.envs.tasks import cdp, load_task_file
 from agentenv.envs.tasks.check import check_tasks
 from agentenv.envs.tasks.evaluate import evaluate
 from agentenv.envs.tasks.setup import TaskSetupError
-from agentenv.envs.xvfb import DesktopSpec, make_desktop
+from agentenv.envs.desktop import make_desktop
+from agentenv.envs.desktop_types import DesktopSpec
 from agentenv.types import Action, Task
 from tests.conftest import wait_for
 from tests.tasks.conftest import SAMPLE_BASE

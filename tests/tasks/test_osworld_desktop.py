@@ -10,10 +10,12 @@ import os
 import time
 
 import pytest
+from PIL import ImageChops
 
 from agentenv.envs.tasks.evaluate import evaluate
 from agentenv.envs.tasks.setup import TaskSetupError
-from agentenv.envs.xvfb import DesktopSpec, LocalDesktop, make_desktop
+from agentenv.envs.desktop import Desktop, blank_below_title, frames_differ, make_desktop
+from agentenv.envs.desktop_types import DesktopSpec
 from agentenv.types import Action, Task
 from tests.conftest import wait_for
 from tests.tasks.conftest import load_sample
@@ -32,7 +34,7 @@ def desktop(request):
         d.close()
 
 
-def act(d: LocalDesktop, *actions: Action, settle: float = 0.4) -> None:
+def act(d: Desktop, *actions: Action, settle: float = 0.4) -> None:
     for a in actions:
         assert d.execute(a) == {}, a
     time.sleep(settle)
@@ -62,7 +64,7 @@ def test_terminal_output_is_read_from_the_terminal(desktop, samples, agentenv_ho
     if desktop.sandboxed:
         assert "echo" not in desktop.clipboard()  # scored from AT-SPI: no select-all and copy
         # a tree past its bounds is cut and says so, never a hang
-        from agentenv.envs.sandbox import A11yLimits
+        from agentenv.envs.desktop_types import A11yLimits
         from lxml import etree
 
         cut = etree.fromstring(desktop.accessibility_tree(A11yLimits(max_nodes=3)).encode())
@@ -149,6 +151,25 @@ def test_pyautogui_setup_code_goes_through_the_allow_list(desktop, agentenv_home
                                                       "pyautogui.typewrite('touch ~/ran.txt'); pyautogui.press('enter')\""}}])
     desktop.reset(typed)  # the same code, as actions: typed into the terminal, which runs it
     assert wait_for(lambda: marker.exists())
+
+
+def test_the_first_screenshot_of_a_task_is_painted_and_settled(desktop, agentenv_home):
+    # A task opening LibreOffice Calc once gave the agent a first screenshot of Calc's frame with
+    # nothing drawn inside (the window existed, its cells were not painted yet): a reset ends only
+    # once the screen has settled.
+    task = Task(id="calc-first-frame", instruction="-", config=[
+        {"type": "launch", "parameters": {"command": ["spreadsheet"]}}])
+    desktop.reset(task)
+    first = desktop.screenshot()
+    assert not blank_below_title(first)
+    w, h = first.size
+    cells = (w // 4, h // 2, 3 * w // 4, 3 * h // 4)
+    assert len(first.crop(cells).getcolors(1 << 24)) >= 2  # cells and their grid lines, not an empty frame
+    time.sleep(3)
+    later = desktop.screenshot()
+    # The cells were drawn when the reset ended, not midway (the sidebar or the status bar may still
+    # be updated by LibreOffice's idle handlers: those are not what the agent was missing).
+    assert not frames_differ(first.crop(cells), later.crop(cells)), ImageChops.difference(first, later).getbbox()
 
 
 def test_list_directory_and_close_window(desktop, agentenv_home):

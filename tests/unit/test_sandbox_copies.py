@@ -133,7 +133,7 @@ class _FakeDesktop:
 
 def test_osworld_port_slots_are_taken_lowest_first_and_freed(monkeypatch):
     from agentenv.envs.service import host as hosting
-    from agentenv.envs.xvfb import DesktopError, DesktopSpec
+    from agentenv.envs.desktop_types import DesktopError, DesktopSpec
 
     monkeypatch.setattr(hosting, "make_desktop", _FakeDesktop)
     host = hosting.DesktopHost(2, DesktopSpec(), osworld_ports=[9000, 9001])

@@ -18,7 +18,7 @@ from agentenv.envs.tasks.evaluate import EvaluatorError, evaluate
 from agentenv.envs.tasks.setup import TaskSetupError
 from agentenv.envs.wire import (Alive, Closed, Created, CreateRequest, DesktopInfo, EvaluateReply, EvaluateRequest,
                                 Health, ResetReply, ResetRequest, StepReply, StepRequest)
-from agentenv.envs.xvfb import DesktopError
+from agentenv.envs.desktop_types import DesktopError
 from agentenv.types import Action, Task
 
 public = APIRouter()

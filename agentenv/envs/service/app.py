@@ -23,7 +23,7 @@ from agentenv.envs.service import api, osworld
 from agentenv.envs.service.host import DesktopHost, UnknownDesktop
 from agentenv.envs.service.limits import ServiceLimits
 from agentenv.envs.service.middleware import BodyLimit, OSWorldPorts
-from agentenv.envs.xvfb import DesktopError, DesktopSpec
+from agentenv.envs.desktop_types import DesktopError, DesktopSpec
 
 # The OSWorld paths this service answers, for the answer to a path it does not know.
 OSWORLD_PATHS = sorted({r.path.removeprefix(osworld.router.prefix) for r in osworld.router.routes}

@@ -11,7 +11,7 @@ from fastapi import Depends, HTTPException, Request
 
 from agentenv.envs.service.host import DesktopHost
 from agentenv.envs.service.limits import ServiceLimits
-from agentenv.envs.xvfb import LocalDesktop
+from agentenv.envs.desktop import Desktop as DesktopObject
 
 
 def host_of(request: Request) -> DesktopHost:
@@ -32,11 +32,11 @@ def authorized(request: Request) -> None:
         raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
 
-def desktop_of(did: str, request: Request) -> LocalDesktop:
+def desktop_of(did: str, request: Request) -> DesktopObject:
     """The desktop ``did`` (``UnknownDesktop``, answered 404, when this service has none)."""
     return host_of(request).get(did)
 
 
 Host = Annotated[DesktopHost, Depends(host_of)]
 Limits = Annotated[ServiceLimits, Depends(limits_of)]
-Desktop = Annotated[LocalDesktop, Depends(desktop_of)]
+Desktop = Annotated[DesktopObject, Depends(desktop_of)]

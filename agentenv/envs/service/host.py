@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from loguru import logger
 
 from agentenv.envs.wire import DesktopInfo
-from agentenv.envs.xvfb import DesktopError, DesktopSpec, LocalDesktop, make_desktop
+from agentenv.envs.desktop import Desktop, make_desktop
+from agentenv.envs.desktop_types import DesktopError, DesktopSpec
 
 
 class UnknownDesktop(LookupError):
@@ -23,7 +24,7 @@ class DesktopHost:
 
     def __init__(self, num: int, spec: DesktopSpec, osworld_ports: list[int] | None = None):
         self.spec = spec
-        self.desktops: dict[str, LocalDesktop] = {}
+        self.desktops: dict[str, Desktop] = {}
         # OSWorld ports (serve-envs --osworld-port): slot i is port osworld_ports[i]; a desktop takes
         # the lowest free slot when it is created and frees it when it is closed.
         self.osworld_ports = list(osworld_ports or [])
@@ -42,7 +43,7 @@ class DesktopHost:
                                    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
         self.m_desktops = Gauge("agentenv_env_desktops", "desktops alive", registry=self.registry)
 
-    def create(self, width: int | None = None, height: int | None = None) -> LocalDesktop:
+    def create(self, width: int | None = None, height: int | None = None) -> Desktop:
         with self._lock:
             self._n += 1
             did = f"d{self._n}-{secrets.token_hex(3)}"
@@ -73,7 +74,7 @@ class DesktopHost:
             did = self.slots[self.osworld_ports.index(port)] if port in self.osworld_ports else None
             return did if did in self.desktops else None
 
-    def info(self, d: LocalDesktop) -> DesktopInfo:
+    def info(self, d: Desktop) -> DesktopInfo:
         return DesktopInfo(id=d.id, display=d.display, width=d.width, height=d.height, task=d.task_id,
                            alive=d.alive(), sandboxed=d.sandboxed, osworld_port=self.osworld_port(d.id))
 
@@ -87,7 +88,7 @@ class DesktopHost:
             list(ex.map(lambda _: self.create(), range(self.num)))
         logger.info("env service: {} desktops up", len(self.desktops))
 
-    def get(self, did: str) -> LocalDesktop:
+    def get(self, did: str) -> Desktop:
         d = self.desktops.get(did)
         if d is None:
             raise UnknownDesktop(f"no desktop {did!r} on this service (closed, or the service restarted)")

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from agentenv.envs.actions import ActionError, check_action, parse_pyautogui
 from agentenv.envs.service.limits import ServiceLimits
 from agentenv.envs.wire import ExecuteReply, ExecuteRequest
-from agentenv.envs.xvfb import LocalDesktop
+from agentenv.envs.desktop import Desktop
 
 # /list_directory: run inside the desktop (its own view of the filesystem, its user's rights).
 LIST_DIRECTORY = r"""
@@ -66,7 +66,7 @@ def pyautogui_code(command: list[str] | str) -> str | None:
     return None
 
 
-def execute(d: LocalDesktop, req: ExecuteRequest, limits: ServiceLimits) -> ExecuteReply | JSONResponse:
+def execute(d: Desktop, req: ExecuteRequest, limits: ServiceLimits) -> ExecuteReply | JSONResponse:
     """OSWorld's ``/execute``. Inside a sandbox an OSWorld-style ``python -c "import pyautogui; ..."``
     runs as the code it is (it reaches nothing but its own desktop); on the host only its allowed
     calls run, as actions."""
@@ -92,7 +92,7 @@ def execute(d: LocalDesktop, req: ExecuteRequest, limits: ServiceLimits) -> Exec
     return ExecuteReply(**r)
 
 
-def read_inside(d: LocalDesktop, path: str, max_bytes: int) -> bytes:
+def read_inside(d: Desktop, path: str, max_bytes: int) -> bytes:
     """A file as the desktop's user sees it inside its sandbox (any path it may read there: what
     its commands can already ``cat``). 404 when it is not a regular file there, 413 over ``max_bytes``."""
     if "\0" in path:
@@ -108,7 +108,7 @@ def read_inside(d: LocalDesktop, path: str, max_bytes: int) -> bytes:
     return base64.b64decode(r["output"])
 
 
-def read_in_home(d: LocalDesktop, path: str, max_bytes: int) -> bytes:
+def read_in_home(d: Desktop, path: str, max_bytes: int) -> bytes:
     """A file in the desktop's HOME, read by the service without following a link."""
     try:
         data = d.read_file(path, max_bytes)  # component by component, no link followed
@@ -123,7 +123,7 @@ def read_in_home(d: LocalDesktop, path: str, max_bytes: int) -> bytes:
     return data
 
 
-def write_in_home(d: LocalDesktop, path: str, data: bytes) -> None:
+def write_in_home(d: Desktop, path: str, data: bytes) -> None:
     try:
         d.write_file(path, data)  # component by component, no link followed
     except IsADirectoryError as e:
@@ -134,7 +134,7 @@ def write_in_home(d: LocalDesktop, path: str, data: bytes) -> None:
         raise HTTPException(422, f"cannot write {path!r}: {e.strerror or e}") from e
 
 
-def sandboxed_only(d: LocalDesktop, route: str) -> None:
+def sandboxed_only(d: Desktop, route: str) -> None:
     if not d.sandboxed:
         raise HTTPException(403, f"{route} runs arbitrary code: it is served by sandboxed desktops only "
                                  "(serve-envs --sandbox)")

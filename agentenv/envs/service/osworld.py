@@ -18,6 +18,8 @@ import anyio
 from fastapi import APIRouter, Depends, File, Form, HTTPException, UploadFile
 from fastapi.responses import JSONResponse, Response
 
+from agentenv.envs.desktop import Desktop as DesktopObject
+from agentenv.envs.desktop_types import A11yError, DesktopError
 from agentenv.envs.service import recording
 from agentenv.envs.service.deps import Desktop, Limits, authorized
 from agentenv.envs.service.inside import (LIST_DIRECTORY, argv_of, execute, read_in_home, read_inside,
@@ -26,7 +28,6 @@ from agentenv.envs.tasks.setup import TaskSetupError
 from agentenv.envs.wire import (AccessibilityTree, CloseWindowRequest, DesktopPath, ExecuteReply, ExecuteRequest,
                                 LaunchRequest, PathRequest, RunBashRequest, RunPythonReply, RunPythonRequest,
                                 ScreenSize, Status, Terminal)
-from agentenv.envs.xvfb import DesktopError, LocalDesktop
 from agentenv.types import Task
 
 router = APIRouter(prefix="/envs/{did}", dependencies=[Depends(authorized)])
@@ -42,7 +43,7 @@ UNSUPPORTED = {
 }
 
 
-def _inner_home(d: LocalDesktop) -> str:
+def _inner_home(d: DesktopObject) -> str:
     return "/home/user" if d.sandboxed else str(d.home)
 
 
@@ -194,7 +195,6 @@ def os_terminal(d: Desktop) -> Terminal:
 
 @router.get("/accessibility")
 def os_accessibility(d: Desktop) -> AccessibilityTree:
-    from agentenv.envs.sandbox import A11yError
 
     try:
         with d.locked():  # a reset would end the reader mid-walk

@@ -12,7 +12,7 @@ from __future__ import annotations
 from fastapi import HTTPException
 
 from agentenv.envs.service.inside import read_inside
-from agentenv.envs.xvfb import LocalDesktop
+from agentenv.envs.desktop import Desktop
 
 MAX_SECONDS = 3600
 FRAMERATE = 10
@@ -51,7 +51,7 @@ echo "$out.mp4"
 """
 
 
-def start(d: LocalDesktop, max_bytes: int) -> None:
+def start(d: Desktop, max_bytes: int) -> None:
     """Start recording ``d``'s screen; 400 when a recording is in progress, 503 when ffmpeg fails."""
     with d.locked():  # not while a reset ends the desktop's apps
         r = d.run(["bash", "-c", _START, "start", f"{d.width}x{d.height}", str(MAX_SECONDS), str(FRAMERATE),
@@ -62,7 +62,7 @@ def start(d: LocalDesktop, max_bytes: int) -> None:
         raise HTTPException(503, f"cannot start recording: {(r.stdout + r.stderr).strip()[-1500:]}")
 
 
-def end(d: LocalDesktop, max_bytes: int) -> bytes:
+def end(d: Desktop, max_bytes: int) -> bytes:
     """End the recording of ``d``'s screen; the mp4's bytes. 400 when none is in progress."""
     with d.locked():
         r = d.run(["bash", "-c", _STOP, "stop"], timeout=30)

@@ -24,7 +24,7 @@ from agentenv.envs.tasks.network import needs_network
 from agentenv.envs.tasks.setup import OFFICE_MODULES, OFFICE_PROGRAMS, SETUP_STEPS, UNSUPPORTED
 from agentenv.types import Task
 
-DESKTOP_PATH = "/usr/local/bin:/usr/bin:/bin"  # a desktop's PATH (xvfb.LocalDesktop.env)
+DESKTOP_PATH = "/usr/local/bin:/usr/bin:/bin"  # a desktop's PATH (host.HostProcesses.env)
 
 # OSWorld's related_apps -> the program that must be installed
 APP_PROGRAMS = {
@@ -32,7 +32,7 @@ APP_PROGRAMS = {
     "vs_code": "code", "vscode": "code", "chrome": "chromium", "google-chrome": "chromium", "gimp": "gimp",
     "vlc": "vlc", "thunderbird": "thunderbird", "terminal": "xfce4-terminal",
 }
-# Programs OSWorld launches that our desktops run as another one (xvfb.LocalDesktop.launch, APPS)
+# Programs OSWorld launches that our desktops run as another one (apps.app_argv, APPS)
 PROGRAM_ALIASES = {"google-chrome": "chromium", "editor": "mousepad", "terminal": "xfce4-terminal",
                    "calculator": "galculator", "files": "pcmanfm", "spreadsheet": "localc", "browser": "chromium",
                    "gnome-terminal": "xfce4-terminal"}

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from agentenv.envs.desktop_types import A11yError
 from agentenv.envs.tasks import commands
 from agentenv.types import Action, Task
 
@@ -46,7 +47,7 @@ class EvalContext:
 
 def read_desktop_file(desktop: Any, path: str) -> bytes | None:
     """A file of the desktop (a task file's path), or None if it is not there or not a regular file.
-    The desktop reads it without following a link (``LocalDesktop.read_file``)."""
+    The desktop reads it without following a link (``Desktop.read_file``)."""
     path = commands.map_path(desktop, path)
     try:
         data = desktop.read_file(path, MAX_READ_BYTES)
@@ -161,8 +162,6 @@ def os_vm_terminal_output(ctx: EvalContext, spec: dict) -> str | None:
 
 def os_accessibility_tree(ctx: EvalContext, spec: dict) -> str | None:
     """OSWorld's ``accessibility_tree``: the desktop's AT-SPI tree as XML (sandboxed desktops)."""
-    from agentenv.envs.sandbox import A11yError
-
     try:
         tree = ctx.desktop.accessibility_tree()
     except A11yError as e:

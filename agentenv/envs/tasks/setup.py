@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 from loguru import logger
 
+from agentenv.envs.apps import OPENERS
+from agentenv.envs.desktop_types import DesktopError
 from agentenv.envs.tasks import commands
 from agentenv.types import Task
 
@@ -85,8 +87,6 @@ def run_postconfig(desktop: Any, task: Task) -> None:
 
 
 def run_steps(desktop: Any, task: Task, steps: list[Any], where: str) -> None:
-    from agentenv.envs.xvfb import DesktopError
-
     for i, step in enumerate(steps):
         if not isinstance(step, dict) or "type" not in step:
             raise TaskSetupError(f"task {task.id}: {_step_name(where, i, step if isinstance(step, dict) else {})}: "
@@ -155,8 +155,6 @@ OFFICE_PROGRAMS = {"--writer": "lowriter", "--calc": "localc", "--impress": "loi
 
 
 def _open(desktop: Any, task: Task, p: dict[str, Any]) -> None:
-    from agentenv.envs.xvfb import OPENERS
-
     path = desktop.resolve_path(commands.map_path(desktop, p["path"]))
     if not path.exists():
         raise TaskSetupError(f"file {p['path']!r} does not exist")
