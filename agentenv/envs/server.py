@@ -5,6 +5,7 @@
 Routes (all but /health need ``Authorization: Bearer <token>``):
 
     GET  /health                         liveness, desktop count
+    GET  /settings                       the settings it runs with (config.EnvServiceConfig)
     GET  /metrics                        Prometheus metrics
     GET  /envs                           list desktops
     POST /envs                           create one          DELETE /envs/{id}   close one
@@ -50,24 +51,12 @@ from fastapi.responses import JSONResponse, Response
 from loguru import logger
 from pydantic import BaseModel, Field
 
+from agentenv.config import DownloadConfig, EnvServiceConfig
 from agentenv.envs.actions import ActionError, check_action, parse_pyautogui
 from agentenv.envs.tasks.evaluate import EvaluatorError, evaluate
 from agentenv.envs.tasks.setup import TaskSetupError
 from agentenv.envs.xvfb import DesktopError, DesktopSpec, LocalDesktop, make_desktop
 from agentenv.types import Action, Task
-
-
-class ServiceLimits(BaseModel):
-    """What one request may ask of the service; larger is refused with a 413/422 that says which
-    limit (``agentenv serve-envs --help`` sets each). One request must not exhaust the memory or
-    the disk of a service that hosts many desktops."""
-
-    max_body_bytes: int = 64 * 2**20       # a request body (uploads included)
-    max_image_pixels: int = 4096 * 4096    # a screenshot resized for the model (UI-TARS-1.5 needs <= 12.8 M)
-    max_screen_side: int = 7680            # a desktop's width or height (8K)
-    max_output_bytes: int = 2**20          # stdout/stderr kept from an /execute command (the rest is cut)
-    max_file_bytes: int = 64 * 2**20       # a file served by /file
-    execute_timeout_s: float = 120.0       # an /execute command's longest run
 
 
 class ResetRequest(BaseModel):
@@ -333,16 +322,11 @@ class _OSWorldPorts:
         await self.app({**scope, "path": path, "raw_path": path.encode(), "headers": headers}, receive, send)
 
 
-def _run_bounded(d: LocalDesktop, argv: list[str] | str, *, shell: bool, timeout: float,
-                 max_output: int) -> dict[str, Any]:
-    """Run a command in the desktop session (as its user, inside its sandbox when it has one)."""
-    return d.run_bounded(argv, shell=shell, timeout=timeout, max_output=max_output)
-
-
-def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None = None,
-               limits: ServiceLimits | None = None, osworld_ports: list[int] | None = None):
-    host = DesktopHost(num, spec or DesktopSpec(), osworld_ports)
-    limits = limits or ServiceLimits()
+def create_app(num: int = 1, token: str | None = None, settings: EnvServiceConfig | None = None,
+               osworld_ports: list[int] | None = None):
+    settings = settings or EnvServiceConfig()
+    host = DesktopHost(num, DesktopSpec.from_settings(settings), osworld_ports)
+    limits = settings.limits
 
     def check_image_size(size: tuple[int, int] | None) -> None:
         if size is None:
@@ -409,6 +393,11 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
     @app.get("/health")
     def health():
         return {"status": "ok", "desktops": len(host.desktops)}
+
+    @app.get("/settings", dependencies=A)
+    def effective_settings():
+        """The settings this service runs with; the downloads as its setup steps read them."""
+        return settings.model_copy(update={"downloads": DownloadConfig.from_env()}).model_dump(mode="json")
 
     @app.get("/metrics", dependencies=A)
     def metrics():
@@ -528,8 +517,8 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
         argv: list[str] | str = req.command if req.shell else _argv(req.command)
         if req.shell and ("\0" in req.command or not req.command.strip()):
             raise HTTPException(422, "empty command or NUL byte in it")
-        return _run_bounded(d, argv, shell=req.shell, timeout=max(0.0, min(req.timeout, limits.execute_timeout_s)),
-                            max_output=limits.max_output_bytes)
+        return d.run_bounded(argv, shell=req.shell, timeout=max(0.0, min(req.timeout, limits.execute_timeout_s)),
+                             max_output=limits.max_output_bytes)
 
     @app.post("/envs/{did}/execute", dependencies=A)
     def os_execute(did: str, req: ExecuteRequest):
@@ -759,13 +748,15 @@ def write_secret(path: str | Path, secret: str) -> None:
 
 
 def serve(num: int, host: str = "127.0.0.1", port: int = 8100, token: str | None = None,
-          width: int = 1920, height: int = 1080, token_file: str | None = None,
-          limits: ServiceLimits | None = None, sandbox: bool = True,
-          upload_roots: list[str] | None = None, osworld_port: int | None = None,
-          network: bool = False) -> None:
-    """Run the service. The token is never printed or logged: it is given (``--token``,
-    ``ENV_TOKEN``) or generated and written to ``token_file`` (mode 600)."""
+          token_file: str | None = None, settings: EnvServiceConfig | None = None,
+          osworld_port: int | None = None) -> None:
+    """Run the service with ``settings`` (``agentenv serve-envs``' flags). The token is never printed
+    or logged: it is given (``--token``, ``ENV_TOKEN``) or generated and written to ``token_file``
+    (mode 600)."""
     import uvicorn
+
+    settings = settings or EnvServiceConfig()
+    os.environ.update(settings.downloads.to_env())  # what the setup steps read (DownloadCache.from_config)
 
     token = token or os.environ.get("ENV_TOKEN")
     if not token:
@@ -782,7 +773,7 @@ def serve(num: int, host: str = "127.0.0.1", port: int = 8100, token: str | None
               flush=True)
     else:
         print(f"export ENV_SERVER_URL=http://{host}:{port}  # ENV_TOKEN: the token you gave", flush=True)
-    if sandbox:
+    if settings.sandbox:
         from agentenv.envs.sandbox import SandboxError, check_sandbox
 
         try:
@@ -792,14 +783,12 @@ def serve(num: int, host: str = "127.0.0.1", port: int = 8100, token: str | None
     else:
         logger.warning("desktops are NOT sandboxed (--no-sandbox): tasks and agents run commands on this "
                        "host as the desktop user and can reach its loopback services")
-    if sandbox and network:
+    if settings.sandbox and settings.sandbox_network:
         logger.warning("sandboxed desktops share this host's network (--sandbox-network): their commands can "
                        "reach its loopback services")
-    spec = DesktopSpec(width=width, height=height, sandbox=sandbox, network=network,
-                       upload_roots=tuple(Path(r) for r in upload_roots or ()))
     # ``num`` OSWorld ports: a desktop takes the lowest free one when created, frees it when closed.
     ports = [osworld_port + i for i in range(num)] if osworld_port else []
-    app = create_app(num, token, spec, limits, osworld_ports=ports)
+    app = create_app(num, token, settings, osworld_ports=ports)
     sockets = []
     for p in [port, *ports]:
         s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)

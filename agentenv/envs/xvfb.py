@@ -30,6 +30,7 @@ from typing import Any, Iterator
 
 from loguru import logger
 
+from agentenv.config import EnvServiceConfig
 from agentenv.envs.actions import ActionError, XInput
 from agentenv.procs import spawn_tied
 
@@ -165,17 +166,27 @@ def _display_allocation() -> Iterator[None]:
             os.close(fd)  # releases the lock
 
 
+_SETTINGS = EnvServiceConfig()  # the defaults, declared there once
+
+
 @dataclass
 class DesktopSpec:
-    width: int = 1920
-    height: int = 1080
+    """One desktop's make-up. A service's desktops get theirs from its settings (``from_settings``)."""
+
+    width: int = _SETTINGS.width
+    height: int = _SETTINGS.height
     scratch: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "agentenv-desktops")
     template: Path | None = None       # extra files copied into every fresh HOME
     # Host folders an ``upload_file`` setup step may read from (besides the built-in tasks' folder);
     # a task names files of its own folder, never an arbitrary host path.
     upload_roots: tuple[Path, ...] = ()
-    sandbox: bool = False              # a SandboxDesktop (agentenv/envs/sandbox.py) instead
-    network: bool = False              # a sandbox shares the host's network (tasks that need it)
+    sandbox: bool = _SETTINGS.sandbox  # a SandboxDesktop (agentenv/envs/sandbox.py) instead
+    network: bool = _SETTINGS.sandbox_network  # a sandbox shares the host's network (tasks that need it)
+
+    @classmethod
+    def from_settings(cls, s: EnvServiceConfig) -> "DesktopSpec":
+        return cls(width=s.width, height=s.height, sandbox=s.sandbox, network=s.sandbox_network,
+                   upload_roots=tuple(Path(r) for r in s.upload_roots))
 
 
 class LocalDesktop:
