@@ -101,8 +101,6 @@ class TrajectoryBuffer:
                 logger.info("buffer: {} trajectories already on disk in {} will be skipped; {} that ended by an "
                             "infrastructure failure will run again", len(self._done), self.dir, rerun)
 
-    @property
-
     @classmethod
     def from_config(cls, cfg: RunConfig) -> "TrajectoryBuffer":
         """The buffer of a run: groups of ``scheduler.rollout_n`` (this buffer owns that number; the
@@ -110,6 +108,8 @@ class TrajectoryBuffer:
         s, o = cfg.scheduler, cfg.output
         return cls(o.dir, s.rollout_n, max_staleness=s.max_staleness, stale_policy=s.stale_policy,
                    save_screenshots=o.screenshots, max_screenshots=o.max_screenshots, max_ready=o.max_ready_groups)
+
+    @property
     def ready(self) -> asyncio.Queue[Group]:
         if self._ready is None:  # created lazily, inside the caller's event loop
             self._ready = asyncio.Queue()

@@ -135,12 +135,12 @@ class TaskSource:
         self.items = items
         self.epochs, self.shuffle, self.seed = epochs, shuffle, seed
 
-
     @classmethod
     def from_config(cls, t: TaskConfig, items: list[Item] | None = None) -> "TaskSource":
         """The tasks of ``t.source`` (or ``items``, loaded from it already), as ``t`` selects them."""
         return cls(items if items is not None else load_items(t.source), epochs=t.epochs, rank=t.rank,
                    world_size=t.world_size, shuffle=t.shuffle, seed=t.seed, ids=t.ids, limit=t.limit)
+
     def __len__(self) -> int:
         return len(self.items) * max(self.epochs, 1)
 
