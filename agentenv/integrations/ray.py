@@ -8,7 +8,8 @@ Each node that should run desktops advertises a custom resource, one unit per de
 
 ``RayFleet.start()`` starts one ``EnvServiceActor`` per such node (or actors of
 ``desktops_per_actor`` desktops each, placed by Ray wherever the resource is free). An actor runs
-``agentenv serve-envs`` as its child, on its node's address, with a bearer token it makes itself;
+``agentenv serve-envs`` as its child, on its node's address, with the run's ``env.serve`` settings
+(whole, as a local run's service gets them) and a bearer token it makes itself;
 the scheduler learns every service (URL and token, from the actor's ``info()`` reply, never from a
 log) without a list typed by hand. The data path stays HTTP between the scheduler and the env
 services: screenshots never go through Ray's object store.
@@ -138,7 +139,8 @@ class _ServerActor:
 
 
 class EnvServiceActor(_ServerActor):
-    """One env service (``agentenv serve-envs``) on the node Ray placed this actor on.
+    """One env service (``agentenv serve-envs``) on the node Ray placed this actor on, with ``settings``
+    (the run's ``env.serve``) given whole.
 
     Not decorated: ``RayFleet`` applies ``ray.remote`` with the options of the run."""
 

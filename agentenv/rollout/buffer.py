@@ -30,7 +30,7 @@ from loguru import logger
 from agentenv.atomic import fsync_dir, write_atomic
 from agentenv.config import RunConfig
 from agentenv.rollout.rows import SCHEMA, from_row, to_row
-from agentenv.types import Group, Status, Trajectory
+from agentenv.types import Group, Trajectory
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:80]
