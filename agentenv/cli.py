@@ -5,10 +5,41 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from agentenv.config import EnvServiceConfig
+
+
+def _settings_flags(ap: argparse.ArgumentParser) -> None:
+    """The env service's settings (``EnvServiceConfig``): whole, from a run config or as JSON, then
+    one option per setting over them."""
+    from agentenv.config import EnvServiceConfig, add_flags
+
+    ap.add_argument("--config", default=None, metavar="RUN_YAML", help="start from this run config's env.serve")
+    ap.add_argument("--settings", default=None, metavar="JSON",
+                    help="start from these settings (EnvServiceConfig as JSON: what `agentenv run` passes)")
+    add_flags(ap, EnvServiceConfig)
+
+
+def _settings(a: argparse.Namespace) -> "EnvServiceConfig":
+    """--settings, or --config's env.serve, or the defaults (with the downloads of AGENTENV_OFFLINE /
+    AGENTENV_CACHE_DIR), then the options given."""
+    from agentenv.config import DownloadConfig, EnvServiceConfig, from_flags, load_config
+
+    if a.settings:
+        base = EnvServiceConfig.model_validate_json(a.settings)
+    elif a.config:
+        base = load_config(a.config).env.serve
+    else:
+        base = EnvServiceConfig(downloads=DownloadConfig.from_env())
+    return from_flags(a, EnvServiceConfig, base)
 
 
 def _serve_envs(argv: list[str]) -> int:
-    from agentenv.envs.server import ServiceLimits, serve
+    from agentenv.envs.service import serve
 
     ap = argparse.ArgumentParser(prog="agentenv serve-envs", description="Serve N real X desktops over HTTP.")
     ap.add_argument("--num", type=int, default=4, help="desktops to start (default 4)")
@@ -18,28 +49,18 @@ def _serve_envs(argv: list[str]) -> int:
                                                   "line is visible to every local user)")
     ap.add_argument("--token-file", default=None, help="write the token to this file (mode 600); with no token "
                                                        "given, one is generated and only written there")
-    ap.add_argument("--width", type=int, default=1920)
-    ap.add_argument("--height", type=int, default=1080)
-    for name, field in ServiceLimits.model_fields.items():
-        ap.add_argument("--" + name.replace("_", "-"), type=type(field.default), default=field.default,
-                        help=f"refuse requests over this (default {field.default})")
-    ap.add_argument("--sandbox", action=argparse.BooleanOptionalAction, default=True,
-                    help="run each desktop in a bubblewrap sandbox (default); --no-sandbox runs its apps "
-                         "and commands on this host as the desktop user")
-    ap.add_argument("--upload-root", action="append", default=[], metavar="DIR",
-                    help="a folder whose task files' upload_file steps may read (repeatable; the "
-                         "built-in tasks' folder always may)")
-    ap.add_argument("--sandbox-network", action="store_true",
-                    help="sandboxed desktops share this host's network (for tasks that need it; off by default)")
     ap.add_argument("--osworld-port", type=int, default=None, metavar="BASE",
                     help="listen on ports BASE..BASE+num-1 too: each desktop takes the lowest free one (freed "
                          "when it is closed) and answers there as OSWorld's in-VM server, at OSWorld's paths; "
                          "GET /envs says each desktop's osworld_port; the token goes as a URL password "
                          "(vm_ip='agentenv:TOKEN@host')")
+    _settings_flags(ap)
     a = ap.parse_args(argv)
-    limits = ServiceLimits(**{k: getattr(a, k) for k in ServiceLimits.model_fields})
-    serve(a.num, a.host, a.port, a.token, a.width, a.height, a.token_file, limits, sandbox=a.sandbox,
-          upload_roots=a.upload_root, osworld_port=a.osworld_port, network=a.sandbox_network)
+    try:
+        settings = _settings(a)
+    except (ValueError, ValidationError) as e:
+        ap.error(str(e))
+    serve(a.num, a.host, a.port, a.token, a.token_file, settings, osworld_port=a.osworld_port)
     return 0
 
 
@@ -77,11 +98,9 @@ def _tasks(argv: list[str]) -> int:
     c.add_argument("dir", help="a folder of task JSON files (OSWorld: evaluation_examples/examples) or one file")
     c.add_argument("--quiet", action="store_true", help="only the table and the summary, no line per task")
     c.add_argument("--json-out", default=None, help="also write every task's report to this JSON file")
-    c.add_argument("--offline", action="store_true", help="as AGENTENV_OFFLINE=1: an uncached URL is missing")
-    c.add_argument("--plain-desktops", action="store_true",
-                   help="for desktops run without the sandbox (env.sandbox false), where sudo, python, "
-                        "/home/user, GNOME settings, Ctrl+Alt+T... are missing; by default the desktops are "
-                        "sandboxed and look like OSWorld's VM from inside")
+    # The env service's settings: --no-sandbox checks for plain desktops, where sudo, python,
+    # /home/user, GNOME settings, Ctrl+Alt+T... are missing (sandboxed ones look like OSWorld's VM).
+    _settings_flags(c)
     f = sub.add_parser("fetch", help="download every file the tasks fetch (download steps, cloud_file) into "
                                      "the cache ($AGENTENV_HOME/cache/downloads); the last line is JSON")
     f.add_argument("dir")
@@ -91,12 +110,10 @@ def _tasks(argv: list[str]) -> int:
     s.add_argument("--desktops", type=int, default=2, help="desktops side by side (default 2)")
     s.add_argument("--domain", action="append", help="only this domain (folder name); repeatable")
     s.add_argument("--limit", type=int, default=None, help="at most this many tasks")
-    s.add_argument("--width", type=int, default=1920)
-    s.add_argument("--height", type=int, default=1080)
     s.add_argument("--settle-s", type=float, default=2.0,
                    help="how long after the first screenshot the screen is grabbed again to see if it was ready")
-    s.add_argument("--plain-desktops", action="store_true", help="desktops without the sandbox")
     s.add_argument("--json-out", default=None, help="also write every task's result to this JSON file")
+    _settings_flags(s)  # the desktops' (--width, --height, --no-sandbox, --sandbox-network, ...)
     a = ap.parse_args(argv)
     import json
     from pathlib import Path
@@ -108,8 +125,8 @@ def _tasks(argv: list[str]) -> int:
     if not Path(a.dir).exists():
         print(f"agentenv tasks: {a.dir} does not exist", file=sys.stderr)
         return 2
-    cfg = DownloadConfig.from_env()
     if a.cmd == "fetch":
+        cfg = DownloadConfig.from_env()
         if cfg.offline:
             print("agentenv tasks fetch: AGENTENV_OFFLINE is set; nothing can be fetched", file=sys.stderr)
             return 2
@@ -118,12 +135,16 @@ def _tasks(argv: list[str]) -> int:
             print(f"failed: {err}", file=sys.stderr)
         print(json.dumps(out))
         return 1 if out["failed"] else 0
+    try:
+        settings = _settings(a)
+    except (ValueError, ValidationError) as e:
+        (s if a.cmd == "smoke" else c).error(str(e))
     if a.cmd == "smoke":
         from agentenv.view.cli import smoke_main
 
-        return smoke_main(a)
-    cache = DownloadCache.from_config(cfg.model_copy(update={"offline": cfg.offline or a.offline}))
-    reports = check_tasks(a.dir, cache, osworld_like=not a.plain_desktops)
+        return smoke_main(a, settings)
+    reports = check_tasks(a.dir, DownloadCache.from_config(settings.downloads), osworld_like=settings.sandbox,
+                          network=settings.sandbox_network)
     print(render(reports, verbose=not a.quiet))
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(reports_json(reports), indent=1))

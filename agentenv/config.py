@@ -7,21 +7,30 @@ is: ``Sampling`` goes to the LLM, ``LoopConfig`` to the trajectory loop, ``Sched
 the scheduler. Nothing is copied field by field from one to another.
 
 Environment variables: VLLM_SERVER_URL, VLLM_MODEL_NAME (llm.url, llm.model), ENV_SERVER_URL,
-ENV_TOKEN (env.services), AGENTENV_HOME (where the tiny model lives).
+ENV_TOKEN (env.services), AGENTENV_OFFLINE, AGENTENV_CACHE_DIR (env.serve.downloads), AGENTENV_HOME
+(where the tiny model lives).
+
+A settings model becomes command-line options with ``add_flags`` and back with ``from_flags``
+(``agentenv serve-envs``, ``agentenv tasks check``): one name and one default per setting.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import types
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.fields import FieldInfo
 
 AGENTENV_HOME = Path(os.environ.get("AGENTENV_HOME", Path.home() / ".cache" / "agentenv"))
 TINY_MODEL = AGENTENV_HOME / "models" / "tiny-uitars"
+DOWNLOADS_ENV = "AGENTENV_DOWNLOADS"  # an env service's DownloadConfig, JSON (set by serve())
 
 
 class _Strict(BaseModel):
@@ -72,22 +81,12 @@ class LoopConfig(_Strict):
 
 
 class ServiceConfig(_Strict):
+    """An env service to use (``agentenv serve-envs``, or one a Ray actor runs): where, with which
+    bearer token, and how many desktops to have there (None: those it has)."""
+
     url: str
     token: str | None = None
     desktops: int | None = None
-
-
-class EnvConfig(_Strict):
-    services: list[ServiceConfig] = Field(default_factory=list)
-    local_desktops: int = 4          # when no service is given, start one with this many desktops
-    local_port: int = 8100
-    width: int = 1920
-    height: int = 1080
-    # Each desktop in a bubblewrap sandbox (its own user, mount, PID, IPC and network namespaces;
-    # agentenv/envs/sandbox.py). false: apps and task commands run on this host as the desktop user.
-    sandbox: bool = True
-    sandbox_network: bool = False    # sandboxes share the host's network (tasks that need it; reaches loopback too)
-    upload_roots: list[str] = Field(default_factory=list)  # folders upload_file steps may read (besides the task source's)
 
 
 class RayConfig(_Strict):
@@ -129,24 +128,29 @@ class TaskConfig(_Strict):
 
 class DownloadConfig(_Strict):
     """Files OSWorld tasks fetch (``download`` steps, ``cloud_file`` gold files): a cache keyed by URL
-    (``agentenv.envs.tasks.cache``). Setup steps run in the env service, which reads this from its
-    environment (``AGENTENV_CACHE_DIR`` or ``AGENTENV_HOME``, ``AGENTENV_OFFLINE=1``); `agentenv run`
-    sets those for the service it starts."""
+    (``agentenv.envs.tasks.cache``). Setup steps run in the env service: ``serve()`` puts its settings'
+    downloads in its environment (``AGENTENV_DOWNLOADS``, JSON), where ``from_env`` reads them; a
+    process without them reads ``AGENTENV_CACHE_DIR`` (or ``AGENTENV_HOME``) and ``AGENTENV_OFFLINE=1``."""
 
-    cache_dir: str | None = None     # None: $AGENTENV_HOME/cache/downloads
-    offline: bool = False            # fetch nothing: a URL not in the cache is an error naming it
-    timeout_s: float = 60.0          # connect/read timeout of one fetch
-    max_bytes: int = 2 * 2**30       # one file
+    cache_dir: str | None = Field(None, description="download cache (default $AGENTENV_HOME/cache/downloads)")
+    offline: bool = Field(False, description="fetch nothing: a URL not in the download cache is an error "
+                                             "naming it (AGENTENV_OFFLINE=1)")
+    timeout_s: float = Field(60.0, description="connect/read timeout of one download",
+                             json_schema_extra={"flag": "download-timeout-s"})
+    max_bytes: int = Field(2 * 2**30, description="largest file downloaded",
+                           json_schema_extra={"flag": "download-max-bytes"})
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "DownloadConfig":
         env = os.environ if environ is None else environ
+        if env.get(DOWNLOADS_ENV):
+            return cls.model_validate_json(env[DOWNLOADS_ENV])
         return cls(offline=env.get("AGENTENV_OFFLINE", "").strip().lower() in ("1", "true", "yes"),
                    cache_dir=env.get("AGENTENV_CACHE_DIR") or cls().resolved_dir(env))
 
     def to_env(self) -> dict[str, str]:
-        """What an env service started by `agentenv run` reads (``from_env``)."""
-        return {"AGENTENV_OFFLINE": "1" if self.offline else "", "AGENTENV_CACHE_DIR": self.resolved_dir()}
+        """All of it, for ``from_env`` in this process and its children (the cache folder resolved here)."""
+        return {DOWNLOADS_ENV: self.model_copy(update={"cache_dir": self.resolved_dir()}).model_dump_json()}
 
     def resolved_dir(self, environ: dict[str, str] | None = None) -> str:
         env = os.environ if environ is None else environ
@@ -155,10 +159,51 @@ class DownloadConfig(_Strict):
         return str(Path(env.get("AGENTENV_HOME") or AGENTENV_HOME) / "cache" / "downloads")
 
 
+class ServiceLimits(_Strict):
+    """What one request may ask of the service; larger is refused with a 413/422 that says which
+    limit (``agentenv serve-envs --help`` sets each). One request must not exhaust the memory or
+    the disk of a service that hosts many desktops."""
+
+    max_body_bytes: int = Field(64 * 2**20, description="a request body (uploads included)")
+    max_image_pixels: int = Field(4096 * 4096, description="a screenshot resized for the model "
+                                                           "(UI-TARS-1.5 needs <= 12.8 M)")
+    max_screen_side: int = Field(7680, description="a desktop's width or height (8K)")
+    max_output_bytes: int = Field(2**20, description="stdout/stderr kept from an /execute command (the rest is cut)")
+    max_file_bytes: int = Field(64 * 2**20, description="a file served by /file")
+    execute_timeout_s: float = Field(120.0, description="an /execute command's longest run")
+
+
+class EnvServiceConfig(_Strict):
+    """Everything an env service is started with but where it listens: the one object that
+    ``agentenv run`` (``env.serve``), the child process of ``EnvService``, the ``serve-envs`` flags
+    (``add_flags``), the Ray actor, ``serve()`` and ``agentenv tasks check`` take whole."""
+
+    width: int = Field(1920, description="screen width of each desktop")
+    height: int = Field(1080, description="screen height of each desktop")
+    # Each desktop in a bubblewrap sandbox (its own user, mount, PID, IPC and network namespaces;
+    # agentenv/envs/sandbox.py). false: apps and task commands run on this host as the desktop user.
+    sandbox: bool = Field(True, description="run each desktop in a bubblewrap sandbox; --no-sandbox runs its "
+                                            "apps and commands on this host as the desktop user")
+    sandbox_network: bool = Field(False, description="sandboxed desktops share this host's network (tasks that "
+                                                     "need it; reaches loopback too)")
+    upload_roots: list[str] = Field(default_factory=list, json_schema_extra={"flag": "upload-root"},
+                                    description="a folder whose files upload_file steps may read (repeatable; "
+                                                "the built-in tasks' folder always may)")
+    downloads: DownloadConfig = Field(default_factory=DownloadConfig)
+    limits: ServiceLimits = Field(default_factory=ServiceLimits)
+
+
+class EnvConfig(_Strict):
+    services: list[ServiceConfig] = Field(default_factory=list)
+    local_desktops: int = 4          # when no service is given, start one with this many desktops
+    local_port: int = 8100
+    serve: EnvServiceConfig = Field(default_factory=EnvServiceConfig)  # every env service this run starts
+
+
 class SchedulerConfig(_Strict):
     """How the scheduler admits and supervises trajectories (``StreamingScheduler``)."""
 
-    rollout_n: int = 2
+    rollout_n: int = 2               # samples per task; owned by the buffer (TrajectoryBuffer.from_config)
     trajectory_timeout_s: float = 1800.0
     env_retries: int = 2             # reruns of a trajectory whose desktop died
     max_llm_in_flight: int = 64      # model calls in flight across all trajectories
@@ -189,7 +234,6 @@ class RunConfig(_Strict):
     loop: LoopConfig = Field(default_factory=LoopConfig)
     env: EnvConfig = Field(default_factory=EnvConfig)
     tasks: TaskConfig = Field(default_factory=TaskConfig)
-    downloads: DownloadConfig = Field(default_factory=DownloadConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -211,6 +255,20 @@ def _parse_value(raw: str) -> Any:
         return raw
 
 
+# Settings that moved into env.serve: an old config gets an error that names the new key.
+_MOVED = {("env", k): f"env.serve.{k}" for k in ("width", "height", "sandbox", "sandbox_network", "upload_roots")}
+_MOVED[("downloads",)] = "env.serve.downloads"
+
+
+def _check_moved(data: dict[str, Any]) -> None:
+    for keys, new in _MOVED.items():
+        d: Any = data
+        for k in keys[:-1]:
+            d = d.get(k) if isinstance(d, dict) else None
+        if isinstance(d, dict) and keys[-1] in d:
+            raise ValueError(f"{'.'.join(keys)} is {new} now")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 environ: dict[str, str] | None = None) -> RunConfig:
     env = os.environ if environ is None else environ
@@ -229,12 +287,70 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if env.get("ENV_SERVER_URL") and not data.get("env", {}).get("services"):
         _set(data, "env.services", [{"url": u, "token": env.get("ENV_TOKEN")}
                                     for u in env["ENV_SERVER_URL"].split(",")])
+    downloads = data.get("env", {}).get("serve", {}).get("downloads", {})
+    if _parse_value(env.get("AGENTENV_OFFLINE") or "") in (1, True) and "offline" not in downloads:
+        _set(data, "env.serve.downloads.offline", True)
+    if env.get("AGENTENV_CACHE_DIR") and not downloads.get("cache_dir"):
+        _set(data, "env.serve.downloads.cache_dir", env["AGENTENV_CACHE_DIR"])
     for o in overrides or []:
         if "=" not in o:
             raise ValueError(f"override {o!r} must look like section.key=value")
         k, v = o.split("=", 1)
         _set(data, k.strip(), _parse_value(v))
+    _check_moved(data)
     return RunConfig.model_validate(data)
+
+
+# ----------------------------------------------------------------------------- settings as CLI options
+
+def _leaves(model: type[BaseModel], path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], FieldInfo]]:
+    """(path, field) of every field that is not itself a model; nested models are walked."""
+    for name, f in model.model_fields.items():
+        if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+            yield from _leaves(f.annotation, (*path, name))
+        else:
+            yield (*path, name), f
+
+
+def _flag(path: tuple[str, ...], f: FieldInfo) -> str:
+    extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+    return "--" + str(extra.get("flag") or path[-1].replace("_", "-"))
+
+
+def add_flags(ap: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    """One option per setting of ``model`` (nested models flattened: ``limits.max_body_bytes`` is
+    ``--max-body-bytes``), its help the field's description. An option not given is absent from the
+    namespace, so the model's own default applies (``from_flags``)."""
+    seen: set[str] = set()
+    for path, f in _leaves(model):
+        flag = _flag(path, f)
+        if flag in seen:
+            raise ValueError(f"two settings of {model.__name__} would be {flag}")
+        seen.add(flag)
+        default = f.get_default(call_default_factory=True)
+        kw: dict[str, Any] = {"dest": ".".join(path), "default": argparse.SUPPRESS,
+                              "help": (f.description or ".".join(path))
+                              + ("" if default is None else f" (default {default})")}
+        ann = f.annotation
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        if ann is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(ann) is list:
+            kw.update(action="append", type=args[0] if args else str, metavar=path[-1].upper())
+        else:
+            kw["metavar"] = path[-1].upper()
+            kw["type"] = args[0] if isinstance(ann, types.UnionType) or typing.get_origin(ann) is typing.Union else ann
+        ap.add_argument(flag, **kw)
+
+
+def from_flags(ns: argparse.Namespace, model: type[BaseModel], base: BaseModel | None = None) -> Any:
+    """``base`` (or the defaults) with the options of ``add_flags`` that were given."""
+    data = base.model_dump() if base is not None else {}
+    given = vars(ns)
+    for path, _ in _leaves(model):
+        if ".".join(path) in given:
+            _set(data, ".".join(path), given[".".join(path)])
+    return model.model_validate(data)
 
 
 def tiny_model_pixels() -> tuple[int, int] | None:

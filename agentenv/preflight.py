@@ -52,8 +52,7 @@ def check_tasks(t: TaskConfig, osworld_like: bool = True) -> list[Any]:
         if unknown:
             raise PreflightError(f"tasks.ids names tasks that {t.source!r} does not have: {unknown[:10]}")
     try:
-        chosen = TaskSource(items, epochs=t.epochs, rank=t.rank, world_size=t.world_size, ids=t.ids,
-                            limit=t.limit).items
+        chosen = TaskSource.from_config(t, items).items
     except ValueError as e:
         raise PreflightError(f"tasks: {e}") from e
     if not chosen:

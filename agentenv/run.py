@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import sys
 from pathlib import Path
@@ -36,14 +35,15 @@ from pydantic import ValidationError
 
 from agentenv.config import RunConfig, load_config
 from agentenv.envs.client import EnvError
-from agentenv.envs.pool import EnvPool, ServiceSpec
+from agentenv.config import ServiceConfig
+from agentenv.envs.pool import EnvPool
 from agentenv.preflight import (PreflightError, check_desktops, check_llm, check_output, check_tasks,
                                 prepare_run_dir)
 from agentenv.rollout.buffer import TrajectoryBuffer
 from agentenv.rollout.llm import as_llm
 from agentenv.rollout.loop import Rollout
 from agentenv.rollout.scheduler import StreamingScheduler
-from agentenv.rollout.sources import TaskSource, load_items
+from agentenv.rollout.sources import TaskSource
 from agentenv.view.live import serve_live
 from agentenv.view.runinfo import record_run
 
@@ -51,13 +51,9 @@ from agentenv.view.runinfo import record_run
 def build_scheduler(cfg: RunConfig, llm: Any, pool: EnvPool, *, tiny: bool = False,
                     items: list[Any] | None = None) -> StreamingScheduler:
     """Everything but the services: rollout (agent, sampling, limits), buffer, source, scheduler."""
-    s, t, o = cfg.scheduler, cfg.tasks, cfg.output
-    buffer = TrajectoryBuffer(o.dir, s.rollout_n, max_staleness=s.max_staleness, stale_policy=s.stale_policy,
-                              save_screenshots=o.screenshots, max_screenshots=o.max_screenshots,
-                              max_ready=o.max_ready_groups)
-    source = TaskSource(items if items is not None else load_items(t.source), epochs=t.epochs, rank=t.rank, world_size=t.world_size,
-                        shuffle=t.shuffle, seed=t.seed, ids=t.ids, limit=t.limit)
-    return StreamingScheduler(Rollout.from_config(cfg, llm, tiny=tiny), pool, buffer, source, s)
+    buffer = TrajectoryBuffer.from_config(cfg)
+    source = TaskSource.from_config(cfg.tasks, items)
+    return StreamingScheduler(Rollout.from_config(cfg, llm, tiny=tiny), pool, buffer, source, cfg.scheduler)
 
 
 async def _progress(sched: StreamingScheduler, total: int | None, enabled: bool) -> None:
@@ -90,7 +86,7 @@ def _metrics_server(port: int, sched: StreamingScheduler) -> None:
     start_http_server(port, addr="127.0.0.1")
 
 
-async def run_async(cfg: RunConfig, llm: Any, services: list[ServiceSpec], *, tiny: bool = False,
+async def run_async(cfg: RunConfig, llm: Any, services: list[ServiceConfig], *, tiny: bool = False,
                     items: list[Any] | None = None, fleet: Any = None) -> dict:
     """``fleet``: a started ``RayFleet`` whose services are among ``services`` (and whose vLLM
     actors serve ``llm``, if it has any); it is watched while the scheduler runs (lost services and
@@ -186,8 +182,9 @@ def run(cfg: RunConfig) -> dict:
     """Check, start, run, stop. Raises PreflightError (nothing was admitted) or Interrupted."""
     from agentenv.services import EnvService, VLLMService
 
-    items = check_tasks(cfg.tasks, osworld_like=cfg.env.sandbox)              # before any service: a typo fails in a second
+    items = check_tasks(cfg.tasks, osworld_like=cfg.env.serve.sandbox)        # before any service: a typo fails in a second
     check_output(cfg.output)
+    cfg = _with_task_folder(cfg)
     with _signals_interrupt(), contextlib.ExitStack() as stack:
         fleet, specs, endpoints = None, [], []
         rank, world_size = cfg.tasks.rank, cfg.tasks.world_size
@@ -217,23 +214,28 @@ def run(cfg: RunConfig) -> dict:
         if cfg.output.max_ready_groups is None:  # no trainer takes groups here: hold none in memory
             cfg.output.max_ready_groups = 0
         logger.info("run directory: {}", run_dir)
-        services = [ServiceSpec(s.url, s.token, s.desktops) for s in cfg.env.services]
+        services = list(cfg.env.services)
         if fleet is not None:
             if not cfg.ray.attach:
                 specs = _ray_setup(fleet.start, rank, world_size)
             services += specs
         elif not services:
-            os.environ.update(cfg.downloads.to_env())  # the env service runs the downloads
-            roots = list(cfg.env.upload_roots)
-            src = Path(cfg.tasks.source)
-            if cfg.tasks.source != "builtin" and src.exists():  # the task files' own folder
-                roots.append(str((src if src.is_dir() else src.parent).resolve()))
-            es = stack.enter_context(EnvService(cfg.env.local_desktops, cfg.env.local_port, cfg.env.width,
-                                                cfg.env.height, log=run_dir / "env-service.log",
-                                                sandbox=cfg.env.sandbox, upload_roots=roots,
-                                                network=cfg.env.sandbox_network))
-            services = [ServiceSpec(es.url, es.token)]
+            es = stack.enter_context(EnvService(cfg.env.local_desktops, cfg.env.local_port, cfg.env.serve,
+                                                log=run_dir / "env-service.log"))
+            services = [ServiceConfig(url=es.url, token=es.token)]
         return asyncio.run(run_async(cfg, llm, services, tiny=tiny, items=items, fleet=fleet))
+
+
+def _with_task_folder(cfg: RunConfig) -> RunConfig:
+    """The run's config with the task files' own folder among the upload roots of the env services
+    it starts (local or on Ray): their upload_file steps read files beside them."""
+    src = Path(cfg.tasks.source)
+    if cfg.tasks.source == "builtin" or not src.exists():
+        return cfg
+    serve = cfg.env.serve
+    roots = [*serve.upload_roots, str((src if src.is_dir() else src.parent).resolve())]
+    env = cfg.env.model_copy(update={"serve": serve.model_copy(update={"upload_roots": roots})})
+    return cfg.model_copy(update={"env": env})
 
 
 def _join_ray(cfg: RunConfig, stack: contextlib.ExitStack) -> Any:

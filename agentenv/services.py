@@ -21,7 +21,7 @@ import httpx
 from loguru import logger
 
 from agentenv import procs
-from agentenv.config import AGENTENV_HOME
+from agentenv.config import AGENTENV_HOME, EnvServiceConfig
 from agentenv.procs import spawn_tied
 
 ROOT = Path(__file__).resolve().parent.parent  # the folder that holds the package (repo or site-packages)
@@ -150,15 +150,14 @@ class VLLMService:
 
 class EnvService:
     """``agentenv serve-envs`` as a child process (on loopback unless ``host`` says otherwise: a Ray
-    node serves its desktops on its own address); a context manager."""
+    node serves its desktops on its own address), with ``settings`` given whole (as JSON); a
+    context manager."""
 
-    def __init__(self, num: int = 4, port: int = 8100, width: int = 1920, height: int = 1080,
-                 token: str | None = None, log: Path | None = None, sandbox: bool = True,
-                 upload_roots: list[str | Path] | None = None, osworld_port: int | None = None,
-                 network: bool = False, host: str = "127.0.0.1"):
-        self.num, self.port, self.width, self.height, self.host = num, port, width, height, host
-        self.sandbox, self.upload_roots = sandbox, [str(r) for r in upload_roots or ()]
-        self.osworld_port, self.network = osworld_port, network
+    def __init__(self, num: int = 4, port: int = 8100, settings: EnvServiceConfig | None = None,
+                 token: str | None = None, log: Path | None = None, osworld_port: int | None = None,
+                 host: str = "127.0.0.1"):
+        self.num, self.port, self.host, self.osworld_port = num, port, host, osworld_port
+        self.settings = settings or EnvServiceConfig()
         self.token = token or secrets.token_urlsafe(16)
         self.url = f"http://{host}:{port}"
         self.log = log
@@ -171,11 +170,8 @@ class EnvService:
         try:
             self.proc = spawn_tied(
                 [sys.executable, "-m", "agentenv", "serve-envs", "--num", str(self.num), "--host", self.host,
-                 "--port", str(self.port), "--width", str(self.width), "--height", str(self.height),
-                 "--sandbox" if self.sandbox else "--no-sandbox",
-                 *[a for r in self.upload_roots for a in ("--upload-root", r)],
-                 *(["--osworld-port", str(self.osworld_port)] if self.osworld_port else []),
-                 *(["--sandbox-network"] if self.network else [])],
+                 "--port", str(self.port), "--settings", self.settings.model_dump_json(),
+                 *(["--osworld-port", str(self.osworld_port)] if self.osworld_port else [])],
                 env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL, start_new_session=True)
         finally:
             if self.log:

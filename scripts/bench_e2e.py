@@ -37,12 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agentenv.config import tiny_model_pixels  # noqa: E402
 from agentenv.envs.client import AsyncDesktopEnv, AsyncEnvClient, EnvRequestError  # noqa: E402
-from agentenv.envs.pool import EnvPool, ServiceSpec  # noqa: E402
+from agentenv.envs.pool import EnvPool  # noqa: E402
 from agentenv.envs.tasks import builtin_tasks  # noqa: E402
+from agentenv.net import free_port  # noqa: E402
 from agentenv.rollout.agent import UITarsAgent  # noqa: E402
 from agentenv.rollout.buffer import TrajectoryBuffer  # noqa: E402
 from agentenv.rollout.llm import Sampling, ServiceLLM  # noqa: E402
-from agentenv.config import LoopConfig, SchedulerConfig  # noqa: E402
+from agentenv.config import LoopConfig, SchedulerConfig, ServiceConfig  # noqa: E402
 from agentenv.rollout.loop import Rollout  # noqa: E402
 from agentenv.rollout.scheduler import StreamingScheduler  # noqa: E402
 from agentenv.rollout.sources import TaskSource  # noqa: E402
@@ -171,7 +172,7 @@ async def bench(a, vllm_url, model, env_url, token) -> dict:
     # Random replies (no seed) within the UI-TARS action grammar: trajectory lengths vary, as in real rollouts.
     sampling = Sampling(temperature=1.0, max_tokens=48, regex=ACTION_REGEX)
     llm = ServiceLLM(vllm_url, model)
-    pool = await EnvPool([ServiceSpec(env_url, token)]).start()
+    pool = await EnvPool([ServiceConfig(url=env_url, token=token)]).start()
     client = AsyncEnvClient(env_url, token)
     rounds = []
     try:
@@ -195,13 +196,6 @@ async def bench(a, vllm_url, model, env_url, token) -> dict:
             "rounds": rounds, "desktops": a.desktops, "tasks": a.tasks, "rollout_n": a.rollout_n,
             "max_steps": a.max_steps, "history_images": a.history_images, "server_cores": a.server_cores}
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def pin(pid: int, cores: set[int]) -> int:
@@ -236,7 +230,7 @@ def main() -> int:
     ap.add_argument("--server-cores", default=None, metavar="LIST",
                     help="pin the vLLM server to these cores (e.g. 1) and everything else to the rest")
     a = ap.parse_args()
-    with VLLMService(port=_free_port()) as v, EnvService(num=a.desktops, port=_free_port()) as e:
+    with VLLMService(port=free_port()) as v, EnvService(num=a.desktops, port=free_port()) as e:
         if a.server_cores:
             server = {int(c) for c in a.server_cores.split(",")}
             rest = set(os.sched_getaffinity(0)) - server

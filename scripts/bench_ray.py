@@ -35,11 +35,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from agentenv.config import EnvConfig, LoopConfig, RayConfig, SchedulerConfig  # noqa: E402
+from agentenv.config import (EnvConfig, EnvServiceConfig, LoopConfig, RayConfig, SchedulerConfig,  # noqa: E402
+                             ServiceConfig)
 from agentenv.envs.client import EnvDeadError, Observation  # noqa: E402
-from agentenv.envs.pool import EnvPool, ServiceSpec  # noqa: E402
+from agentenv.envs.pool import EnvPool  # noqa: E402
 from agentenv.envs.tasks import builtin_tasks  # noqa: E402
 from agentenv.envs.wire import Created, DesktopInfo, Health  # noqa: E402
+from agentenv.net import free_port  # noqa: E402
 from agentenv.rollout.agent import UITarsAgent  # noqa: E402
 from agentenv.rollout.buffer import TrajectoryBuffer  # noqa: E402
 from agentenv.rollout.llm import Completion, Sampling  # noqa: E402
@@ -71,7 +73,7 @@ class ScriptedModel:
         return None
 
 
-async def _measure(specs: list[ServiceSpec], trajectories: int, max_steps: int, model_s: float) -> float:
+async def _measure(specs: list[ServiceConfig], trajectories: int, max_steps: int, model_s: float) -> float:
     """steps/s of the streaming scheduler over these services (trajectories of max_steps clicks)."""
     by_id = {t.id: t for t in builtin_tasks()}
     tasks = [by_id[TASKS[i % len(TASKS)]] for i in range(trajectories)]
@@ -110,14 +112,14 @@ def real_desktops(a) -> dict:
             cluster.add_node(**node, resources={"desktop": a.desktops_per_node})
         ray.init(address=cluster.address, namespace=f"bench-{uuid.uuid4().hex[:6]}", log_to_driver=False,
                  _node_ip_address="127.0.0.1")
-        screen = EnvConfig(width=1280, height=720)
+        screen = EnvConfig(serve=EnvServiceConfig(width=1280, height=720))
         for k in a.nodes:
             fleet = RayFleet(RayConfig(desktops_per_actor=a.desktops_per_node, actors=k), screen)
-            plain = [EnvService(a.desktops_per_node, port=_free_port(), width=1280, height=720) for _ in range(k)]
+            plain = [EnvService(a.desktops_per_node, port=free_port(), settings=screen.serve) for _ in range(k)]
             try:
                 ray_specs = fleet.start()
                 assert len({m.node_id for m in fleet.members}) == k, "Ray put two services on one node"
-                plain_specs = [ServiceSpec(p.start().url, p.token) for p in plain]
+                plain_specs = [ServiceConfig(url=p.start().url, token=p.token) for p in plain]
                 n = k * a.desktops_per_node
                 traj = a.trajectories_per_desktop * n
                 asyncio.run(_measure(ray_specs, n, 2, a.model_s))  # warm up both (first app starts)
@@ -146,13 +148,6 @@ def real_desktops(a) -> dict:
         cluster.shutdown()
     return out
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- 2. SIMULATION

@@ -34,8 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from agentenv.config import AGENTENV_HOME, TINY_MODEL, LoopConfig, SchedulerConfig, tiny_model_pixels  # noqa: E402
-from agentenv.envs.pool import EnvPool, ServiceSpec  # noqa: E402
+from agentenv.config import (AGENTENV_HOME, TINY_MODEL, LoopConfig, SchedulerConfig, ServiceConfig,  # noqa: E402
+                             tiny_model_pixels)
+from agentenv.envs.pool import EnvPool  # noqa: E402
 from agentenv.envs.tasks import builtin_tasks  # noqa: E402
 from agentenv.rollout.agent import UITarsAgent  # noqa: E402
 from agentenv.rollout.buffer import TrajectoryBuffer, read_trajectories  # noqa: E402
@@ -224,7 +225,7 @@ async def bench(a) -> dict:
     with va, es:
         by_id = {t.id: t for t in builtin_tasks()}
         tasks = [by_id[i] for i in LIGHT[:a.tasks]]
-        pool = await EnvPool([ServiceSpec(es.url, es.token)]).start()
+        pool = await EnvPool([ServiceConfig(url=es.url, token=es.token)]).start()
         cfg = work / "agentenv.json"
         lo, hi = tiny_model_pixels()
         cfg.write_text(json.dumps({

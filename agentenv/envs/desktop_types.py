@@ -17,6 +17,8 @@ from typing import Any, Protocol
 
 from loguru import logger
 
+from agentenv.config import EnvServiceConfig
+
 DESKTOP_USER = "agentenv-desk"
 OSWORLD_HOME = "/home/user"  # HOME in OSWorld's VM; task files name paths under it
 
@@ -45,17 +47,27 @@ class A11yLimits:
 A11Y_LIMITS = A11yLimits()
 
 
+_SETTINGS = EnvServiceConfig()  # the defaults, declared there once
+
+
 @dataclass
 class DesktopSpec:
-    width: int = 1920
-    height: int = 1080
+    """One desktop's make-up. A service's desktops get theirs from its settings (``from_settings``)."""
+
+    width: int = _SETTINGS.width
+    height: int = _SETTINGS.height
     scratch: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "agentenv-desktops")
     template: Path | None = None       # extra files copied into every fresh HOME
     # Host folders an ``upload_file`` setup step may read from (besides the built-in tasks' folder);
     # a task names files of its own folder, never an arbitrary host path.
     upload_roots: tuple[Path, ...] = ()
-    sandbox: bool = False              # apps in a bubblewrap sandbox (agentenv/envs/sandbox.py)
-    network: bool = False              # a sandbox shares the host's network (tasks that need it)
+    sandbox: bool = _SETTINGS.sandbox  # apps in a bubblewrap sandbox (agentenv/envs/sandbox.py)
+    network: bool = _SETTINGS.sandbox_network  # a sandbox shares the host's network (tasks that need it)
+
+    @classmethod
+    def from_settings(cls, s: EnvServiceConfig) -> "DesktopSpec":
+        return cls(width=s.width, height=s.height, sandbox=s.sandbox, network=s.sandbox_network,
+                   upload_roots=tuple(Path(r) for r in s.upload_roots))
 
 
 def desktop_user() -> pwd.struct_passwd | None:

@@ -18,19 +18,12 @@ import asyncio
 import collections
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import AsyncIterator
 
 from loguru import logger
 
+from agentenv.config import ServiceConfig
 from agentenv.envs.client import AsyncDesktopEnv, AsyncEnvClient, EnvError
-
-
-@dataclass
-class ServiceSpec:
-    url: str
-    token: str | None = None
-    desktops: int | None = None  # None: use the desktops the service already has
 
 
 class EnvPoolExhausted(EnvError):
@@ -38,7 +31,7 @@ class EnvPoolExhausted(EnvError):
 
 
 class EnvPool:
-    def __init__(self, services: list[ServiceSpec | AsyncEnvClient | str], *, timeout_s: float = 120.0,
+    def __init__(self, services: list[ServiceConfig | AsyncEnvClient | str], *, timeout_s: float = 120.0,
                  replace_timeout_s: float = 60.0):
         self.replace_timeout_s = replace_timeout_s
         self.timeout_s = timeout_s
@@ -61,10 +54,10 @@ class EnvPool:
     def busy(self) -> int:
         return len(self._all) - len(self._free)
 
-    def _client(self, s: ServiceSpec | AsyncEnvClient | str) -> tuple[AsyncEnvClient, int | None]:
+    def _client(self, s: ServiceConfig | AsyncEnvClient | str) -> tuple[AsyncEnvClient, int | None]:
         if isinstance(s, str):
             return AsyncEnvClient(s, timeout_s=self.timeout_s), None
-        if isinstance(s, ServiceSpec):
+        if isinstance(s, ServiceConfig):
             return AsyncEnvClient(s.url, s.token, timeout_s=self.timeout_s), s.desktops
         return s, None  # an AsyncEnvClient, or anything with its methods (the benchmarks' simulated services)
 
@@ -93,7 +86,7 @@ class EnvPool:
         logger.info("env pool: {} desktops on {} service(s)", self.size, len(self._specs))
         return self
 
-    async def add_service(self, spec: ServiceSpec | AsyncEnvClient | str) -> int:
+    async def add_service(self, spec: ServiceConfig | AsyncEnvClient | str) -> int:
         """Bring a service's desktops into the running pool; returns how many. Raises ``EnvError``
         (and adds nothing) when the service does not answer."""
         client, want = self._client(spec)

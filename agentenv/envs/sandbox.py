@@ -55,7 +55,7 @@ def check_sandbox() -> None:
     if bwrap is None:
         raise SandboxError("sandboxed desktops need bubblewrap: install the Debian package 'bubblewrap' "
                            "(scripts/install.sh does), or run the desktops unsandboxed with "
-                           "serve-envs --no-sandbox / env.sandbox: false")
+                           "serve-envs --no-sandbox / env.serve.sandbox: false")
     r = subprocess.run([bwrap, "--unshare-all", "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin",
                         "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64", "true"],
                        capture_output=True, text=True, timeout=30, cwd="/", **_as_desktop_user())

@@ -8,7 +8,8 @@ Each node that should run desktops advertises a custom resource, one unit per de
 
 ``RayFleet.start()`` starts one ``EnvServiceActor`` per such node (or actors of
 ``desktops_per_actor`` desktops each, placed by Ray wherever the resource is free). An actor runs
-``agentenv serve-envs`` as its child, on its node's address, with a bearer token it makes itself;
+``agentenv serve-envs`` as its child, on its node's address, with the run's ``env.serve`` settings
+(whole, as a local run's service gets them) and a bearer token it makes itself;
 the scheduler learns every service (URL and token, from the actor's ``info()`` reply, never from a
 log) without a list typed by hand. The data path stays HTTP between the scheduler and the env
 services: screenshots never go through Ray's object store.
@@ -41,7 +42,6 @@ import collections
 import contextlib
 import os
 import secrets
-import socket
 import tempfile
 import threading
 import time
@@ -53,8 +53,9 @@ import httpx
 import ray
 from loguru import logger
 
-from agentenv.config import EnvConfig, RayConfig
-from agentenv.envs.pool import EnvPool, ServiceSpec
+from agentenv.config import EnvConfig, EnvServiceConfig, RayConfig, ServiceConfig
+from agentenv.envs.pool import EnvPool
+from agentenv.net import free_port
 
 # Actors are named <prefix><i> in the run's namespace: other processes of the cluster find them by name.
 ENV_PREFIX = "agentenv-envs-"
@@ -93,12 +94,6 @@ def _log_dir() -> Path:
     if node is not None:
         return Path(node.get_logs_dir_path())
     return Path(tempfile.mkdtemp(prefix="agentenv-envs-"))
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class _ServerActor:
@@ -144,12 +139,12 @@ class _ServerActor:
 
 
 class EnvServiceActor(_ServerActor):
-    """One env service (``agentenv serve-envs``) on the node Ray placed this actor on.
+    """One env service (``agentenv serve-envs``) on the node Ray placed this actor on, with ``settings``
+    (the run's ``env.serve``) given whole.
 
     Not decorated: ``RayFleet`` applies ``ray.remote`` with the options of the run."""
 
-    def __init__(self, desktops: int, width: int, height: int, host: str | None = None, sandbox: bool = True,
-                 network: bool = False):
+    def __init__(self, desktops: int, settings: EnvServiceConfig, host: str | None = None):
         from agentenv.services import EnvService
 
         super().__init__()
@@ -160,9 +155,8 @@ class EnvServiceActor(_ServerActor):
         logdir = _log_dir()
         last: Exception | None = None
         for _ in range(3):  # the free port may be taken between the probe and the bind
-            svc = EnvService(desktops, _free_port(self.host), width, height, token=token,
-                             log=logdir / f"agentenv-envs-{os.getpid()}.log", host=self.host,
-                             sandbox=sandbox, network=network)
+            svc = EnvService(desktops, free_port(self.host), settings, token=token,
+                             log=logdir / f"agentenv-envs-{os.getpid()}.log", host=self.host)
             try:
                 svc.start()
                 break
@@ -189,7 +183,7 @@ class VLLMServiceActor(_ServerActor):
         host = host or ray.util.get_node_ip_address()
         name = _arg(args, "--served-model-name") or Path(_arg(args, "--model") or "tiny-uitars").name
         run_dir = _log_dir() / f"agentenv-vllm-{os.getpid()}"
-        svc = VLLMService(port=_free_port(host), extra=list(args), run_dir=run_dir, host=host, model=name,
+        svc = VLLMService(port=free_port(host), extra=list(args), run_dir=run_dir, host=host, model=name,
                           api_key=secrets.token_urlsafe(24)).start(timeout=start_timeout_s)
         self._serve(svc, f"vLLM server {svc.url}")
 
@@ -318,7 +312,7 @@ class RayFleet:
             m.incarnation = states.get(m.handle._actor_id.hex(), ("ALIVE", 0))[1]
         return infos
 
-    def start(self, rank: int = 0, world_size: int = 1) -> list[ServiceSpec]:
+    def start(self, rank: int = 0, world_size: int = 1) -> list[ServiceConfig]:
         """Start the env actors and wait for each service; returns the specs of scheduler
         ``rank``'s share (all of them for one scheduler), the ones this fleet watches."""
         plan = self.plan()
@@ -329,7 +323,7 @@ class RayFleet:
             name = f"{ENV_PREFIX}{i}"
             handle = actor_cls.options(name=name, num_cpus=0, max_restarts=self.cfg.max_restarts,
                                        max_concurrency=4, **opts).remote(
-                desktops, self.env.width, self.env.height, self.cfg.host, self.env.sandbox, self.env.sandbox_network)
+                desktops, self.env.serve, self.cfg.host)
             new.append(_Member(name, handle, "env", desktops))
         self.members += new
         infos = self._ready(new, "env-service actors")
@@ -339,7 +333,7 @@ class RayFleet:
         logger.info("ray: {} env services, {} desktops on {} nodes{}", len(new), sum(m.desktops for m in new),
                     len({m.node_id for m in new}), f"; scheduler {rank} of {world_size} uses {len(mine)}"
                     if world_size > 1 else "")
-        return [ServiceSpec(i["url"], i["token"]) for m, i in zip(new, infos) if m.watched]
+        return [ServiceConfig(url=i["url"], token=i["token"]) for m, i in zip(new, infos) if m.watched]
 
     def start_vllm(self) -> list[LLMEndpoint]:
         """``ray.vllm_actors`` model servers as Ray actors where ``ray.vllm_resources`` fit, restarted
@@ -356,7 +350,7 @@ class RayFleet:
         logger.info("ray: {} vLLM servers: {}", len(infos), ", ".join(i["url"] for i in infos))
         return [LLMEndpoint(i["url"], i["api_key"], i["model"]) for i in infos]
 
-    def attach(self, rank: int = 0, world_size: int = 1, *, vllm: bool = True) -> list[ServiceSpec]:
+    def attach(self, rank: int = 0, world_size: int = 1, *, vllm: bool = True) -> list[ServiceConfig]:
         """Use the actors another process of this namespace started (a second scheduler): scheduler
         ``rank``'s share of the env services, and (``vllm``) every vLLM actor (``llm_endpoints()``).
         They are watched like our own; ``shutdown`` leaves them running. Waits ``start_timeout_s``
@@ -376,7 +370,7 @@ class RayFleet:
             m.desktops = info.get("desktops", 0)
         logger.info("ray: scheduler {} of {} attached to {} env services ({} desktops) and {} vLLM servers", rank,
                     world_size, len(self.of("env")), sum(m.desktops for m in self.of("env")), len(self.of("vllm")))
-        return [ServiceSpec(m.url, m.info["token"]) for m in new if m.kind == "env" and m.url and m.info]
+        return [ServiceConfig(url=m.url, token=m.info["token"]) for m in new if m.kind == "env" and m.url and m.info]
 
     def llm_endpoints(self) -> list[LLMEndpoint]:
         """The fleet's model servers in use now."""
@@ -440,7 +434,7 @@ class RayFleet:
             try:
                 info = await asyncio.wait_for(m.handle.info.remote(), timeout=10.0)
                 if m.kind == "env":
-                    await pool.add_service(ServiceSpec(info["url"], info["token"]))  # type: ignore[union-attr]
+                    await pool.add_service(ServiceConfig(url=info["url"], token=info["token"]))  # type: ignore[union-attr]
                 else:
                     await llm.add_endpoint(info["url"], info["api_key"])
             except Exception as e:  # not up yet, or it died again: next look
@@ -504,13 +498,13 @@ class RayFleet:
         self.members = []
 
 
-def discover(timeout_s: float = 30.0, *, rank: int = 0, world_size: int = 1) -> list[ServiceSpec]:
+def discover(timeout_s: float = 30.0, *, rank: int = 0, world_size: int = 1) -> list[ServiceConfig]:
     """The env services a fleet started in this Ray namespace (scheduler ``rank``'s share of them),
     found by actor name: for another process of the cluster (a second scheduler, a verl worker) that
     should use the same desktops. ``RayFleet.attach`` does the same and follows their restarts."""
     handles = [ray.get_actor(n) for n in share(_named(ENV_PREFIX), rank, world_size)]
     infos = ray.get([h.info.remote() for h in handles], timeout=timeout_s)
-    return [ServiceSpec(i["url"], i["token"]) for i in infos]
+    return [ServiceConfig(url=i["url"], token=i["token"]) for i in infos]
 
 
 def discover_llm(timeout_s: float = 30.0) -> list[LLMEndpoint]:

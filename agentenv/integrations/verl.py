@@ -51,7 +51,7 @@ from verl.workers.rollout.utils import qwen2_5_vl_dedup_image_tokens
 from agentenv._compat import timeout
 from agentenv.config import RunConfig, _Strict, load_config
 from agentenv.envs.client import EnvDeadError
-from agentenv.envs.pool import EnvPool, ServiceSpec
+from agentenv.envs.pool import EnvPool
 from agentenv.rollout.llm import LLMError, Sampling, TokenServerLLM
 from agentenv.rollout.loop import Rollout, run_trajectory
 from agentenv.rollout.samples import Mode, SequenceModeError, TrainSample, load_images, trajectory_samples
@@ -79,6 +79,14 @@ class VerlOptions(_Strict):
         return load_config(self.agentenv_config, self.overrides)
 
 
+def verl_sampling(s: Sampling, params: dict[str, Any], response_length: int) -> Sampling:
+    """Our sampling with what verl's trainer sets for this call (``sampling_params``: temperature,
+    top_p, logprobs) over it, and no more tokens than verl's ``response_length``; every other
+    setting of ``s`` as it is."""
+    mine = {k: params[k] for k in ("temperature", "top_p", "logprobs") if params.get(k) is not None}
+    return Sampling.model_validate({**s.model_dump(), **mine, "max_tokens": min(s.max_tokens, response_length)})
+
+
 # ----------------------------------------------------------------------------- desktops per process
 
 _POOLS: dict[str, EnvPool] = {}
@@ -98,8 +106,7 @@ async def worker_pool(cfg: RunConfig) -> EnvPool:
     async with _POOLS_LOCK:
         pool = _POOLS.get(key)
         if pool is None:
-            specs = [ServiceSpec(s.url, s.token, s.desktops) for s in cfg.env.services]
-            pool = _POOLS[key] = await EnvPool(specs, timeout_s=cfg.loop.step_timeout_s).start()
+            pool = _POOLS[key] = await EnvPool(list(cfg.env.services), timeout_s=cfg.loop.step_timeout_s).start()
         return pool
 
 
@@ -197,11 +204,7 @@ class AgentenvAgentLoop(AgentLoopBase):
         llm = TokenServerLLM(self.server_manager, self.processor, builder=self.continuous_token_builder,
                              mm_processor_kwargs=self.mm_processor_kwargs, name="verl")
         rollout = Rollout.from_config(self.cfg, llm)
-        s = rollout.sampling
-        rollout.sampling = Sampling(
-            temperature=float(sampling_params.get("temperature", s.temperature)),
-            top_p=float(sampling_params.get("top_p", s.top_p)), max_tokens=min(s.max_tokens, self.response_length),
-            seed=s.seed, logprobs=bool(sampling_params.get("logprobs", s.logprobs)), regex=s.regex, stop=s.stop)
+        rollout.sampling = verl_sampling(rollout.sampling, sampling_params, self.response_length)
         rollout.save_screenshot = keep
         traj = Trajectory(task_id=task.id, sample=int(kwargs.get("session_id", next(_SAMPLES))), started_at=time.time())
         await self._run_on_a_desktop(traj, task, pool, rollout)

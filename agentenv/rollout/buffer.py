@@ -17,8 +17,7 @@ Screenshots are PNG files under ``<dir>/screenshots/<task>/<sample>/a<attempt>-<
 from __future__ import annotations
 
 import asyncio
-import json
-import os
+import functools
 import re
 import uuid
 from pathlib import Path
@@ -28,47 +27,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from loguru import logger
 
-from agentenv.types import Group, Status, Step, Trajectory
-
-STEP_TYPE = pa.struct([
-    ("index", pa.int32()), ("text", pa.string()), ("thought", pa.string()), ("action", pa.string()),
-    ("valid", pa.bool_()), ("error", pa.string()), ("prompt_shared", pa.int32()),
-    ("prompt_delta", pa.list_(pa.int32())), ("token_ids", pa.list_(pa.int32())),
-    ("logprobs", pa.list_(pa.float32())), ("finish_reason", pa.string()), ("screenshot", pa.string()),
-    ("image_steps", pa.list_(pa.int32())), ("llm_latency_s", pa.float64()), ("env_latency_s", pa.float64()),
-    ("policy_version", pa.int64()), ("env_info", pa.string()),
-])
-SCHEMA = pa.schema([
-    ("task_id", pa.string()), ("sample", pa.int32()), ("status", pa.string()), ("reason", pa.string()),
-    ("reward", pa.float64()), ("attempts", pa.int32()), ("env_id", pa.string()),
-    ("started_at", pa.float64()), ("ended_at", pa.float64()), ("num_steps", pa.int32()),
-    ("final_screenshot", pa.string()), ("steps", pa.list_(STEP_TYPE)),
-])
-
-
-def _row(t: Trajectory) -> dict:
-    return {
-        "task_id": t.task_id, "sample": t.sample, "status": t.status.value, "reason": t.reason,
-        "reward": t.reward, "attempts": t.attempts, "env_id": t.env_id, "started_at": t.started_at,
-        "ended_at": t.ended_at, "num_steps": len(t.steps), "final_screenshot": t.final_screenshot,
-        "steps": [{**s.to_dict(), "action": json.dumps(s.action) if s.action is not None else None,
-                   "env_info": json.dumps(s.env_info)} for s in t.steps],
-    }
-
-
-def _from_row(r: dict) -> Trajectory:
-    steps = []
-    for s in r["steps"] or []:
-        s = dict(s)
-        s["action"] = json.loads(s["action"]) if s["action"] else None
-        s["env_info"] = json.loads(s["env_info"]) if s["env_info"] else {}
-        s["image_steps"] = s["image_steps"] or []
-        steps.append(Step.from_dict(s))
-    return Trajectory(task_id=r["task_id"], sample=r["sample"], status=Status(r["status"]), reason=r["reason"],
-                      reward=r["reward"], steps=steps, attempts=r["attempts"], env_id=r["env_id"],
-                      started_at=r["started_at"], ended_at=r["ended_at"],
-                      final_screenshot=r["final_screenshot"] or "")
-
+from agentenv.atomic import fsync_dir, write_atomic
+from agentenv.config import RunConfig
+from agentenv.rollout.rows import SCHEMA, from_row, to_row
+from agentenv.types import Group, Trajectory
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:80]
@@ -88,35 +50,13 @@ def _best(trajs: Iterable[Trajectory]) -> dict[tuple[str, int], Trajectory]:
     return best
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(table: pa.Table, target: Path) -> None:
-    """temp file, fsync, rename, fsync the directory: after a crash, the whole file or none."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:  # a full disk, say: leave no half-written file behind
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(target.parent)
-
-
 def _part_files(path: Path) -> list[Path]:
     return sorted(path.glob("trajectories*.parquet")) + sorted((path / "parts").glob("*.parquet"))
 
 
 def read_trajectories(path: str | Path) -> list[Trajectory]:
     """Every trajectory under a buffer directory (parts and compacted file), one per (task, sample)."""
-    rows = (_from_row(r) for f in _part_files(Path(path)) for r in pq.read_table(f, schema=SCHEMA).to_pylist())
+    rows = (from_row(r) for f in _part_files(Path(path)) for r in pq.read_table(f, schema=SCHEMA).to_pylist())
     return list(_best(rows).values())
 
 
@@ -161,6 +101,14 @@ class TrajectoryBuffer:
                 logger.info("buffer: {} trajectories already on disk in {} will be skipped; {} that ended by an "
                             "infrastructure failure will run again", len(self._done), self.dir, rerun)
 
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> "TrajectoryBuffer":
+        """The buffer of a run: groups of ``scheduler.rollout_n`` (this buffer owns that number; the
+        scheduler asks it), staleness from ``scheduler``, where and what to keep from ``output``."""
+        s, o = cfg.scheduler, cfg.output
+        return cls(o.dir, s.rollout_n, max_staleness=s.max_staleness, stale_policy=s.stale_policy,
+                   save_screenshots=o.screenshots, max_screenshots=o.max_screenshots, max_ready=o.max_ready_groups)
+
     @property
     def ready(self) -> asyncio.Queue[Group]:
         if self._ready is None:  # created lazily, inside the caller's event loop
@@ -187,8 +135,9 @@ class TrajectoryBuffer:
         return str(p.relative_to(self.dir))
 
     def _write(self, traj: Trajectory) -> None:
-        table = pa.Table.from_pylist([_row(traj)], schema=SCHEMA)
-        _write_atomic(table, self.dir / "parts" / f"{_safe(traj.task_id)}-{traj.sample}-{uuid.uuid4().hex[:8]}.parquet")
+        table = pa.Table.from_pylist([to_row(traj)], schema=SCHEMA)
+        write_atomic(self.dir / "parts" / f"{_safe(traj.task_id)}-{traj.sample}-{uuid.uuid4().hex[:8]}.parquet",
+                     functools.partial(pq.write_table, table))
 
     def add(self, traj: Trajectory) -> Group | None:
         """File a finished trajectory. Returns its group when this completed it."""
@@ -267,9 +216,10 @@ class TrajectoryBuffer:
             return target if target.exists() else None
         # One row per pair: a crash between the rename and the unlinks leaves parts that are in the
         # target too, and a rerun after an infrastructure failure supersedes the failed row.
-        best = _best(_from_row(r) for f in _part_files(self.dir) for r in pq.read_table(f, schema=SCHEMA).to_pylist())
-        _write_atomic(pa.Table.from_pylist([_row(t) for t in best.values()], schema=SCHEMA), target)
+        best = _best(from_row(r) for f in _part_files(self.dir) for r in pq.read_table(f, schema=SCHEMA).to_pylist())
+        table = pa.Table.from_pylist([to_row(t) for t in best.values()], schema=SCHEMA)
+        write_atomic(target, functools.partial(pq.write_table, table))
         for p in parts:
             p.unlink()
-        _fsync_dir(self.dir / "parts")
+        fsync_dir(self.dir / "parts")
         return target

@@ -73,8 +73,6 @@ class StreamingScheduler:
                  config: SchedulerConfig | None = None, *, policy_version: int = 0):
         self.pool, self.buffer, self.source = pool, buffer, source
         self.config = config or SchedulerConfig()
-        if self.config.rollout_n != buffer.rollout_n:
-            raise ValueError(f"rollout_n {self.config.rollout_n} != buffer's {buffer.rollout_n}")
         self.rollout = dataclasses.replace(
             rollout, llm_slot=self._llm_slot, policy_version=lambda: self.policy_version,
             save_screenshot=self._save_screenshot if buffer.save_screenshots else None)
@@ -311,7 +309,7 @@ class StreamingScheduler:
         try:
             async with TaskGroup() as tg:
                 for key, item in self.source:
-                    samples = [i for i in range(self.config.rollout_n) if (key, i) not in done]
+                    samples = [i for i in range(self.buffer.rollout_n) if (key, i) not in done]
                     if isinstance(item, BrokenTask):
                         for i in samples:
                             now = time.time()

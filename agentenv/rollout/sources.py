@@ -15,6 +15,7 @@ from typing import Iterator, Union
 
 from loguru import logger
 
+from agentenv.config import TaskConfig
 from agentenv.envs.tasks import NotATask, TaskLoadError, builtin_tasks, load_task_file
 from agentenv.types import Task
 
@@ -133,6 +134,12 @@ class TaskSource:
             items = items[:limit]
         self.items = items
         self.epochs, self.shuffle, self.seed = epochs, shuffle, seed
+
+    @classmethod
+    def from_config(cls, t: TaskConfig, items: list[Item] | None = None) -> "TaskSource":
+        """The tasks of ``t.source`` (or ``items``, loaded from it already), as ``t`` selects them."""
+        return cls(items if items is not None else load_items(t.source), epochs=t.epochs, rank=t.rank,
+                   world_size=t.world_size, shuffle=t.shuffle, seed=t.seed, ids=t.ids, limit=t.limit)
 
     def __len__(self) -> int:
         return len(self.items) * max(self.epochs, 1)

@@ -8,6 +8,10 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from agentenv.config import EnvServiceConfig
 
 
 def view_main(argv: list[str]) -> int:
@@ -101,7 +105,7 @@ def replay_main(argv: list[str]) -> int:
     return 0
 
 
-def smoke_main(a: argparse.Namespace) -> int:
+def smoke_main(a: argparse.Namespace, settings: EnvServiceConfig) -> int:
     """``agentenv tasks smoke DIR`` (its flags are parsed with the other ``tasks`` commands in agentenv.cli)."""
     import tempfile
 
@@ -110,10 +114,14 @@ def smoke_main(a: argparse.Namespace) -> int:
     from agentenv.rollout.sources import load_items
     from agentenv.services import EnvService
     from agentenv.types import Task
-    from agentenv.view.replay import free_port
+    from agentenv.net import free_port
     from agentenv.view.smoke import domain_of, render, results_json, smoke_tasks, summary
 
-    runnable = {(r.file, r.id) for r in check_tasks(a.dir, osworld_like=not a.plain_desktops) if r.status == "runs"}
+    root = Path(a.dir).resolve()
+    folder = root if root.is_dir() else root.parent
+    settings = settings.model_copy(update={"upload_roots": [*settings.upload_roots, str(folder)]})
+    runnable = {(r.file, r.id) for r in check_tasks(a.dir, osworld_like=settings.sandbox,
+                                                    network=settings.sandbox_network) if r.status == "runs"}
     tasks = [t for t in load_items(a.dir) if isinstance(t, Task)
              and (t.source, t.extra.get("original_id", t.id)) in runnable
              and (not a.domain or domain_of(t) in a.domain)][: a.limit]
@@ -121,7 +129,7 @@ def smoke_main(a: argparse.Namespace) -> int:
         print(f"agentenv tasks smoke: no task under {a.dir} runs here (see `agentenv tasks check {a.dir}`)",
               file=sys.stderr)
         return 2
-    print(f"smoke: {len(tasks)} tasks on {a.desktops} {'plain' if a.plain_desktops else 'sandboxed'} desktops",
+    print(f"smoke: {len(tasks)} tasks on {a.desktops} {'sandboxed' if settings.sandbox else 'plain'} desktops",
           file=sys.stderr)
 
     def progress(done: int, total: int, r) -> None:
@@ -129,16 +137,14 @@ def smoke_main(a: argparse.Namespace) -> int:
         print(f"[{done}/{total}] {r.domain}/{r.id}: {state}, first screenshot after {r.reset_to_screenshot_s} s"
               f"{' BLANK' if r.blank else ''}{' UNSETTLED' if r.unsettled else ''}", file=sys.stderr, flush=True)
 
-    root = Path(a.dir).resolve()
-
     async def go() -> list:
         log = Path(tempfile.mkdtemp(prefix="agentenv-smoke-")) / "env-service.log"
-        svc = EnvService(num=0, port=free_port(), sandbox=not a.plain_desktops, log=log,
-                         upload_roots=[root if root.is_dir() else root.parent])
+        svc = EnvService(num=0, port=free_port(), settings=settings, log=log)
         await asyncio.to_thread(svc.start)
         client = AsyncEnvClient(svc.url, svc.token)
         try:
-            return await smoke_tasks(client, tasks, a.desktops, (a.width, a.height), a.settle_s, progress)
+            return await smoke_tasks(client, tasks, a.desktops, (settings.width, settings.height), a.settle_s,
+                                     progress)
         finally:
             await client.aclose()
             await asyncio.to_thread(svc.stop)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from loguru import logger
 
 from agentenv._compat import TaskGroup
 from agentenv.envs.client import AsyncDesktopEnv, AsyncEnvClient, EnvDeadError, EnvError, EnvRequestError
+from agentenv.net import free_port
 from agentenv.rollout.buffer import TrajectoryBuffer, read_trajectories
 from agentenv.types import Action, Status, Step, Task, Trajectory
 from agentenv.view import model
@@ -203,12 +203,6 @@ class Replayer:
 
 
 # ------------------------------------------------------------------ desktops for replay
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.asynccontextmanager
 async def env_client(env_url: str | None, token: str | None, port: int = 0,
                      log: Path | None = None) -> AsyncIterator[AsyncEnvClient]:

@@ -8,7 +8,6 @@ they were, so a replay sets up the same task even after the task files changed.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Any, Iterable
 
 from loguru import logger
 
+from agentenv.atomic import write_atomic
 from agentenv.types import Task
 
 RUN_INFO = "run.json"
@@ -30,12 +30,6 @@ class RunInfo:
     config: dict[str, Any] = field(default_factory=dict)
     created: float = 0.0
     known: bool = False               # False: no run.json; sizes are assumed
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def public_config(cfg: Any) -> dict[str, Any]:
@@ -54,12 +48,13 @@ def write_run_info(run_dir: str | Path, *, screens: dict[str, list[int]], config
     common = Counter(tuple(v) for v in screens.values()).most_common(1)
     info = {"screens": screens, "screen": list(common[0][0]) if common else [1920, 1080],
             "config": config or {}, "created": time.time()}
-    _write_atomic(d / RUN_INFO, json.dumps(info, indent=1))
+    write_atomic(d / RUN_INFO, json.dumps(info, indent=1).encode())
     known = load_tasks(d)
     for t in tasks:
         known[t.id] = t
     if known:
-        _write_atomic(d / TASKS, "".join(json.dumps(t.to_dict(), ensure_ascii=False) + "\n" for t in known.values()))
+        write_atomic(d / TASKS, "".join(json.dumps(t.to_dict(), ensure_ascii=False) + "\n"
+                                        for t in known.values()).encode())
 
 
 async def record_run(run_dir: str | Path | None, cfg: Any, services: list[Any], items: Iterable[Any]) -> None:

@@ -30,8 +30,9 @@ from tests.faultproxy import FaultProxy
 from tests.faults.test_rollout_faults import POLICY, _wait_for
 from tests.osworld.test_streaming_task_sampling import CLICK_ONLY, ROLLOUT_N, check_complete, make_scheduler, tasks
 
+from agentenv.config import ServiceConfig
 from agentenv.envs.host import MARK
-from agentenv.envs.pool import EnvPool, ServiceSpec
+from agentenv.envs.pool import EnvPool
 from agentenv.procs import alive, descendants, marked
 from agentenv.rollout.buffer import read_trajectories
 from agentenv.rollout.llm import ServiceLLM
@@ -107,7 +108,7 @@ def _ids(n: int) -> list[str]:
 # ----------------------------------------------------------------------------- desktops
 
 async def test_an_app_killed_mid_run_leaves_the_desktop_alive(vllm_server, env_service, tmp_path, tiny_pixels):
-    pool = await EnvPool([ServiceSpec(env_service.url, env_service.token)]).start()
+    pool = await EnvPool([ServiceConfig(url=env_service.url, token=env_service.token)]).start()
     sched = make_scheduler(vllm_server.url, pool, tmp_path, tasks()[:3], tiny_pixels, max_steps=6, regex=CLICK_ONLY)
     killed: dict = {}
 
@@ -139,7 +140,7 @@ async def test_a_stopped_x_server_is_a_dead_desktop_replaced_and_rerun(vllm_serv
                                                                       tiny_pixels):
     """SIGSTOP on a desktop's X server: its screenshot hangs. The step times out, the desktop is
     replaced (the service kills the wedged server), the trajectory reruns elsewhere."""
-    pool = await EnvPool([ServiceSpec(env_service.url, env_service.token)], timeout_s=6.0).start()
+    pool = await EnvPool([ServiceConfig(url=env_service.url, token=env_service.token)], timeout_s=6.0).start()
     sched = make_scheduler(vllm_server.url, pool, tmp_path, tasks()[:3], tiny_pixels, max_steps=5, regex=CLICK_ONLY)
     stopped: dict = {}
 
@@ -170,7 +171,7 @@ async def test_the_env_service_killed_and_started_again_on_the_same_port(vllm_se
     port, token = PORTS, secrets.token_urlsafe(16)
     first = EnvService(num=2, port=port, token=token, log=tmp_path / "env1.log").start()
     second: list[EnvService] = []
-    pool = await EnvPool([ServiceSpec(first.url, token)], replace_timeout_s=90).start()
+    pool = await EnvPool([ServiceConfig(url=first.url, token=token)], replace_timeout_s=90).start()
     out = tmp_path / "out"
     sched = make_scheduler(vllm_server.url, pool, out, tasks()[:3], tiny_pixels, max_steps=5, regex=CLICK_ONLY)
     tree: list[int] = []
@@ -210,7 +211,7 @@ async def test_the_only_vllm_server_killed_and_restarted(vllm_server, env_servic
     url = vllm_server.url
     short = ServiceLLM(url, vllm_server.model, max_retries=1, backoff_s=0.05, down_s=0.5)
     long = ServiceLLM(url, vllm_server.model, max_retries=12, backoff_s=1.0, down_s=1.0)
-    pool = await EnvPool([ServiceSpec(env_service.url, env_service.token)]).start()
+    pool = await EnvPool([ServiceConfig(url=env_service.url, token=env_service.token)]).start()
     a = make_scheduler(short, pool, tmp_path / "a", tasks()[:3], tiny_pixels, max_steps=3, regex=CLICK_ONLY)
     b = make_scheduler(long, pool, tmp_path / "b", tasks()[3:5], tiny_pixels, max_steps=3, regex=CLICK_ONLY,
                        step_timeout_s=600)
@@ -257,7 +258,7 @@ async def test_a_hanging_endpoint_beside_a_good_one(vllm_server, env_service, tm
         hung_url = f"http://127.0.0.1:{hung.getsockname()[1]}/v1"
         llm = ServiceLLM([hung_url, vllm_server.url], vllm_server.model, timeout_s=10.0, max_retries=3,
                          backoff_s=0.05, failure_threshold=2, down_s=60)
-        pool = await EnvPool([ServiceSpec(env_service.url, env_service.token)]).start()
+        pool = await EnvPool([ServiceConfig(url=env_service.url, token=env_service.token)]).start()
         sched = make_scheduler(llm, pool, tmp_path / "pair", tasks()[:3], tiny_pixels, max_steps=3)
         alone = ServiceLLM([hung_url], vllm_server.model, timeout_s=60, max_retries=0)
         solo = make_scheduler(alone, pool, tmp_path / "alone", tasks()[:1], tiny_pixels, step_timeout_s=2.0)
@@ -308,7 +309,7 @@ async def test_garbage_model_output_is_an_invalid_step_never_a_crash(vllm_server
         for content in GARBAGE.values():
             proxy.rewrite(_reply(content), times=1, path="/chat/completions")
         llm = ServiceLLM(proxy.url, vllm_server.model, max_retries=2, backoff_s=0.05)
-        pool = await EnvPool([ServiceSpec(env_service.url, env_service.token)]).start()
+        pool = await EnvPool([ServiceConfig(url=env_service.url, token=env_service.token)]).start()
         sched = make_scheduler(llm, pool, tmp_path, tasks()[:3], tiny_pixels, max_steps=4, regex=CLICK_ONLY)
         try:
             await asyncio.wait_for(sched.run(), 300)

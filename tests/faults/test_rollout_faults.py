@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 
 import pytest
 
@@ -18,7 +17,9 @@ from tests.faultproxy import FaultProxy
 from tests.osworld.test_streaming_task_sampling import CLICK_ONLY, ROLLOUT_N, check_complete, make_scheduler, tasks
 
 from agentenv.envs.client import AsyncDesktopEnv, AsyncEnvClient, EnvDeadError
-from agentenv.envs.pool import EnvPool, ServiceSpec
+from agentenv.config import ServiceConfig
+from agentenv.envs.pool import EnvPool
+from agentenv.net import free_port
 from agentenv.procs import descendants
 from agentenv.rollout.buffer import read_trajectories
 from agentenv.rollout.llm import ServiceLLM
@@ -37,7 +38,7 @@ async def _wait_for(cond, timeout: float = 240.0) -> None:
 
 async def test_a_garbled_answer_fails_only_its_own_trajectory(vllm_server, env_service, tmp_path, tiny_pixels):
     async with FaultProxy(env_service.url) as proxy:
-        pool = await EnvPool([ServiceSpec(proxy.url, env_service.token)]).start()
+        pool = await EnvPool([ServiceConfig(url=proxy.url, token=env_service.token)]).start()
         sched = make_scheduler(vllm_server.url, pool, tmp_path, tasks()[:4], tiny_pixels, max_steps=4,
                                regex=CLICK_ONLY)
 
@@ -58,7 +59,7 @@ async def test_a_garbled_answer_fails_only_its_own_trajectory(vllm_server, env_s
 
 async def test_a_desktop_closed_mid_run_is_replaced_and_its_trajectory_rerun(vllm_server, env_service, tmp_path,
                                                                             tiny_pixels):
-    pool = await EnvPool([ServiceSpec(env_service.url, env_service.token)]).start()
+    pool = await EnvPool([ServiceConfig(url=env_service.url, token=env_service.token)]).start()
     client = AsyncEnvClient(env_service.url, env_service.token)
     sched = make_scheduler(vllm_server.url, pool, tmp_path, tasks()[:3], tiny_pixels, max_steps=5, regex=CLICK_ONLY)
     victim: dict = {}
@@ -87,9 +88,9 @@ async def test_a_desktop_closed_mid_run_is_replaced_and_its_trajectory_rerun(vll
 async def test_when_every_desktop_is_lost_the_run_ends_with_an_error(vllm_server, tmp_path, tiny_pixels):
     from agentenv.services import EnvService
 
-    svc = EnvService(num=1, port=_free_port(), log=tmp_path / "env.log").start()
+    svc = EnvService(num=1, port=free_port(), log=tmp_path / "env.log").start()
     procs: list[int] = []
-    pool = await EnvPool([ServiceSpec(svc.url, svc.token)], replace_timeout_s=1.0).start()
+    pool = await EnvPool([ServiceConfig(url=svc.url, token=svc.token)], replace_timeout_s=1.0).start()
     sched = make_scheduler(vllm_server.url, pool, tmp_path / "out", tasks()[:3], tiny_pixels, max_steps=4,
                            regex=CLICK_ONLY)
 
@@ -118,7 +119,7 @@ async def test_when_every_desktop_is_lost_the_run_ends_with_an_error(vllm_server
 async def test_an_evaluator_that_fails_is_eval_error_and_kept_out_of_training(vllm_server, env_service, tmp_path,
                                                                              tiny_pixels):
     async with FaultProxy(env_service.url) as proxy:
-        pool = await EnvPool([ServiceSpec(proxy.url, env_service.token)]).start()
+        pool = await EnvPool([ServiceConfig(url=proxy.url, token=env_service.token)]).start()
         sched = make_scheduler(vllm_server.url, pool, tmp_path, tasks()[:2], tiny_pixels, max_steps=2)
         proxy.fail(422, times=1, path="/evaluate")
         try:
@@ -135,7 +136,7 @@ async def test_an_evaluator_that_fails_is_eval_error_and_kept_out_of_training(vl
 
 async def test_pause_waits_for_model_calls_in_flight_and_stops_admission(vllm_server, env_service, tmp_path,
                                                                         tiny_pixels):
-    pool = await EnvPool([ServiceSpec(env_service.url, env_service.token)]).start()
+    pool = await EnvPool([ServiceConfig(url=env_service.url, token=env_service.token)]).start()
     sched = make_scheduler(vllm_server.url, pool, tmp_path, tasks()[:5], tiny_pixels, max_steps=4, regex=CLICK_ONLY)
     seen: dict = {}
 
@@ -165,7 +166,7 @@ async def test_a_model_service_outage_pauses_admission_instead_of_burning_the_qu
                                                                                    tmp_path, tiny_pixels):
     async with FaultProxy(vllm_server.url[:-3]) as proxy:
         llm = ServiceLLM(proxy.url, vllm_server.model, max_retries=1, backoff_s=0.05, down_s=0.2)
-        pool = await EnvPool([ServiceSpec(env_service.url, env_service.token)]).start()
+        pool = await EnvPool([ServiceConfig(url=env_service.url, token=env_service.token)]).start()
         sched = make_scheduler(llm, pool, tmp_path, tasks()[:6], tiny_pixels, max_steps=3, regex=CLICK_ONLY)
         sched.config.llm_wait_s = 0.2
         seen: dict = {}
@@ -193,14 +194,8 @@ async def test_a_model_service_outage_pauses_admission_instead_of_burning_the_qu
     assert sum(t.status in POLICY for t in trajs) == len(trajs) - len(failed)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def test_the_env_client_retries_a_blip_but_never_repeats_an_action(env_service):
-    port = _free_port()
+    port = free_port()
     client = AsyncEnvClient(f"http://127.0.0.1:{port}", env_service.token)
     proxy = FaultProxy(env_service.url, port=port)
 

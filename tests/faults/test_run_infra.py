@@ -20,7 +20,7 @@ from tests.conftest import ENV_PORT, ROOT, VLLM_PORT
 from tests.faults.test_fault_suite import assert_gone, record
 
 from agentenv.config import AGENTENV_HOME
-from agentenv.envs.server import write_secret
+from agentenv.envs.service import write_secret
 from agentenv.envs.desktop_types import DESKTOP_USER
 from agentenv.procs import descendants
 

@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from agentenv.envs.client import AsyncEnvClient, DesktopEnv, EnvDeadError, EnvRequestError
-from agentenv.envs.pool import EnvPool, ServiceSpec
+from agentenv.config import ServiceConfig
+from agentenv.envs.pool import EnvPool
 from agentenv.envs.tasks import builtin_tasks
 from agentenv.types import Action, Task
 
@@ -46,7 +47,7 @@ async def test_every_builtin_task_oracle_scores_1_and_noop_0(env_service):
     assert len(tasks) >= 24
     apps = {a for t in tasks for a in t.related_apps}
     assert len(apps) >= 5
-    pool = await EnvPool([ServiceSpec(env_service.url, env_service.token)]).start()
+    pool = await EnvPool([ServiceConfig(url=env_service.url, token=env_service.token)]).start()
     try:
         results = await asyncio.gather(*[_oracle_and_noop(pool, t) for t in tasks])
     finally:
@@ -215,7 +216,7 @@ def _xvfb_pid(display: str) -> int:
 
 
 async def test_killed_x_server_is_replaced_by_the_pool(env_service):
-    pool = await EnvPool([ServiceSpec(env_service.url, env_service.token)]).start()
+    pool = await EnvPool([ServiceConfig(url=env_service.url, token=env_service.token)]).start()
     client = AsyncEnvClient(env_service.url, env_service.token)
     try:
         n = pool.size

@@ -19,12 +19,12 @@ import pytest
 from tests.conftest import shutdown_engine
 
 from agentenv.envs.client import AsyncEnvClient
-from agentenv.envs.pool import EnvPool, ServiceSpec
+from agentenv.envs.pool import EnvPool
 from agentenv.envs.tasks import builtin_tasks
 from agentenv.rollout.agent import UITarsAgent
 from agentenv.rollout.buffer import TrajectoryBuffer, read_trajectories
 from agentenv.rollout.llm import Sampling, as_llm
-from agentenv.config import LoopConfig, SchedulerConfig
+from agentenv.config import LoopConfig, SchedulerConfig, ServiceConfig
 from agentenv.rollout.loop import Rollout
 from agentenv.rollout.scheduler import StreamingScheduler
 from agentenv.rollout.sources import TaskSource, load_items
@@ -62,7 +62,7 @@ def make_scheduler(llm, pool, out: Path | None, items, tiny_pixels, max_steps=3,
 
 @pytest.fixture
 async def pool(env_service):
-    p = await EnvPool([ServiceSpec(env_service.url, env_service.token)]).start()
+    p = await EnvPool([ServiceConfig(url=env_service.url, token=env_service.token)]).start()
     yield p
     await p.aclose()
 

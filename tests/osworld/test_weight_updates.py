@@ -14,8 +14,8 @@ import pytest
 from tests.conftest import ROOT, VLLM_PORT
 from tests.osworld.test_streaming_task_sampling import CLICK_ONLY, check_complete, make_scheduler, tasks
 
-from agentenv.config import AGENTENV_HOME, Sampling
-from agentenv.envs.pool import EnvPool, ServiceSpec
+from agentenv.config import AGENTENV_HOME, Sampling, ServiceConfig
+from agentenv.envs.pool import EnvPool
 from agentenv.rollout.llm import ServiceLLM
 from agentenv.types import Status
 
@@ -66,7 +66,7 @@ async def test_rolling_update_during_a_run(two_servers, env_service, tmp_path, t
     await llm.update_weights(0, path=str(TINY_MODEL))  # both on seed 0 for the run: version 0
     assert await _greedy(a.url) == seed0_reply
 
-    pool = await EnvPool([ServiceSpec(env_service.url, env_service.token)]).start()
+    pool = await EnvPool([ServiceConfig(url=env_service.url, token=env_service.token)]).start()
     sched = make_scheduler(llm, pool, tmp_path, tasks()[:6], tiny_pixels, max_steps=4, regex=CLICK_ONLY)
     served_during: dict = {}
 

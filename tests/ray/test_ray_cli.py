@@ -52,7 +52,7 @@ def test_agentenv_run_with_ray_local_survives_its_vllm_server_killed(tmp_path):
     config.write_text(yaml.safe_dump({"sampling": {"regex": CLICK_ONLY}}))
     cmd = [sys.executable, "-m", "agentenv", "run", "--ray", "local", "--config", str(config),
            "--set", "ray.vllm_actors=1", "--set", "ray.vllm_resources={}", "--set", "ray.watch_s=0.5",
-           "--set", "env.local_desktops=2", "--set", "env.width=1280", "--set", "env.height=720",
+           "--set", "env.local_desktops=2", "--set", "env.serve.width=1280", "--set", "env.serve.height=720",
            "--set", f"tasks.ids=[{', '.join(TASKS)}]", "--set", "loop.max_steps=4",
            "--set", f"output.dir={out}", "--set", "progress=false", "--set", "ray.local_cpus=1"]
     env = {k: v for k, v in os.environ.items() if k not in ("VLLM_SERVER_URL", "VLLM_MODEL_NAME", "ENV_SERVER_URL")}

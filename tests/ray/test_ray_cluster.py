@@ -22,7 +22,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from agentenv.config import EnvConfig, RayConfig  # noqa: E402
+from agentenv.config import EnvConfig, EnvServiceConfig, RayConfig  # noqa: E402
 from agentenv.envs.pool import EnvPool  # noqa: E402
 from agentenv.integrations.ray import RayFleet, discover, stay_on_loopback  # noqa: E402
 from agentenv.procs import descendants  # noqa: E402
@@ -41,7 +41,7 @@ DESKTOPS_PER_NODE = 2
 # The lightest apps (a terminal, a calculator), on small screens: this machine's 2 cores also run
 # the model server and 4 raylets here, and the scheduler is under test, not the apps.
 TASK_IDS = ["terminal-mkdir", "calc-add", "terminal-sort", "calc-multiply", "terminal-copy", "calc-subtract"]
-SCREEN = EnvConfig(width=1280, height=720)
+SCREEN = EnvConfig(serve=EnvServiceConfig(width=1280, height=720))
 
 
 def _ended_well(t) -> bool:
@@ -180,7 +180,7 @@ async def test_one_scheduler_per_node_each_with_its_share(local_cluster, fleet_p
         "--set", "tasks.rank=1", "--set", "tasks.world_size=2", "--set", f"tasks.ids=[{', '.join(ids)}]",
         "--set", f"llm.url={vllm_server.url}", "--set", f"llm.model={vllm_server.model}",
         "--set", "loop.max_steps=2", "--set", f"output.dir={outs[1]}", "--set", "progress=false",
-        "--set", "env.width=1280", "--set", "env.height=720",
+        "--set", "env.serve.width=1280", "--set", "env.serve.height=720",
         cwd=ROOT, env={k: v for k, v in os.environ.items() if k not in ("VLLM_SERVER_URL", "ENV_SERVER_URL")},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
     try:

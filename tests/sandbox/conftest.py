@@ -7,8 +7,9 @@ from pathlib import Path
 
 import httpx
 
+from agentenv.config import EnvServiceConfig
+from agentenv.net import free_port
 from agentenv.services import EnvService
-from agentenv.view.replay import free_port
 
 
 class Svc:
@@ -35,6 +36,6 @@ def start_service(tmp_path_factory, sandbox: bool, num: int, osworld_port: int |
     root = tmp_path_factory.mktemp("uploads")
     os.chmod(root, 0o755)
     log = tmp_path_factory.mktemp("log") / "env-service.log"
-    svc = EnvService(num=num, port=free_port(), width=640, height=480, sandbox=sandbox, upload_roots=[root],
-                     log=log, osworld_port=osworld_port).start()
+    settings = EnvServiceConfig(width=640, height=480, sandbox=sandbox, upload_roots=[str(root)])
+    svc = EnvService(num=num, port=free_port(), settings=settings, log=log, osworld_port=osworld_port).start()
     return Svc(svc, root)

@@ -43,7 +43,7 @@ def test_host_files_are_out_of_reach(svc, did, tmp_path):
     secret.write_text("host-secret-7731")
     os.chmod(tmp_path, 0o755)
     os.chmod(secret, 0o644)  # readable by any host user: only the mount namespace keeps it out
-    for path in (secret, ROOT / "agentenv" / "envs" / "server.py", Path("/root"), svc.service.log):
+    for path in (secret, ROOT / "agentenv" / "envs" / "service" / "app.py", Path("/root"), svc.service.log):
         rc, out = sh(svc, did, f"cat {path} || ls {path}")
         assert rc != 0 and "host-secret" not in out and "FastAPI" not in out, (path, out)
     # the service's token: not in any environment, file or command line visible inside

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from agentenv.view.replay import free_port
+from agentenv.net import free_port
 
 from .conftest import start_service
 

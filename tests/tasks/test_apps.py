@@ -11,7 +11,8 @@ import time
 import pytest
 
 from agentenv.envs.tasks.evaluate import evaluate
-from agentenv.envs.xvfb import DesktopSpec, LocalDesktop, make_desktop
+from agentenv.envs.desktop import Desktop, make_desktop
+from agentenv.envs.desktop_types import DesktopSpec
 from agentenv.types import Action
 from tests.conftest import wait_for
 from tests.tasks.conftest import load_sample
@@ -26,7 +27,7 @@ def desktop():
         d.close()
 
 
-def getter(d: LocalDesktop, name: str, spec: dict, tmp_path) -> str | None:
+def getter(d: Desktop, name: str, spec: dict, tmp_path) -> str | None:
     """One of OSWorld's app getters (desktop-env's own where it can be), as an evaluator calls it."""
     from agentenv.envs.tasks.app_getters import APP_GETTERS
     from agentenv.envs.tasks.getters import EvalContext
@@ -35,17 +36,17 @@ def getter(d: LocalDesktop, name: str, spec: dict, tmp_path) -> str | None:
     return APP_GETTERS[name](EvalContext(desktop=d, task=Task(id="g", instruction="-"), tmp=tmp_path), spec)
 
 
-def act(d: LocalDesktop, *actions: Action, settle: float = 0.5) -> None:
+def act(d: Desktop, *actions: Action, settle: float = 0.5) -> None:
     for a in actions:
         assert d.execute(a) == {}, a
         time.sleep(settle)
 
 
-def titled(d: LocalDesktop, text: str, timeout: float = 60) -> bool:
+def titled(d: Desktop, text: str, timeout: float = 60) -> bool:
     return wait_for(lambda: any(text in t for t in d.window_titles()), timeout=timeout)
 
 
-def retitle_slide(d: LocalDesktop, keys_for_title: list[Action]) -> None:
+def retitle_slide(d: Desktop, keys_for_title: list[Action]) -> None:
     """In Impress: select the slide's first object (Tab), edit its text (Enter), replace it, leave the
     box, save keeping the pptx format (Enter on "Use PowerPoint Format!")."""
     act(d, Action("key", keys=["tab"]), Action("key", keys=["enter"]), Action("hotkey", keys=["ctrl", "a"]),

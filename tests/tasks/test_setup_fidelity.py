@@ -14,7 +14,8 @@ import pytest
 
 from agentenv.envs.tasks.evaluate import evaluate
 from agentenv.envs.tasks.setup import TaskSetupError, run_setup
-from agentenv.envs.xvfb import DesktopSpec, make_desktop
+from agentenv.envs.desktop import make_desktop
+from agentenv.envs.desktop_types import DesktopSpec
 from agentenv.types import Action, Task
 from tests.conftest import wait_for
 

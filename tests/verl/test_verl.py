@@ -186,7 +186,8 @@ async def test_streaming_mode_feeds_complete_groups_in_step_mode(vllm_server, en
     """Our scheduler feeds the trainer: UI-TARS-like history (2 screenshots, 4 steps) is not one
     sequence, so each step is a sample; groups share a uid; policy versions ride along."""
     from agentenv.config import SchedulerConfig
-    from agentenv.envs.pool import EnvPool, ServiceSpec
+    from agentenv.config import ServiceConfig
+    from agentenv.envs.pool import EnvPool
     from agentenv.rollout.agent import UITarsAgent
     from agentenv.rollout.buffer import TrajectoryBuffer
     from agentenv.rollout.llm import Sampling
@@ -198,7 +199,7 @@ async def test_streaming_mode_feeds_complete_groups_in_step_mode(vllm_server, en
     loops = tmp_path / "agent_loops.yaml"
     loops.write_text("[]\n")
     batcher = VerlBatcher(verl_config(loops), mode="step")
-    pool = await EnvPool([ServiceSpec(env_service.url, env_service.token)]).start()
+    pool = await EnvPool([ServiceConfig(url=env_service.url, token=env_service.token)]).start()
     agent = UITarsAgent(history_images=2, min_pixels=tiny_pixels[0], max_pixels=tiny_pixels[1], wait_s=0.2)
     rollout = Rollout(as_llm(vllm_server.url, model=vllm_server.model), agent,
                       Sampling(max_tokens=48, regex=CLICK_ONLY, logprobs=True), LoopConfig(max_steps=4))

@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from agentenv.config import LoopConfig, RunConfig, Sampling, SchedulerConfig
-from agentenv.envs.pool import EnvPool, ServiceSpec
+from agentenv.config import LoopConfig, RunConfig, Sampling, SchedulerConfig, ServiceConfig
+from agentenv.envs.pool import EnvPool
 from agentenv.envs.tasks import builtin_tasks
 from agentenv.rollout.agent import UITarsAgent
 from agentenv.rollout.buffer import TrajectoryBuffer, read_trajectories
@@ -55,7 +55,7 @@ async def live_run(vllm_server, env_service, tmp_path_factory, tiny_pixels):
     out = tmp_path_factory.mktemp("run") / "run"
     by_id = {t.id: t for t in builtin_tasks()}
     tasks = [by_id[i] for i in TASK_IDS]
-    spec = ServiceSpec(env_service.url, env_service.token)
+    spec = ServiceConfig(url=env_service.url, token=env_service.token)
     pool = await EnvPool([spec]).start()
     agent = UITarsAgent(min_pixels=tiny_pixels[0], max_pixels=tiny_pixels[1], wait_s=0.2)
     rollout = Rollout(as_llm(vllm_server.url), agent, Sampling(temperature=1.0, max_tokens=48, regex=REGEX),

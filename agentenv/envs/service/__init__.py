@@ -34,6 +34,6 @@ with the reason (``osworld.UNSUPPORTED``); unknown paths 404 with the list of th
 
 from agentenv.envs.service.app import create_app, is_loopback, serve, write_secret
 from agentenv.envs.service.host import DesktopHost, UnknownDesktop
-from agentenv.envs.service.limits import ServiceLimits
+from agentenv.config import ServiceLimits
 
 __all__ = ["DesktopHost", "ServiceLimits", "UnknownDesktop", "create_app", "is_loopback", "serve", "write_secret"]

@@ -1,5 +1,5 @@
-"""Our own API: desktops (``/envs``), reset, step, screenshot and evaluate; ``/health`` and
-``/metrics``. Every route but ``/health`` needs the bearer token."""
+"""Our own API: desktops (``/envs``), reset, step, screenshot and evaluate; ``/health``, ``/settings``
+and ``/metrics``. Every route but ``/health`` needs the bearer token."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import io
 import time
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import Response
 
+from agentenv.config import DownloadConfig
 from agentenv.envs.actions import check_action, parse_pyautogui
 from agentenv.envs.service.deps import Desktop, Host, Limits, authorized
 from agentenv.envs.service.limits import check_image_size, check_screen
@@ -39,6 +40,13 @@ def encode_png(img: Any, image_size: tuple[int, int] | None) -> tuple[str, tuple
 @public.get("/health")
 def health(host: Host) -> Health:
     return Health(status="ok", desktops=len(host.desktops))
+
+
+@router.get("/settings")
+def effective_settings(request: Request) -> dict[str, Any]:
+    """The settings this service runs with (config.EnvServiceConfig); the downloads as its setup steps read them."""
+    s = request.app.state.settings
+    return s.model_copy(update={"downloads": DownloadConfig.from_env()}).model_dump(mode="json")
 
 
 @router.get("/metrics")

@@ -21,8 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agentenv.envs.service import api, osworld
 from agentenv.envs.service.host import DesktopHost, UnknownDesktop
-from agentenv.envs.service.limits import ServiceLimits
 from agentenv.envs.service.middleware import BodyLimit, OSWorldPorts
+from agentenv.config import EnvServiceConfig
 from agentenv.envs.desktop_types import DesktopError, DesktopSpec
 
 # The OSWorld paths this service answers, for the answer to a path it does not know.
@@ -30,9 +30,10 @@ OSWORLD_PATHS = sorted({r.path.removeprefix(osworld.router.prefix) for r in oswo
                        - set(osworld.UNSUPPORTED) | {"/screenshot"})
 
 
-def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None = None,
-               limits: ServiceLimits | None = None, osworld_ports: list[int] | None = None) -> FastAPI:
-    host = DesktopHost(num, spec or DesktopSpec(), osworld_ports)
+def create_app(num: int = 1, token: str | None = None, settings: EnvServiceConfig | None = None,
+               osworld_ports: list[int] | None = None) -> FastAPI:
+    settings = settings or EnvServiceConfig()
+    host = DesktopHost(num, DesktopSpec.from_settings(settings), osworld_ports)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -46,7 +47,8 @@ def create_app(num: int = 1, token: str | None = None, spec: DesktopSpec | None 
 
     app = FastAPI(title="agentenv env service", lifespan=lifespan)
     app.state.host, app.state.token = host, token
-    app.state.limits = limits = limits or ServiceLimits()
+    app.state.settings, app.state.limits = settings, settings.limits
+    limits = settings.limits
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     if osworld_ports:
         app.add_middleware(OSWorldPorts, host=host)
@@ -166,21 +168,20 @@ def _listen(host: str, ports: list[int]) -> list[socket.socket]:
 
 
 def serve(num: int, host: str = "127.0.0.1", port: int = 8100, token: str | None = None,
-          width: int = 1920, height: int = 1080, token_file: str | None = None,
-          limits: ServiceLimits | None = None, sandbox: bool = True,
-          upload_roots: list[str] | None = None, osworld_port: int | None = None,
-          network: bool = False) -> None:
-    """Run the service. The token is never printed or logged: it is given (``--token``,
-    ``ENV_TOKEN``) or generated and written to ``token_file`` (mode 600)."""
+          token_file: str | None = None, settings: EnvServiceConfig | None = None,
+          osworld_port: int | None = None) -> None:
+    """Run the service with ``settings`` (``agentenv serve-envs``' flags). The token is never printed
+    or logged: it is given (``--token``, ``ENV_TOKEN``) or generated and written to ``token_file``
+    (mode 600)."""
     import uvicorn
 
+    settings = settings or EnvServiceConfig()
+    os.environ.update(settings.downloads.to_env())  # what the setup steps read (DownloadCache.from_config)
     token = _token(host, port, token, token_file)
-    _check_sandbox(sandbox, network)
-    spec = DesktopSpec(width=width, height=height, sandbox=sandbox, network=network,
-                       upload_roots=tuple(Path(r) for r in upload_roots or ()))
+    _check_sandbox(settings.sandbox, settings.sandbox_network)
     # ``num`` OSWorld ports: a desktop takes the lowest free one when created, frees it when closed.
     ports = [osworld_port + i for i in range(num)] if osworld_port else []
-    app = create_app(num, token, spec, limits, osworld_ports=ports)
+    app = create_app(num, token, settings, osworld_ports=ports)
     sockets = _listen(host, [port, *ports])
     if ports:
         print(f"# OSWorld-style clients: desktop i at http://agentenv:$ENV_TOKEN@{host}:{osworld_port}+i "

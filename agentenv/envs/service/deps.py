@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 
 from agentenv.envs.service.host import DesktopHost
-from agentenv.envs.service.limits import ServiceLimits
+from agentenv.config import ServiceLimits
 from agentenv.envs.desktop import Desktop as DesktopObject
 
 

@@ -11,7 +11,7 @@ from fastapi import HTTPException
 from fastapi.responses import JSONResponse
 
 from agentenv.envs.actions import ActionError, check_action, parse_pyautogui
-from agentenv.envs.service.limits import ServiceLimits
+from agentenv.config import ServiceLimits
 from agentenv.envs.wire import ExecuteReply, ExecuteRequest
 from agentenv.envs.desktop import Desktop
 

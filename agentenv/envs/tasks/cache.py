@@ -5,7 +5,7 @@
 
 Each URL is one file named by the SHA-256 of the URL, with a ``.json`` beside it (URL, size, SHA-256
 of the content). Writes go to a temporary file renamed into place, under a lock per URL, so desktops
-fetching the same file at once fetch it once. Offline (``downloads.offline`` /
+fetching the same file at once fetch it once. Offline (``env.serve.downloads.offline`` /
 ``AGENTENV_OFFLINE=1``) nothing is fetched: a URL that is not cached is an error naming it.
 ``agentenv tasks fetch DIR`` fills the cache on a machine with network.
 """
@@ -92,7 +92,7 @@ class DownloadCache:
                         size += len(chunk)
                         if size > self.max_bytes:
                             raise DownloadError(f"{url}: over the limit of {self.max_bytes} bytes "
-                                                "(downloads.max_bytes)")
+                                                "(env.serve.downloads.max_bytes, serve-envs --download-max-bytes)")
                         if time.monotonic() - t0 > self.timeout_s * 10:
                             raise DownloadError(f"{url}: still downloading after {self.timeout_s * 10:.0f} s")
                         digest.update(chunk)

@@ -27,10 +27,6 @@ def osworld_metric(name: str) -> Callable[..., float]:
     raise EvaluatorError(f"unknown metric {name!r}")
 
 
-def osworld_metric_names() -> set[str]:
-    return set(osworld_lib.load())
-
-
 # ----------------------------------------------------------------------------- agentenv's dialect
 
 def _norm(s: Any, options: dict) -> str:
