@@ -21,7 +21,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -268,8 +267,8 @@ def test_without_the_exports_a_taken_port_is_an_error_naming_it(vllm_server, tmp
     """The first way as it used to fail: an env service already on env.local_port and no
     ENV_SERVER_URL/ENV_TOKEN. `agentenv run` must not attach to it (its readiness check would pass
     and every request would get 401): it stops, naming the port and what to set."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Health(BaseHTTPRequestHandler):  # answers /health as a 2-desktop env service would
         def do_GET(self):  # noqa: N802
