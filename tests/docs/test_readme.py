@@ -195,7 +195,7 @@ def run_quickstart():
 def run_more_commands():
     out = ok(run_bash(uses_this_python(block("more-commands").text), timeout=300))
     summary = json.loads(next(line for line in out.splitlines() if line.startswith('{"files"')))
-    assert summary["tasks"] >= 7 and summary["runs"] >= 3 and summary["broken"] == 0
+    assert summary["tasks"] >= 7 and summary["runs"] >= 3 and summary["broken"] == 0, summary
     assert "usage: agentenv view" in out and "usage: agentenv replay" in out
 
 
@@ -219,7 +219,8 @@ def run_osworld_samples():
     summaries = [json.loads(line) for line in out.splitlines() if line.startswith('{"files"')]
     assert len(summaries) == 2
     sandboxed, plain = summaries
-    assert sandboxed["runs"] == 3 and sandboxed["needs_fetch"] == 3 and sandboxed["missing"] == 1
+    samples = len(list((ROOT / "tests" / "tasks" / "samples").rglob("*.json")))
+    assert sandboxed["files"] == samples and sandboxed["broken"] == 0 and sandboxed["runs"] >= 3
     assert plain["tasks"] == sandboxed["tasks"] and plain["runs"] <= sandboxed["runs"]
 
 
