@@ -12,6 +12,7 @@ import contextlib
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -77,6 +78,24 @@ def _healthy(url: str) -> bool:
         return False
 
 
+class PortTakenError(RuntimeError):
+    """The port a service was to listen on is already taken (by a server of someone else's)."""
+
+
+def ensure_port_free(host: str, port: int, what: str, hint: str) -> None:
+    """Refuse to start ``what`` on a port another process listens on: its readiness check would be
+    answered by that process, and the run would talk to a service that is not ours."""
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no obstacle
+    try:
+        s.bind((host, port))
+    except OSError as e:
+        raise PortTakenError(f"cannot start {what} on {host}:{port}: the port is already taken ({e.strerror}); "
+                             f"{hint}") from None
+    finally:
+        s.close()
+
+
 class VLLMService:
     """A vLLM server through start_vllm_service.sh (by default the tiny UI-TARS model on loopback);
     a context manager. ``extra``: the script's options (``--model``, ``--tokens-api``...); ``host``
@@ -102,6 +121,8 @@ class VLLMService:
         if _healthy(health):
             raise RuntimeError(f"port {self.port} already serves a model server we did not start: use it "
                                f"(llm.url={self.url}) or choose another llm.port")
+        ensure_port_free(self.host, self.port, "the vLLM server", "choose another llm.port, or give a running "
+                         "server as llm.url (VLLM_SERVER_URL)")
         self.owned = True
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log = self.run_dir / f"vllm-{self.port}.log"
@@ -164,6 +185,8 @@ class EnvService:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 120.0) -> "EnvService":
+        ensure_port_free(self.host, self.port, "an env service", "to use a service already running there, set "
+                         "ENV_SERVER_URL and ENV_TOKEN (or env.services); else choose another env.local_port")
         # The token goes in the environment (readable by root only), never on the command line.
         env = {**os.environ, "ENV_TOKEN": self.token, "PYTHONPATH": str(ROOT)}
         out = private_log(self.log) if self.log else subprocess.DEVNULL

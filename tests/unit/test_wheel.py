@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+# The distribution's name on the package index: "agentenv" there is an unrelated project. The import
+# name stays agentenv.
+DISTRIBUTION = "gui-agentenv"
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +33,10 @@ def installed(tmp_path_factory) -> Path:
     dist = work / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
                     str(src)], check=True, capture_output=True, timeout=300)
-    wheel = next(dist.glob("agentenv-*.whl"))
+    wheel = next(dist.glob(DISTRIBUTION.replace("-", "_") + "-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
+    meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    assert f"Name: {DISTRIBUTION}\n" in zipfile.ZipFile(wheel).read(meta).decode()
     for need in ("agentenv/start_vllm_service.sh", "agentenv/tiny_model.py", "agentenv/integrations/ray.py",
                  "agentenv/envs/tasks/builtin/suite.json", "agentenv/envs/tasks/builtin/assets/budget.ods"):
         assert need in names, f"{need} is not in the wheel"
@@ -51,6 +56,7 @@ def test_the_installed_wheel_has_what_agentenv_run_needs(installed, tmp_path):
     r = _run(installed, ["-c", "import agentenv, agentenv.services as s, agentenv.integrations.ray\n"
                                "from agentenv.envs.tasks import builtin_tasks\n"
                                "from agentenv.view.report import HERE; assert (HERE / 'templates').is_dir()\n"
+                               f"import importlib.metadata as m; assert m.distribution({DISTRIBUTION!r}).files\n"
                                "print(agentenv.__file__); print(s.START_VLLM); print(len(builtin_tasks()))"],
              cwd=tmp_path)
     assert r.returncode == 0, r.stderr
