@@ -1,7 +1,7 @@
 """Session fixtures: the real tiny model on vLLM and a real env service with 4 desktops.
 
 Both are started once per test session on loopback ports of their own, and stopped by PID.
-The vLLM server takes 75-100 s to start: when a collected test needs it, it starts in the background
+The vLLM server takes a minute or more to start: when a collected test needs it, it starts in the background
 as the first test starts, and the modules that need no vLLM server run first (each module's tests
 stay together and in their order), so its start overlaps them.
 """
