@@ -34,7 +34,6 @@ RUN_DIR=$AGENTENV_HOME/run
 WAIT=420
 STOP=0
 FOREGROUND=0
-COMPILE=0
 EXTRA=()
 
 usage() {
@@ -58,9 +57,6 @@ Options (defaults in brackets):
                             opens /reset_prefix_cache and other dev routes: bind to loopback or a
                             trusted network only) and LoRA adapters (/v1/load_lora_adapter)
   --max-lora-rank N         with --lora or --weight-updates [$MAX_LORA_RANK]
-  --compile                 on a CPU, torch.compile the model (off by default there: it adds about a
-                            minute to every start, vLLM 0.32's compile cache failing to load, for
-                            no gain on the tiny model; GPU builds always compile)
   --tokens-api              the tokens-in/tokens-out route /inference/v1/generate (verl's server
                             manager over HTTP: agentenv.integrations.verl.HTTPServerManager)
   --run-dir DIR             pid file and log [$RUN_DIR]
@@ -90,7 +86,6 @@ while [ $# -gt 0 ]; do
     --weight-updates) WEIGHT_UPDATES=1 ;;
     --max-lora-rank) MAX_LORA_RANK=$2; shift ;;
     --tokens-api) TOKENS_API=1 ;;
-    --compile) COMPILE=1 ;;
     --run-dir) RUN_DIR=$2; shift ;;
     --wait) WAIT=$2; shift ;;
     --python) AGENTENV_PYTHON=$2; shift ;;
@@ -165,7 +160,6 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
   export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
   export VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-nobind}
-  [ "$COMPILE" = 1 ] || ARGS+=(--enforce-eager)
 fi
 if [ -n "$LORA" ] || [ "$WEIGHT_UPDATES" = 1 ]; then
   export VLLM_ALLOW_RUNTIME_LORA_UPDATING=True

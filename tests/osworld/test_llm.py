@@ -168,7 +168,7 @@ async def test_greedy_same_tokens_service_and_in_process(vllm_server, tiny_model
         await service.aclose()
     engine = LLM(model=str(tiny_model_path), max_model_len=8192, limit_mm_per_prompt={"image": 5, "video": 0},
                  mm_processor_kwargs={"min_pixels": tiny_pixels[0], "max_pixels": tiny_pixels[1]},
-                 enable_prefix_caching=True, enforce_eager=True)  # as the CPU server runs
+                 enable_prefix_caching=True)
     local = as_llm(engine)
     assert isinstance(local, InProcessLLM)
     too_many_images = [{"role": "user", "content": [c for m in msgs + msgs for c in m[0]["content"]]}]
@@ -202,8 +202,7 @@ async def test_async_engine_adapter_matches_the_service(vllm_server, tiny_model_
         await service.aclose()
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
         model=str(tiny_model_path), max_model_len=8192, limit_mm_per_prompt={"image": 5, "video": 0},
-        mm_processor_kwargs={"min_pixels": tiny_pixels[0], "max_pixels": tiny_pixels[1]},
-        enforce_eager=True))  # as the CPU server runs
+        mm_processor_kwargs={"min_pixels": tiny_pixels[0], "max_pixels": tiny_pixels[1]}))
     try:
         llm = as_llm(engine)
         assert isinstance(llm, AsyncEngineLLM)

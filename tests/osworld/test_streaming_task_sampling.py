@@ -125,8 +125,7 @@ async def test_in_process_vllm_through_duck_typing(vllm_server, pool, tmp_path, 
     from vllm import LLM
 
     engine = LLM(model=str(tiny_model_path), max_model_len=8192, limit_mm_per_prompt={"image": 5, "video": 0},
-                 mm_processor_kwargs={"min_pixels": tiny_pixels[0], "max_pixels": tiny_pixels[1]},
-                 enforce_eager=True)  # no torch.compile: about a minute less, as the CPU server runs
+                 mm_processor_kwargs={"min_pixels": tiny_pixels[0], "max_pixels": tiny_pixels[1]})
     sched = make_scheduler(engine, pool, tmp_path, tasks()[:6], tiny_pixels)
     try:
         summary = await sched.run()
