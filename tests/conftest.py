@@ -97,18 +97,6 @@ def vllm_server(early_vllm, run_dir):
 
 
 @pytest.fixture(scope="session")
-def second_vllm_server(run_dir):
-    """A second tiny model (seed 0, new weights at run time) for the tests of several endpoints:
-    started once and shared; a test that stops it starts it again before it ends. The weight-update
-    test leaves other weights in it (those tests run last: ``needs_vllm``)."""
-    from agentenv.services import VLLMService
-
-    svc = VLLMService(port=VLLM_PORT + 21, run_dir=run_dir, extra=["--weight-updates"]).start()
-    yield svc
-    svc.stop()
-
-
-@pytest.fixture(scope="session")
 def env_service(run_dir):
     from agentenv.services import EnvService
 
@@ -136,7 +124,7 @@ def tiny_pixels():
 def needs_vllm(item) -> int:
     """0: no vLLM server; 1: the session's; 2: servers of its own as well (run once the
     session's is up, not beside its start)."""
-    if item.get_closest_marker("starts_vllm") or "second_vllm_server" in item.fixturenames:
+    if item.get_closest_marker("starts_vllm"):
         return 2
     return int("vllm_server" in item.fixturenames)
 

@@ -16,7 +16,7 @@ from agentenv.rollout.llm import (AsyncEngineLLM, InProcessLLM, LLMError, LLMReq
                                   WrapperLLM, as_llm)
 from agentenv.rollout.uitars import ACTION_REGEX
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.starts_vllm]  # a second server, in-process engines
 
 
 def screenshot_messages(text: str = "Open the editor and type hello.", seed: int = 0) -> list[dict]:
@@ -123,10 +123,12 @@ async def test_sync_openai_client_and_wrapper_work(vllm_server):
     assert c.token_ids and "Action:" in c.text
 
 
-async def test_two_servers_sticky_failover_and_recovery(vllm_server, second_vllm_server):
+async def test_two_servers_sticky_failover_and_recovery(vllm_server, run_dir):
     """Turns of a trajectory stick to one endpoint; a killed server is routed around without
     failures; a server that comes back is used again."""
-    b = second_vllm_server
+    from agentenv.services import VLLMService
+
+    b = VLLMService(port=vllm_server.port + 1, run_dir=run_dir).start()
     a_url, b_url = vllm_server.url, b.url
     llm = ServiceLLM([a_url, b_url], vllm_server.model, down_s=1.0, max_retries=3, backoff_s=0.2)
     try:
@@ -150,8 +152,7 @@ async def test_two_servers_sticky_failover_and_recovery(vllm_server, second_vllm
         assert b_url in {c.endpoint for c in back}
     finally:
         await llm.aclose()
-        if b.proc.poll() is not None:  # shared: leave it up for the next test
-            b.start()
+        b.stop()
 
 
 async def test_greedy_same_tokens_service_and_in_process(vllm_server, tiny_model_path, tiny_pixels):

@@ -7,6 +7,7 @@ import asyncio
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -18,7 +19,7 @@ from agentenv.envs.pool import EnvPool, ServiceSpec
 from agentenv.rollout.llm import ServiceLLM
 from agentenv.types import Status
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.starts_vllm]  # vLLM servers of its own
 
 SEED1 = AGENTENV_HOME / "models" / "tiny-uitars-seed1"
 HELLO = [{"role": "user", "content": "hello there, agent"}]
@@ -39,17 +40,19 @@ async def _greedy(url: str, model: str = "tiny-uitars") -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def two_servers(run_dir, second_vllm_server):
-    """A starts on the seed-1 checkpoint (the reference for what seed 1 answers), B on seed 0 (the
-    session's second server, shared with tests/osworld/test_llm.py)."""
+def two_servers(run_dir):
+    """A starts on the seed-1 checkpoint (the reference for what seed 1 answers), B on seed 0."""
     from agentenv.services import VLLMService
 
     _make("--seed", "1", "--out", str(SEED1))
     a = VLLMService(port=VLLM_PORT + 20, run_dir=run_dir,
                     extra=["--weight-updates", "--model", str(SEED1), "--served-model-name", "tiny-uitars"])
-    a.start()
-    yield a, second_vllm_server
+    b = VLLMService(port=VLLM_PORT + 21, run_dir=run_dir, extra=["--weight-updates"])
+    with ThreadPoolExecutor(2) as ex:
+        list(ex.map(lambda s: s.start(), (a, b)))
+    yield a, b
     a.stop()
+    b.stop()
 
 
 async def test_rolling_update_during_a_run(two_servers, env_service, tmp_path, tiny_pixels):
