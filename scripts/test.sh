@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The test suite: install what is missing, then run every test (real vLLM, real desktops).
 # Extra arguments go to pytest. Collecting no test is a failure (pytest exits 5).
+# The 30 slowest tests are listed at the end of every run (CI too).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=$("$ROOT/scripts/install.sh" | tail -n 1)
 cd "$ROOT"
-PYTHONPATH="$ROOT" exec "$PY" -m pytest -p no:cacheprovider -ra "$@"
+PYTHONPATH="$ROOT" exec "$PY" -m pytest -p no:cacheprovider -ra --durations=30 "$@"

@@ -1,6 +1,9 @@
 """Session fixtures: the real tiny model on vLLM and a real env service with 4 desktops.
 
 Both are started once per test session on loopback ports of their own, and stopped by PID.
+The vLLM server takes a minute or more to start: when a collected test needs it, it starts in the background
+as the first test starts, and the modules that need no vLLM server run first (each module's tests
+stay together and in their order), so its start overlaps them.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -34,13 +38,60 @@ def run_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("services")
 
 
+VLLM_USERS = pytest.StashKey[bool]()
+
+
+class EarlyStart:
+    """``svc.start()`` in a thread of its own; ``result()`` waits for it and raises what it raised."""
+
+    def __init__(self, svc):
+        self.svc, self.error = svc, None
+        self.thread = threading.Thread(target=self._run, name=f"start-{type(svc).__name__}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.svc.start()
+        except BaseException as e:  # noqa: BLE001 - handed to the test that waits for it
+            self.error = e
+
+    def result(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.svc
+
+    def stop(self) -> None:
+        """Stop it, even mid-start: the starting thread then sees its process gone and ends."""
+        while self.thread.is_alive():
+            if self.svc.proc is not None:
+                self.svc.stop()
+            self.thread.join(0.5)
+        self.svc.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def early_vllm(request, run_dir):
+    """The session's vLLM server, starting in the background from the first test on when a
+    collected test uses ``vllm_server``."""
+    from agentenv.services import VLLMService
+
+    if not request.config.stash.get(VLLM_USERS, False):
+        yield None
+        return
+    early = EarlyStart(VLLMService(port=VLLM_PORT, run_dir=run_dir, extra=["--tokens-api"]))
+    yield early
+    early.stop()
+
+
 @pytest.fixture(scope="session")
-def vllm_server(run_dir):
+def vllm_server(early_vllm, run_dir):
     """The tiny UI-TARS-shaped model served by scripts/start_vllm_service.sh (with the
     tokens-in/tokens-out route that verl's server manager uses)."""
     from agentenv.services import VLLMService
 
-    svc = VLLMService(port=VLLM_PORT, run_dir=run_dir, extra=["--tokens-api"]).start()
+    svc = early_vllm.result() if early_vllm else VLLMService(port=VLLM_PORT, run_dir=run_dir,
+                                                             extra=["--tokens-api"]).start()
     yield svc
     svc.stop()
 
@@ -70,9 +121,24 @@ def tiny_pixels():
     return tiny_model_pixels()
 
 
+def needs_vllm(item) -> int:
+    """0: no vLLM server; 1: the session's; 2: servers of its own as well (run once the
+    session's is up, not beside its start)."""
+    if item.get_closest_marker("starts_vllm"):
+        return 2
+    return int("vllm_server" in item.fixturenames)
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m have deselected
 def pytest_collection_modifyitems(config, items):
     if not shutil.which("Xvfb"):
         raise pytest.UsageError("Xvfb is not installed: run scripts/install.sh first")
+    modules: dict[Path, list] = {}
+    for item in items:
+        modules.setdefault(item.path, []).append(item)
+    rank = {path: max(needs_vllm(i) for i in its) for path, its in modules.items()}
+    items[:] = [i for path in sorted(modules, key=rank.__getitem__) for i in modules[path]]  # stable
+    config.stash[VLLM_USERS] = any("vllm_server" in i.fixturenames for i in items)
 
 
 def shutdown_engine(engine) -> None:

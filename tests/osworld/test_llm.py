@@ -16,7 +16,7 @@ from agentenv.rollout.llm import (AsyncEngineLLM, InProcessLLM, LLMError, LLMReq
                                   WrapperLLM, as_llm)
 from agentenv.rollout.uitars import ACTION_REGEX
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.starts_vllm]  # a second server, in-process engines
 
 
 def screenshot_messages(text: str = "Open the editor and type hello.", seed: int = 0) -> list[dict]:

@@ -19,7 +19,7 @@ from agentenv.envs.pool import EnvPool
 from agentenv.rollout.llm import ServiceLLM
 from agentenv.types import Status
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.starts_vllm]  # vLLM servers of its own
 
 SEED1 = AGENTENV_HOME / "models" / "tiny-uitars-seed1"
 HELLO = [{"role": "user", "content": "hello there, agent"}]

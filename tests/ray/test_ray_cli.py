@@ -27,7 +27,7 @@ from agentenv.types import Status  # noqa: E402
 from tests.osworld.test_streaming_task_sampling import CLICK_ONLY  # noqa: E402
 from tests.ray.pids import all_loopback, idents, listening_addresses, wait_gone  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.starts_vllm]  # a vLLM actor of its own
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = ["terminal-mkdir", "calc-add"]
 
