@@ -86,7 +86,7 @@ def test_upload_file_step_reads_only_the_tasks_folder_under_allowed_roots(svc, t
 
 @pytest.fixture
 def desktop(tmp_path):
-    d = make_desktop("paths-" + os.urandom(3).hex(), DesktopSpec(width=320, height=240)).start()
+    d = make_desktop("paths-" + os.urandom(3).hex(), DesktopSpec(width=320, height=240, sandbox=False)).start()
     yield d
     d.close()
 
@@ -125,8 +125,8 @@ def test_written_files_and_their_folders_belong_to_the_desktop_user(desktop):
 
 
 def test_each_desktop_has_an_xauthority_of_its_own(tmp_path):
-    a = make_desktop("xa-" + os.urandom(3).hex(), DesktopSpec(width=320, height=240)).start()
-    b = make_desktop("xb-" + os.urandom(3).hex(), DesktopSpec(width=320, height=240)).start()
+    a = make_desktop("xa-" + os.urandom(3).hex(), DesktopSpec(width=320, height=240, sandbox=False)).start()
+    b = make_desktop("xb-" + os.urandom(3).hex(), DesktopSpec(width=320, height=240, sandbox=False)).start()
     try:
         for d, other in ((a, b), (b, a)):
             r = d.run(["xauth", "-f", d.env()["XAUTHORITY"], "list"])
