@@ -48,6 +48,9 @@ class Rollout:
     # (trajectory, name, png) -> where it was saved ("" when not saved)
     save_screenshot: Callable[[Trajectory, str, bytes], str] | None = None
 
+    def __post_init__(self) -> None:
+        self.llm = as_llm(self.llm)  # an adapter stays itself; an object with chat only gets the defaults
+
     @classmethod
     def from_config(cls, cfg: RunConfig, llm: Any, *, tiny: bool = False) -> "Rollout":
         """The agent, sampling and limits a config asks for. ``tiny``: the model is the project's
@@ -64,7 +67,7 @@ class Rollout:
             s = s.model_copy(update={"max_tokens": min(s.max_tokens, 64), "regex": regex or ACTION_REGEX})
         elif regex != s.regex:
             s = s.model_copy(update={"regex": regex})
-        return cls(as_llm(llm), agent, s, cfg.loop)
+        return cls(llm, agent, s, cfg.loop)
 
 
 async def run_trajectory(traj: Trajectory, task: Task, env: AsyncDesktopEnv, rollout: Rollout) -> Trajectory:
@@ -73,9 +76,7 @@ async def run_trajectory(traj: Trajectory, task: Task, env: AsyncDesktopEnv, rol
     try:
         return await _run(traj, task, env, rollout, session)
     finally:
-        release = getattr(rollout.llm, "release_session", None)
-        if release is not None:  # the trajectory's endpoint binding is no longer needed
-            release(session)
+        rollout.llm.release_session(session)  # the trajectory's endpoint binding is no longer needed
 
 
 async def _call_model(r: Rollout, messages: Messages, session: str) -> tuple[Completion, int]:
@@ -89,7 +90,7 @@ async def _call_model(r: Rollout, messages: Messages, session: str) -> tuple[Com
                 async with timeout(r.limits.step_timeout_s):
                     return await r.llm.chat(messages, r.sampling, session=session), version
         except LLMNoEndpointError:
-            await r.llm.wait_for_endpoint()  # type: ignore[attr-defined]  # only ServiceLLM raises it
+            await r.llm.wait_for_endpoint()  # only ServiceLLM raises it
 
 
 async def _run(traj: Trajectory, task: Task, env: AsyncDesktopEnv, r: Rollout, session: str) -> Trajectory:
