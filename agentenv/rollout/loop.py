@@ -93,6 +93,26 @@ async def _call_model(r: Rollout, messages: Messages, session: str) -> tuple[Com
             await r.llm.wait_for_endpoint()  # only ServiceLLM raises it
 
 
+async def _act(env: AsyncDesktopEnv, parsed: Any, step: Step, image_size: Any, obs: Any,
+               last_action: str | None) -> tuple[Any, str | None]:
+    """Do a valid reply's actions on the desktop: the observation and the action type after them."""
+    step.action = parsed.actions[0].to_dict() if len(parsed.actions) == 1 else \
+        {"type": "sequence", "actions": [a.to_dict() for a in parsed.actions]}
+    t0 = time.perf_counter()
+    try:
+        for action in parsed.actions:
+            new_obs, info, _ = await env.step(action, image_size)
+            if new_obs is not None:
+                obs = new_obs
+            if info.get("error"):
+                step.env_info = {**step.env_info, "error": info["error"]}
+            last_action = action.type
+    except EnvRequestError as e:  # the desktop refused the action: the reply was not usable
+        parsed.valid, parsed.error = False, f"the desktop refused the action: {e.reason}"
+    step.env_latency_s = time.perf_counter() - t0
+    return obs, last_action
+
+
 async def _run(traj: Trajectory, task: Task, env: AsyncDesktopEnv, r: Rollout, session: str) -> Trajectory:
     agent, limits, save = r.agent, r.limits, r.save_screenshot
     traj.env_id = env.name
@@ -133,20 +153,7 @@ async def _run(traj: Trajectory, task: Task, env: AsyncDesktopEnv, r: Rollout, s
         traj.add_step(step, completion.prompt_token_ids, prompt)
         prompt = completion.prompt_token_ids
         if parsed.valid:
-            step.action = parsed.actions[0].to_dict() if len(parsed.actions) == 1 else \
-                {"type": "sequence", "actions": [a.to_dict() for a in parsed.actions]}
-            t0 = time.perf_counter()
-            try:
-                for action in parsed.actions:
-                    new_obs, info, _ = await env.step(action, image_size)
-                    if new_obs is not None:
-                        obs = new_obs
-                    if info.get("error"):
-                        step.env_info = {**step.env_info, "error": info["error"]}
-                    last_action = action.type
-            except EnvRequestError as e:  # the desktop refused the action: the reply was not usable
-                parsed.valid, parsed.error = False, f"the desktop refused the action: {e.reason}"
-            step.env_latency_s = time.perf_counter() - t0
+            obs, last_action = await _act(env, parsed, step, image_size, obs, last_action)
         if not parsed.valid:
             step.valid, step.error = False, parsed.error
             state.invalid_in_row += 1

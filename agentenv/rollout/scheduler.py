@@ -10,11 +10,12 @@ the caller's event loop, cancels nothing it does not own, and leaves nothing beh
 trajectory is a failure boundary: whatever goes wrong in one ends that trajectory with a status and
 a reason, never the run.
 
-Faults: a desktop that dies is replaced and its trajectory rerun (``env_retries``); when every
-desktop is lost, admission stops and ``run()`` returns with ``error`` in its summary; when a
-trajectory ends because the model service is unavailable, admission waits until the service
-answers its health check again instead of burning the queue (and stops, with ``error``, once the
-LLM says every server is gone for good: ``ServiceLLM.exhausted``).
+Faults: a desktop that dies is replaced and its trajectory rerun (``env_retries``; the policy is
+``runner.run_leased``, which the verl agent loop shares); when every desktop is lost, admission
+stops and ``run()`` returns with ``error`` in its summary; when a trajectory ends because the
+model service is unavailable, admission waits until the service answers its health check again
+instead of burning the queue (and stops, with ``error``, once the LLM says every server is gone for
+good: ``LLM.exhausted``).
 """
 
 from __future__ import annotations
