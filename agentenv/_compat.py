@@ -1,8 +1,12 @@
-"""asyncio.TaskGroup and asyncio.timeout on Python 3.10 (minimal equivalents)."""
+"""asyncio.TaskGroup and asyncio.timeout on Python 3.10 (minimal equivalents), and ``side_task``."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from typing import Any, AsyncIterator, Coroutine
+
+from loguru import logger
 
 if hasattr(asyncio, "TaskGroup"):
     TaskGroup = asyncio.TaskGroup
@@ -38,8 +42,6 @@ else:  # pragma: no cover - exercised only on 3.10
 if hasattr(asyncio, "timeout"):
     timeout = asyncio.timeout
 else:  # pragma: no cover - exercised only on 3.10
-    import contextlib
-
     @contextlib.asynccontextmanager
     async def timeout(delay):
         task = asyncio.current_task()
@@ -50,3 +52,22 @@ else:  # pragma: no cover - exercised only on 3.10
             raise asyncio.TimeoutError() from e
         finally:
             handle.cancel()
+
+
+@contextlib.asynccontextmanager
+async def side_task(coro: Coroutine[Any, Any, Any], name: str, *, grace_s: float = 0.0
+                    ) -> AsyncIterator[asyncio.Task]:
+    """``coro`` as a task owned by the block (a progress bar, a watcher, a page): at the block's end
+    it gets ``grace_s`` to finish, is cancelled, and is awaited either way. Its failure is logged,
+    never raised into the block: a side task must not end what it serves. Not a TaskGroup, which
+    would also wrap the block's own exceptions in an ExceptionGroup."""
+    task = asyncio.get_running_loop().create_task(coro, name=name)
+    try:
+        yield task
+    finally:
+        if grace_s and not task.done():
+            await asyncio.wait({task}, timeout=grace_s)
+        task.cancel()
+        (result,) = await asyncio.gather(task, return_exceptions=True)
+        if isinstance(result, Exception):
+            logger.warning("{}: {!r}", name, result)

@@ -21,11 +21,14 @@ import asyncio
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from agentenv.config import OutputConfig, TaskConfig
+
+if TYPE_CHECKING:
+    from agentenv.rollout.llm import LLM
 
 
 class PreflightError(RuntimeError):
@@ -156,14 +159,13 @@ async def _models(url: str, api_key: str | None) -> list[str]:
         raise PreflightError(f"{url}/models did not answer a model list: {r.text[:200]}") from e
 
 
-async def check_llm(llm: Any, model: str | None) -> None:
+async def check_llm(llm: LLM, model: str | None) -> None:
     """Every endpoint of a ServiceLLM answers and serves ``model`` (when one is named).
-    In-process engines need no check."""
-    endpoints = getattr(llm, "endpoints", None)
+    In-process engines have no endpoints and need no check."""
+    endpoints = llm.endpoints
     if not endpoints:
         return
-    key_of = getattr(llm, "api_key", None)
-    served = await asyncio.gather(*(_models(u, key_of(u) if callable(key_of) else None) for u in endpoints))
+    served = await asyncio.gather(*(_models(u, llm.api_key(u)) for u in endpoints))
     if model:
         for url, names in zip(endpoints, served):
             if model not in names:

@@ -33,6 +33,7 @@ from typing import Any
 from loguru import logger
 from pydantic import ValidationError
 
+from agentenv._compat import side_task
 from agentenv.config import RunConfig, load_config
 from agentenv.envs.client import EnvError
 from agentenv.config import ServiceConfig
@@ -123,15 +124,10 @@ async def run_async(cfg: RunConfig, llm: Any, services: list[ServiceConfig], *, 
             loop.add_signal_handler(sig, on_signal)
     total = len(sched.source) if sched.source.finite else None
     try:
-        progress = asyncio.ensure_future(_progress(sched, total, cfg.progress))
-        try:
-            async with serve_live(sched, cfg.output.live_port, cfg.output.dir), \
-                    (fleet.watching(pool, sched.llm) if fleet is not None else contextlib.nullcontext()):
-                summary = await sched.run()
-        finally:
-            progress.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await progress
+        async with side_task(_progress(sched, total, cfg.progress), "progress bar"), \
+                serve_live(sched, cfg.output.live_port, cfg.output.dir), \
+                (fleet.watching(pool, sched.llm) if fleet is not None else contextlib.nullcontext()):
+            summary = await sched.run()
     except asyncio.CancelledError:
         summary = {**sched.summary(), "abandoned": True}
     finally:
@@ -139,8 +135,7 @@ async def run_async(cfg: RunConfig, llm: Any, services: list[ServiceConfig], *, 
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
         await pool.aclose()
-        if hasattr(sched.llm, "aclose"):
-            await sched.llm.aclose()
+        await sched.llm.aclose()
     try:
         path = sched.buffer.compact()
         summary["output"] = str(path) if path else None
@@ -148,8 +143,7 @@ async def run_async(cfg: RunConfig, llm: Any, services: list[ServiceConfig], *, 
         logger.error("could not merge the part files: {}", e)
         summary["output"] = str(Path(cfg.output.dir, "parts"))
         summary.setdefault("error", f"could not merge the part files: {e}")
-    if hasattr(sched.llm, "stats"):  # calls served by each model server in use at the end
-        summary["llm_endpoints"] = sched.llm.stats()
+    summary["llm_endpoints"] = sched.llm.stats()  # calls served by each model server in use at the end
     if fleet is not None:
         summary["ray"] = fleet.report()
     summary["stopped_early"] = sched.stopping

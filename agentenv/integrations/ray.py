@@ -53,6 +53,7 @@ import httpx
 import ray
 from loguru import logger
 
+from agentenv._compat import side_task
 from agentenv.config import EnvConfig, EnvServiceConfig, RayConfig, ServiceConfig
 from agentenv.envs.pool import EnvPool
 from agentenv.net import free_port
@@ -475,13 +476,8 @@ class RayFleet:
     async def watching(self, pool: EnvPool | None = None, llm: Any = None) -> AsyncIterator["RayFleet"]:
         """Watch while the body runs (the env services for ``pool``, the vLLM actors for ``llm``,
         a ``ServiceLLM`` over their endpoints); the watcher ends with it."""
-        task = asyncio.ensure_future(self.watch(pool, llm))
-        try:
+        async with side_task(self.watch(pool, llm), "ray: the watcher"):
             yield self
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     def report(self) -> dict[str, Any]:
         """For a run's summary: the actors, what was lost and came back, which servers replaced which."""

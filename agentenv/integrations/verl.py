@@ -48,15 +48,14 @@ from verl.workers.rollout.llm_server import LLMServerClient
 from verl.workers.rollout.replica import TokenOutput
 from verl.workers.rollout.utils import qwen2_5_vl_dedup_image_tokens
 
-from agentenv._compat import timeout
 from agentenv.config import RunConfig, _Strict, load_config
-from agentenv.envs.client import EnvDeadError
 from agentenv.envs.pool import EnvPool
 from agentenv.rollout.llm import LLMError, Sampling, TokenServerLLM
-from agentenv.rollout.loop import Rollout, run_trajectory
+from agentenv.rollout.loop import Rollout
 from agentenv.rollout.samples import Mode, SequenceModeError, TrainSample, load_images, trajectory_samples
+from agentenv.rollout.runner import run_leased
 from agentenv.rollout.scheduler import StreamingScheduler
-from agentenv.types import Group, Status, Task, Trajectory
+from agentenv.types import Group, Task, Trajectory
 
 AGENT_NAME = "agentenv_gui"
 
@@ -207,33 +206,8 @@ class AgentenvAgentLoop(AgentLoopBase):
         rollout.sampling = verl_sampling(rollout.sampling, sampling_params, self.response_length)
         rollout.save_screenshot = keep
         traj = Trajectory(task_id=task.id, sample=int(kwargs.get("session_id", next(_SAMPLES))), started_at=time.time())
-        await self._run_on_a_desktop(traj, task, pool, rollout)
-        traj.ended_at = time.time()
+        await run_leased(traj, task, pool, rollout, self.cfg.scheduler)  # the scheduler's own policy
         return self._outputs(traj, pngs, task)
-
-    async def _run_on_a_desktop(self, traj: Trajectory, task: Task, pool: EnvPool, rollout: Rollout) -> None:
-        """run_trajectory on a leased desktop; a desktop that dies is replaced and the trajectory
-        rerun (``scheduler.env_retries``), as the scheduler does."""
-        retries = self.cfg.scheduler.env_retries
-        while True:
-            env = await pool.acquire()
-            try:
-                async with timeout(self.cfg.scheduler.trajectory_timeout_s):
-                    await run_trajectory(traj, task, env, rollout)
-            except EnvDeadError as e:
-                await pool.release(env, broken=True)
-                if traj.attempts > retries:
-                    traj.status, traj.reason = Status.ENV_ERROR, f"desktop failed {traj.attempts} times: {e}"
-                    return
-                traj.attempts += 1
-                continue
-            except asyncio.TimeoutError:
-                traj.status = Status.TIMEOUT
-                traj.reason = f"trajectory exceeded {self.cfg.scheduler.trajectory_timeout_s}s"
-            except LLMError as e:  # raised outside a step (never expected): still one sample's failure
-                traj.status, traj.reason = Status.LLM_ERROR, str(e)
-            await pool.release(env)
-            return
 
     def _outputs(self, traj: Trajectory, pngs: dict[str, bytes], task: Task
                  ) -> AgentLoopOutput | list[AgentLoopOutput]:
@@ -414,13 +388,16 @@ class StreamingVerlRollout:
     ``max_staleness`` policy versions: dropped or flagged), as one ``DataProto``; ``update_weights``
     swaps weights without stopping rollouts (or pauses, swaps and resumes, for an LLM that cannot).
 
-        stream = StreamingVerlRollout(scheduler, VerlBatcher(verl_config, mode="step"))
-        await stream.start()
-        for step in range(steps):
-            batch = await stream.next_batch(8)       # 8 groups, uid = group, rm_scores = our rewards
-            ...update the policy with batch...
-            await stream.update_weights(step + 1, path=checkpoint_dir)   # endpoint by endpoint
-        await stream.stop()
+        async with StreamingVerlRollout(scheduler, VerlBatcher(verl_config, mode="step")) as stream:
+            for step in range(steps):
+                batch = await stream.next_batch(8)   # 8 groups, uid = group, rm_scores = our rewards
+                ...update the policy with batch...
+                await stream.update_weights(step + 1, path=checkpoint_dir)   # endpoint by endpoint
+        stream.summary                                 # the scheduler's, once it stopped
+
+    The scheduler's task belongs to the stream: the block's end (or ``stop()``, after ``start()``)
+    stops admission and awaits it; an error in the block cancels it (trajectories in flight are
+    abandoned, their desktops given back).
     """
 
     def __init__(self, scheduler: StreamingScheduler, batcher: VerlBatcher):
@@ -428,17 +405,38 @@ class StreamingVerlRollout:
             raise ValueError("streaming mode reads each sample's screenshots from the run directory: give the "
                              "buffer a directory and keep output.screenshots on")
         self.scheduler, self.batcher = scheduler, batcher
+        self.summary: dict[str, Any] | None = None
         self._task: asyncio.Task | None = None
 
+    async def __aenter__(self) -> "StreamingVerlRollout":
+        await self.start()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, *exc: object) -> None:
+        if et is None:
+            await self.stop()
+            return
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+        await asyncio.gather(*([task] if task else []), return_exceptions=True)
+
     async def start(self) -> None:
-        self._task = asyncio.ensure_future(self.scheduler.run())
+        if self._task is not None:
+            raise RuntimeError("this stream was started already")
+        self._task = asyncio.get_running_loop().create_task(self.scheduler.run(), name="agentenv:scheduler")
 
     async def next_batch(self, n_groups: int, timeout: float | None = None) -> DataProto:
+        assert self._task is not None, "start() the stream first"
         get = asyncio.ensure_future(self.scheduler.buffer.get_batch(n_groups))
-        done, _ = await asyncio.wait({get, self._task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        if get not in done:
-            get.cancel()
-            if self._task in done:
+        try:
+            await asyncio.wait({get, self._task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # the getter is ours: it never outlives this call
+            if not get.done():
+                get.cancel()
+            await asyncio.gather(get, return_exceptions=True)
+        if get.cancelled():
+            if self._task.done():
                 raise RuntimeError(f"the scheduler ended before {n_groups} more groups were complete: "
                                    f"{self._task.result()}")
             raise TimeoutError(f"fewer than {n_groups} complete groups after {timeout}s")
@@ -458,6 +456,8 @@ class StreamingVerlRollout:
             self.scheduler.resume(version)
 
     async def stop(self) -> dict[str, Any]:
+        """Stop admitting, let the trajectories in flight finish, and return the scheduler's summary."""
         self.scheduler.stop()
-        assert self._task is not None
-        return await self._task
+        assert self._task is not None, "start() the stream first"
+        self.summary = await self._task
+        return self.summary

@@ -48,6 +48,9 @@ class Rollout:
     # (trajectory, name, png) -> where it was saved ("" when not saved)
     save_screenshot: Callable[[Trajectory, str, bytes], str] | None = None
 
+    def __post_init__(self) -> None:
+        self.llm = as_llm(self.llm)  # an adapter stays itself; an object with chat only gets the defaults
+
     @classmethod
     def from_config(cls, cfg: RunConfig, llm: Any, *, tiny: bool = False) -> "Rollout":
         """The agent, sampling and limits a config asks for. ``tiny``: the model is the project's
@@ -64,7 +67,7 @@ class Rollout:
             s = s.model_copy(update={"max_tokens": min(s.max_tokens, 64), "regex": regex or ACTION_REGEX})
         elif regex != s.regex:
             s = s.model_copy(update={"regex": regex})
-        return cls(as_llm(llm), agent, s, cfg.loop)
+        return cls(llm, agent, s, cfg.loop)
 
 
 async def run_trajectory(traj: Trajectory, task: Task, env: AsyncDesktopEnv, rollout: Rollout) -> Trajectory:
@@ -73,9 +76,7 @@ async def run_trajectory(traj: Trajectory, task: Task, env: AsyncDesktopEnv, rol
     try:
         return await _run(traj, task, env, rollout, session)
     finally:
-        release = getattr(rollout.llm, "release_session", None)
-        if release is not None:  # the trajectory's endpoint binding is no longer needed
-            release(session)
+        rollout.llm.release_session(session)  # the trajectory's endpoint binding is no longer needed
 
 
 async def _call_model(r: Rollout, messages: Messages, session: str) -> tuple[Completion, int]:
@@ -89,7 +90,27 @@ async def _call_model(r: Rollout, messages: Messages, session: str) -> tuple[Com
                 async with timeout(r.limits.step_timeout_s):
                     return await r.llm.chat(messages, r.sampling, session=session), version
         except LLMNoEndpointError:
-            await r.llm.wait_for_endpoint()  # type: ignore[attr-defined]  # only ServiceLLM raises it
+            await r.llm.wait_for_endpoint()  # only ServiceLLM raises it
+
+
+async def _act(env: AsyncDesktopEnv, parsed: Any, step: Step, image_size: Any, obs: Any,
+               last_action: str | None) -> tuple[Any, str | None]:
+    """Do a valid reply's actions on the desktop: the observation and the action type after them."""
+    step.action = parsed.actions[0].to_dict() if len(parsed.actions) == 1 else \
+        {"type": "sequence", "actions": [a.to_dict() for a in parsed.actions]}
+    t0 = time.perf_counter()
+    try:
+        for action in parsed.actions:
+            new_obs, info, _ = await env.step(action, image_size)
+            if new_obs is not None:
+                obs = new_obs
+            if info.get("error"):
+                step.env_info = {**step.env_info, "error": info["error"]}
+            last_action = action.type
+    except EnvRequestError as e:  # the desktop refused the action: the reply was not usable
+        parsed.valid, parsed.error = False, f"the desktop refused the action: {e.reason}"
+    step.env_latency_s = time.perf_counter() - t0
+    return obs, last_action
 
 
 async def _run(traj: Trajectory, task: Task, env: AsyncDesktopEnv, r: Rollout, session: str) -> Trajectory:
@@ -132,20 +153,7 @@ async def _run(traj: Trajectory, task: Task, env: AsyncDesktopEnv, r: Rollout, s
         traj.add_step(step, completion.prompt_token_ids, prompt)
         prompt = completion.prompt_token_ids
         if parsed.valid:
-            step.action = parsed.actions[0].to_dict() if len(parsed.actions) == 1 else \
-                {"type": "sequence", "actions": [a.to_dict() for a in parsed.actions]}
-            t0 = time.perf_counter()
-            try:
-                for action in parsed.actions:
-                    new_obs, info, _ = await env.step(action, image_size)
-                    if new_obs is not None:
-                        obs = new_obs
-                    if info.get("error"):
-                        step.env_info = {**step.env_info, "error": info["error"]}
-                    last_action = action.type
-            except EnvRequestError as e:  # the desktop refused the action: the reply was not usable
-                parsed.valid, parsed.error = False, f"the desktop refused the action: {e.reason}"
-            step.env_latency_s = time.perf_counter() - t0
+            obs, last_action = await _act(env, parsed, step, image_size, obs, last_action)
         if not parsed.valid:
             step.valid, step.error = False, parsed.error
             state.invalid_in_row += 1

@@ -10,11 +10,12 @@ the caller's event loop, cancels nothing it does not own, and leaves nothing beh
 trajectory is a failure boundary: whatever goes wrong in one ends that trajectory with a status and
 a reason, never the run.
 
-Faults: a desktop that dies is replaced and its trajectory rerun (``env_retries``); when every
-desktop is lost, admission stops and ``run()`` returns with ``error`` in its summary; when a
-trajectory ends because the model service is unavailable, admission waits until the service
-answers its health check again instead of burning the queue (and stops, with ``error``, once the
-LLM says every server is gone for good: ``ServiceLLM.exhausted``).
+Faults: a desktop that dies is replaced and its trajectory rerun (``env_retries``; the policy is
+``runner.run_leased``, which the verl agent loop shares); when every desktop is lost, admission
+stops and ``run()`` returns with ``error`` in its summary; when a trajectory ends because the
+model service is unavailable, admission waits until the service answers its health check again
+instead of burning the queue (and stops, with ``error``, once the LLM says every server is gone for
+good: ``LLM.exhausted``).
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ from typing import Any, Awaitable, Protocol, TypeVar
 
 from loguru import logger
 
-from agentenv._compat import TaskGroup, timeout
+from agentenv._compat import TaskGroup
 from agentenv.config import SchedulerConfig
-from agentenv.envs.client import AsyncDesktopEnv, EnvDeadError, EnvError
+from agentenv.envs.client import AsyncDesktopEnv
 from agentenv.envs.pool import EnvPool, EnvPoolExhausted
 from agentenv.rollout.buffer import TrajectoryBuffer
-from agentenv.rollout.llm import LLMNoEndpointError
-from agentenv.rollout.loop import Rollout, run_trajectory
+from agentenv.rollout.llm import LLM, LLMNoEndpointError
+from agentenv.rollout.loop import Rollout
+from agentenv.rollout.runner import run_leased
 from agentenv.rollout.sources import BrokenTask, TaskSource
 from agentenv.types import Status, Trajectory
 
@@ -95,7 +97,7 @@ class StreamingScheduler:
         self._running = False
 
     @property
-    def llm(self) -> Any:
+    def llm(self) -> LLM:
         return self.rollout.llm
 
     # ------------------------------------------------------------------ control
@@ -118,11 +120,7 @@ class StreamingScheduler:
         step records the version of the endpoint that produced it, and staleness counts from
         ``version`` once every endpoint serves it. An LLM that cannot do this (in-process, verl's
         server manager) is updated between ``await pause()`` and ``resume(version)`` instead."""
-        update = getattr(self.llm, "update_weights", None)
-        if update is None:
-            raise TypeError(f"{type(self.llm).__name__} cannot swap weights endpoint by endpoint; "
-                            "use await pause(), swap them, then resume(policy_version)")
-        await update(version, **how)
+        await self.llm.update_weights(version, **how)  # TypeError from an LLM that cannot
         self.policy_version = version
         self.buffer.set_policy_version(version)
 
@@ -163,11 +161,11 @@ class StreamingScheduler:
         stop = asyncio.ensure_future(self._stop.wait())
         try:
             await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        finally:  # both are ours: neither outlives this call
+            for t in (stop, task):
+                if not t.done():
+                    t.cancel()
+            await asyncio.gather(task, stop, return_exceptions=True)
         if task.done() and not task.cancelled():
             return True, task.result()
         return False, None
@@ -195,17 +193,14 @@ class StreamingScheduler:
 
     async def _wait_for_llm(self) -> bool:
         """After a trajectory failed on the model service: admit nothing until it answers again."""
-        ready = getattr(self.llm, "ready", None)
         self._llm_suspect = False
-        if ready is None:
-            return True
         warned = False
         while not self.stopping:
-            if await ready():
+            if await self.llm.ready():
                 if warned:
                     logger.info("the model service answers again; admission resumes")
                 return True
-            if getattr(self.llm, "exhausted", False):
+            if self.llm.exhausted:
                 self.error = "every model server was lost and none is expected back"
                 logger.error("{}: admission stops", self.error)
                 return False
@@ -215,56 +210,11 @@ class StreamingScheduler:
             await self._unless_stopped(asyncio.sleep(self.config.llm_wait_s))
         return False
 
-    async def _run_one(self, key: str, task: Any, sample: int, env: AsyncDesktopEnv | None) -> None:
+    async def _run_one(self, key: str, task: Any, sample: int, env: AsyncDesktopEnv) -> None:
         traj = Trajectory(task_id=key, sample=sample, started_at=time.time())
-        failures: list[str] = []
-        try:
-            while env is not None:
-                try:
-                    async with timeout(self.config.trajectory_timeout_s):
-                        await run_trajectory(traj, task, env, self.rollout)
-                    break
-                except asyncio.TimeoutError:
-                    traj.status = Status.TIMEOUT
-                    traj.reason = f"trajectory exceeded {self.config.trajectory_timeout_s}s"
-                    break
-                except EnvDeadError as e:
-                    failures.append(f"attempt {traj.attempts} on {env.name}: {e}")
-                    logger.warning("desktop {} died during {}#{}: {}", env.name, key, sample, e)
-                    dead, env = env, None
-                    await self.pool.release(dead, broken=True)
-                    self._event("release", key, sample, dead.name)
-                    if traj.attempts > self.config.env_retries:
-                        traj.status = Status.ENV_ERROR
-                        traj.reason = f"desktop failed {traj.attempts} times"
-                        break
-                    traj.attempts += 1
-                    env = await self._acquire_for_rerun()
-                    if env is None:
-                        traj.status, traj.reason = Status.ENV_ERROR, "no desktop left for a rerun"
-                except EnvError as e:  # the env service refused something mid-trajectory
-                    traj.status, traj.reason = Status.ENV_ERROR, str(e)
-                    break
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # a bug must end this trajectory, not every trajectory in flight
-            logger.opt(exception=e).error("trajectory {}#{} failed unexpectedly", key, sample)
-            traj.status, traj.reason = Status.ERROR, f"{type(e).__name__}: {e}"
-        finally:
-            if env is not None:
-                await asyncio.shield(self.pool.release(env))
-                self._event("release", key, sample, env.name)
-        if failures:
-            traj.reason += "; rerun after: " + " | ".join(failures)
-        traj.ended_at = time.time()
+        await run_leased(traj, task, self.pool, self.rollout, self.config, env=env,
+                         released=lambda name: self._event("release", key, sample, name))
         self._finish(traj)
-
-    async def _acquire_for_rerun(self) -> AsyncDesktopEnv | None:
-        try:
-            return await self.pool.acquire()
-        except EnvPoolExhausted as e:
-            logger.error("no desktop for a rerun: {}", e)
-            return None
 
     def _save_screenshot(self, traj: Trajectory, name: str, png: bytes) -> str:
         path = self.buffer.screenshot_path(traj, name, png)

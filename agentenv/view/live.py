@@ -27,7 +27,7 @@ from typing import Any, AsyncIterator
 from fastapi import Request   # at module level: the routes' annotations are resolved from here
 from loguru import logger
 
-from agentenv._compat import TaskGroup
+from agentenv._compat import TaskGroup, side_task
 from agentenv.types import Status, Trajectory
 from agentenv.view import plots
 
@@ -258,34 +258,35 @@ async def serve_live(sched: Any, port: int | None, run_dir: str | Path | None, *
         total = len(sched.source) if sched.source.finite else None
     page = LivePage(sched, run_dir, token=token, total_groups=total)
     page.attach()
-    task = asyncio.ensure_future(page.serve(sock))
     try:
-        for _ in range(100):   # up to 10 s for the server to start
-            if page.started or task.done():
-                break
-            await asyncio.sleep(0.1)
-        if not page.started:
-            logger.error("live page: the server did not start{}; the run goes on without it",
-                         f" ({task.exception()!r})" if task.done() and not task.cancelled() and task.exception() else "")
-            yield None
-            return
-        page.port = sock.getsockname()[1]
-        url = f"http://127.0.0.1:{page.port}/?token={page.token}"
-        if run_dir:
-            Path(run_dir).mkdir(parents=True, exist_ok=True)
-            _write_private(Path(run_dir) / "live-url", url + "\n")
-            logger.info("live page on http://127.0.0.1:{}/ (open the URL in {}, which holds its token)", page.port,
-                        Path(run_dir) / "live-url")
-        else:
-            logger.info("live page on http://127.0.0.1:{}/ (its token: $AGENTENV_LIVE_TOKEN)", page.port)
-        yield page
+        async with side_task(page.serve(sock), "live page", grace_s=5.0) as task:  # failures logged only
+            try:
+                yield await _started(page, task, sock, run_dir)
+            finally:
+                page.stop()  # a graceful shutdown (side_task gives it 5 s), else the task is cancelled
     finally:
-        page.stop()
-        _, pending = await asyncio.wait({task}, timeout=5.0)   # a graceful shutdown, else cancelled
-        for t in pending:
-            t.cancel()
-        (result,) = await asyncio.gather(task, return_exceptions=True)
-        if isinstance(result, Exception):  # the page must never fail the run
-            logger.warning("live page: {!r}", result)
         sock.close()
         page.detach()
+
+
+async def _started(page: LivePage, task: asyncio.Task, sock: socket.socket,
+                   run_dir: str | Path | None) -> LivePage | None:
+    """The page once its server listens (its URL written and logged), or None if it did not start."""
+    for _ in range(100):   # up to 10 s for the server to start
+        if page.started or task.done():
+            break
+        await asyncio.sleep(0.1)
+    if not page.started:
+        logger.error("live page: the server did not start{}; the run goes on without it",
+                     f" ({task.exception()!r})" if task.done() and not task.cancelled() and task.exception() else "")
+        return None
+    page.port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{page.port}/?token={page.token}"
+    if run_dir:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        _write_private(Path(run_dir) / "live-url", url + "\n")
+        logger.info("live page on http://127.0.0.1:{}/ (open the URL in {}, which holds its token)", page.port,
+                    Path(run_dir) / "live-url")
+    else:
+        logger.info("live page on http://127.0.0.1:{}/ (its token: $AGENTENV_LIVE_TOKEN)", page.port)
+    return page

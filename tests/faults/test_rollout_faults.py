@@ -85,6 +85,40 @@ async def test_a_desktop_closed_mid_run_is_replaced_and_its_trajectory_rerun(vll
     await pool.aclose()
 
 
+async def test_the_trajectory_runner_reruns_on_a_closed_desktop_and_gives_desktops_back_when_cancelled(
+        vllm_server, env_service, tiny_pixels):
+    """run_leased alone (as the verl agent loop calls it, no scheduler): the rerun policy, and the
+    desktop back in the pool however the trajectory ends, cancelled included."""
+    from agentenv.config import SchedulerConfig
+    from agentenv.rollout.runner import run_leased
+    from agentenv.types import Trajectory
+
+    pool = await EnvPool([ServiceConfig(url=env_service.url, token=env_service.token)]).start()
+    client = AsyncEnvClient(env_service.url, env_service.token)
+    rollout = make_scheduler(vllm_server.url, pool, None, [], tiny_pixels, max_steps=4, regex=CLICK_ONLY).rollout
+    task, limits = tasks()[0], SchedulerConfig(rollout_n=1, env_retries=2)
+    try:
+        cancelled = Trajectory(task_id=task.id, sample=0)
+        run = asyncio.ensure_future(run_leased(cancelled, task, pool, rollout, limits))
+        await _wait_for(lambda: len(cancelled.steps) >= 1)
+        run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+        assert run.cancelled() and pool.busy == 0  # the desktop went back, though nothing ended normally
+
+        traj, released = Trajectory(task_id=task.id, sample=1), []
+        run = asyncio.ensure_future(run_leased(traj, task, pool, rollout, limits, released=released.append))
+        await _wait_for(lambda: len(traj.steps) >= 1)
+        first = traj.env_id
+        await client.close(first.rsplit("/", 1)[1])  # the service forgets it: 404 from now on
+        await run
+    finally:
+        await client.aclose()
+    assert traj.attempts == 2 and "rerun after" in traj.reason and first in traj.reason and traj.status in POLICY, traj
+    assert released == [first, traj.env_id] and traj.env_id != first and traj.ended_at > 0
+    assert pool.busy == 0 and pool.replaced == 1
+    await pool.aclose()
+
+
 async def test_when_every_desktop_is_lost_the_run_ends_with_an_error(vllm_server, tmp_path, tiny_pixels):
     from agentenv.services import EnvService
 

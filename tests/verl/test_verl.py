@@ -205,15 +205,14 @@ async def test_streaming_mode_feeds_complete_groups_in_step_mode(vllm_server, en
                       Sampling(max_tokens=48, regex=CLICK_ONLY, logprobs=True), LoopConfig(max_steps=4))
     sched = StreamingScheduler(rollout, pool, TrajectoryBuffer(tmp_path / "run", 2), TaskSource(tasks()[:3]),
                                SchedulerConfig(rollout_n=2), policy_version=2)
-    stream = StreamingVerlRollout(sched, batcher)
-    await stream.start()
     try:
-        first = await stream.next_batch(2, timeout=600)
-        rest = await stream.next_batch(1, timeout=600)
+        async with StreamingVerlRollout(sched, batcher) as stream:  # the scheduler's task is the block's
+            first = await stream.next_batch(2, timeout=600)
+            rest = await stream.next_batch(1, timeout=600)
     finally:
-        summary = await stream.stop()
         await pool.aclose()
-    assert summary["groups"] == 3
+    summary = stream.summary
+    assert summary is not None and summary["groups"] == 3
     from agentenv.rollout.buffer import read_trajectories
 
     trajs = read_trajectories(tmp_path / "run")

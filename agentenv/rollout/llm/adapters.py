@@ -4,7 +4,9 @@
 
 - a URL string or a list of URLs           -> ServiceLLM (OpenAI-compatible vLLM servers)
 - an OpenAI / AsyncOpenAI client            -> ServiceLLM around that client
-- something that already speaks ``chat``    -> itself
+- an ``LLM`` (an adapter, or any class that inherits it) -> itself
+- something else with an async ``chat``    -> ChatLLM (its ``chat`` and ``aclose``; the
+  protocol's no-op defaults for the rest)
 - a token-in/token-out server: verl's server manager, or anything with
   ``async generate(request_id, *, prompt_ids, sampling_params, image_data=None)``
                                             -> TokenServerLLM (needs ``processor=``)
@@ -28,7 +30,25 @@ from agentenv.rollout.llm.engines import AsyncEngineLLM, InProcessLLM, hf_messag
 from agentenv.rollout.llm.service import ServiceLLM
 
 
-class WrapperLLM:
+class ChatLLM(LLM):
+    """An object with ``async chat(messages, sampling, *, session=)`` and nothing else of the
+    protocol (a simulated model, say): its ``chat`` and ``aclose``, the no-op defaults for the rest.
+    To take part in more (health, sessions, weight updates), inherit ``LLM`` instead."""
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+        self._aclose = getattr(obj, "aclose", None)
+
+    async def chat(self, messages: Messages, sampling: Sampling | None = None, *,
+                   session: str | None = None) -> Completion:
+        return await self.obj.chat(messages, sampling, session=session)
+
+    async def aclose(self) -> None:
+        if self._aclose is not None:
+            await self._aclose()
+
+
+class WrapperLLM(LLM):
     """An object with ``generate_with_messages(messages, **sampling)`` (sync or async).
 
     It may return a ``Completion``, a dict with ``text`` and token ids, or plain text (then the
@@ -72,7 +92,7 @@ class _Stream:
     images: dict[str, Any] = field(default_factory=dict)
 
 
-class TokenServerLLM:
+class TokenServerLLM(LLM):
     """A token-in/token-out server, such as verl's server manager (``LLMServerClient``).
 
     We render the chat with the model's processor (the same template and image placeholders the
@@ -198,8 +218,10 @@ def as_llm(obj: Any = None, **kwargs: Any) -> LLM:
             raise TypeError("as_llm(None): set VLLM_SERVER_URL or pass a URL, a client or an engine")
     if isinstance(obj, (str, list, tuple)):
         return ServiceLLM(obj, **kwargs)
-    if hasattr(obj, "chat") and asyncio.iscoroutinefunction(getattr(obj, "chat", None)):
+    if LLM in type(obj).__mro__:  # nominal: a proxy answers every hasattr, a protocol check would pass it
         return obj  # already speaks our protocol
+    if asyncio.iscoroutinefunction(getattr(obj, "chat", None)):
+        return ChatLLM(obj)
     completions = getattr(getattr(obj, "chat", None), "completions", None)
     if completions is not None and hasattr(completions, "create"):
         return ServiceLLM(obj, **kwargs)

@@ -56,7 +56,46 @@ class LLMNoEndpointError(LLMUnavailableError):
 
 @runtime_checkable
 class LLM(Protocol):
+    """What the rollout asks of a model. Only ``chat`` is required: an adapter inherits this class
+    and gets the no-op defaults for the rest (``as_llm`` wraps an object that has ``chat`` only).
+    ``ServiceLLM`` overrides them all (sticky sessions, health, failover, rolling weight updates)."""
+
     async def chat(self, messages: Messages, sampling: Sampling | None = None, *,
                    session: str | None = None) -> Completion: ...
 
-    async def aclose(self) -> None: ...
+    async def aclose(self) -> None:
+        return None
+
+    def release_session(self, session: str) -> None:
+        """The trajectory ``session`` ended: whatever the LLM keeps for it (an endpoint binding, a
+        token stream) can go."""
+
+    async def ready(self) -> bool:
+        """Whether the model answers now (the scheduler waits for this after an ``llm_error``)."""
+        return True
+
+    @property
+    def exhausted(self) -> bool:
+        """No call can ever be served again (every server lost, none expected back)."""
+        return False
+
+    async def wait_for_endpoint(self) -> None:
+        """Return once a call can be served (after ``LLMNoEndpointError``, which only ServiceLLM raises)."""
+
+    async def update_weights(self, version: int, **how: Any) -> None:
+        """Serve weights ``version`` without stopping rollouts, endpoint by endpoint."""
+        raise TypeError(f"{type(self).__name__} cannot swap weights endpoint by endpoint; "
+                        "use await pause(), swap them, then resume(policy_version)")
+
+    @property
+    def endpoints(self) -> list[str]:
+        """The OpenAI-compatible servers behind it (none for an in-process engine)."""
+        return []
+
+    def api_key(self, url: str) -> str | None:
+        """The key sent to the endpoint ``url`` (one of ``endpoints``)."""
+        return None
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Per endpoint: calls served, failures, version... (for a run's summary)."""
+        return {}

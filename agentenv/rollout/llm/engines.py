@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any
 
-from agentenv.rollout.llm.base import Completion, LLMError, Messages, Sampling
+from agentenv.rollout.llm.base import LLM, Completion, LLMError, Messages, Sampling
 
 
 def _vllm_sampling(sampling: Sampling):
@@ -39,7 +39,7 @@ def _completion_from_vllm(out: Any, latency: float, endpoint: str) -> Completion
                       logprobs=logprobs, latency_s=latency, endpoint=endpoint)
 
 
-class InProcessLLM:
+class InProcessLLM(LLM):
     """A synchronous ``vllm.LLM`` in this process.
 
     ``vllm.LLM`` blocks and is not thread-safe, so one worker thread owns it. Calls that arrive
@@ -119,7 +119,7 @@ def _settle(fut: asyncio.Future, res: Any, latency: float) -> None:
         fut.set_result((res, latency))
 
 
-class AsyncEngineLLM:
+class AsyncEngineLLM(LLM):
     """vLLM's async engine (``vllm.v1.engine.async_llm.AsyncLLM``) in this event loop.
 
     The engine takes prompts, not chats, so the model's own processor renders the chat and the

@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 from loguru import logger
 
-from agentenv.rollout.llm.base import (Completion, LLMError, LLMNoEndpointError, LLMRequestError,
+from agentenv.rollout.llm.base import (LLM, Completion, LLMError, LLMNoEndpointError, LLMRequestError,
                                        LLMUnavailableError, Messages, Sampling)
 
 
@@ -75,7 +75,7 @@ def _normalize_url(url: str) -> str:
     return url if url.endswith("/v1") else url + "/v1"
 
 
-class ServiceLLM:
+class ServiceLLM(LLM):
     """OpenAI-compatible vLLM servers, one or many (see the module docstring for routing)."""
 
     def __init__(
