@@ -3,6 +3,7 @@ URL cache holds. And the DevTools port is never reached on a desktop without its
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import pytest
@@ -128,3 +129,26 @@ def test_on_a_shared_network_only_the_desktops_own_listener_counts(monkeypatch):
         other.pids = lambda: [1]  # init holds no such socket: another desktop's, or nobody's
         with pytest.raises(cdp.CdpError, match="not its own Chrome"):
             cdp.check_port_owner(other)
+
+
+def test_tasks_check_classes_a_task_that_only_needs_live_pages_as_needs_network(tmp_path):
+    """`needs_network` when live web pages are all it lacks (the operator's --sandbox-network runs it);
+    `missing` as soon as anything else is missing too; and `runs` once the network is allowed."""
+    from agentenv.envs.tasks.check import check_tasks, summarize
+
+    chrome = tmp_path / "chrome"
+    chrome.mkdir()
+    tabs = {"type": "chrome_open_tabs", "parameters": {"urls_to_open": ["https://www.example.org/"]}}
+    launch = {"type": "launch", "parameters": {"command": ["google-chrome", "--remote-debugging-port=1337"]}}
+    (chrome / "live.json").write_text(json.dumps({"id": "live", "instruction": "x", "snapshot": "chrome",
+                                                 "config": [launch, tabs], "evaluator": {"func": "infeasible"}}))
+    (chrome / "live-and-app.json").write_text(json.dumps({
+        "id": "live-and-app", "instruction": "x", "snapshot": "chrome", "config": [
+            launch, tabs, {"type": "launch", "parameters": {"command": ["no-such-program-here"]}}],
+        "evaluator": {"func": "infeasible"}}))
+    by_id = {r.id: r for r in check_tasks(tmp_path, osworld_like=True)}
+    assert by_id["live"].status == "needs_network" and by_id["live"].missing[0].startswith("network: ")
+    assert by_id["live-and-app"].status == "missing"
+    assert summarize(list(by_id.values()))["needs_network"] == 1
+    assert {r.id: r.status for r in check_tasks(tmp_path, osworld_like=True, network=True)} == {
+        "live": "runs", "live-and-app": "missing"}

@@ -55,12 +55,15 @@ NO_DESKTOP_HAS = [
 ]
 
 
+NETWORK = "network: "  # a missing thing the operator's network (--sandbox-network) provides: live web pages
+
+
 @dataclass
 class TaskReport:
     file: str
     id: str
     domain: str
-    status: str                        # runs | needs_fetch | missing | broken | skipped
+    status: str                        # runs | needs_fetch | needs_network | missing | broken | skipped
     missing: list[str] = field(default_factory=list)
     urls: list[str] = field(default_factory=list)   # files it downloads (download, cloud_file)
     note: str = ""
@@ -261,7 +264,7 @@ def check_task(t: Task, f: Path, root: Path, cache: DownloadCache, osworld_like:
         missing += _steps_needs(t.config, "config", urls, osworld_like)
         missing += _evaluator_needs(t, urls, osworld_like)
         if not network:  # live web pages (network.needs_network): env.sandbox_network runs them
-            missing += [f"network: {why}" for why in needs_network(t)]
+            missing += [f"{NETWORK}{why}" for why in needs_network(t)]
         for app in t.related_apps:
             prog = APP_PROGRAMS.get(str(app))
             if prog and not _installed(prog):
@@ -271,8 +274,10 @@ def check_task(t: Task, f: Path, root: Path, cache: DownloadCache, osworld_like:
     # one line per missing thing: "app: code" and "app: code (vs_code)" are the same app
     missing = list({(m.split(" (")[0] if m.startswith("app: ") else m): m for m in reversed(missing)}.values())[::-1]
     uncached = [u for u in dict.fromkeys(urls) if not cache.cached(u)]
-    if missing:
+    if any(not m.startswith(NETWORK) for m in missing):
         status = "missing"
+    elif missing:  # only live web pages: it runs with env.serve.sandbox_network
+        status = "needs_network"
     elif uncached:
         status = "needs_fetch"
     else:
@@ -295,6 +300,7 @@ def summarize(reports: list[TaskReport]) -> dict[str, Any]:
         "files": len({r.file for r in reports}), "tasks": len(tasks),
         "runs": sum(r.status == "runs" for r in tasks),
         "needs_fetch": sum(r.status == "needs_fetch" for r in tasks),
+        "needs_network": sum(r.status == "needs_network" for r in tasks),
         "missing": sum(r.status == "missing" for r in tasks),
         "broken": sum(r.status == "broken" for r in tasks),
         "skipped": sum(r.status == "skipped" for r in reports),
@@ -313,7 +319,7 @@ def render(reports: list[TaskReport], verbose: bool = True) -> str:
             lines.append(f"{r.status:<11} {r.domain}/{r.id}{note}{': ' + why if why else ''}")
         lines.append("")
     s = summarize(reports)
-    cols = ("runs", "needs_fetch", "missing", "broken", "skipped")
+    cols = ("runs", "needs_fetch", "needs_network", "missing", "broken", "skipped")
     lines.append(f"{'domain':<22}{'tasks':>6}" + "".join(f"{c:>13}" for c in cols))
     for d, c in s["domains"].items():
         lines.append(f"{d:<22}{sum(v for k, v in c.items() if k != 'skipped'):>6}"
