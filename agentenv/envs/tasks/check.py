@@ -320,11 +320,11 @@ def render(reports: list[TaskReport], verbose: bool = True) -> str:
         lines.append("")
     s = summarize(reports)
     cols = ("runs", "needs_fetch", "needs_network", "missing", "broken", "skipped")
-    lines.append(f"{'domain':<22}{'tasks':>6}" + "".join(f"{c:>13}" for c in cols))
+    lines.append(f"{'domain':<22}{'tasks':>6}" + "".join(f"{c:>15}" for c in cols))
     for d, c in s["domains"].items():
         lines.append(f"{d:<22}{sum(v for k, v in c.items() if k != 'skipped'):>6}"
-                     + "".join(f"{c.get(k, 0):>13}" for k in cols))
-    lines.append(f"{'all':<22}{s['tasks']:>6}" + "".join(f"{s[k]:>13}" for k in cols))
+                     + "".join(f"{c.get(k, 0):>15}" for k in cols))
+    lines.append(f"{'all':<22}{s['tasks']:>6}" + "".join(f"{s[k]:>15}" for k in cols))
     if s["top_missing"]:
         lines.append("")
         lines.append("most often missing:")
