@@ -33,11 +33,11 @@ TINY_MODEL = AGENTENV_HOME / "models" / "tiny-uitars"
 DOWNLOADS_ENV = "AGENTENV_DOWNLOADS"  # an env service's DownloadConfig, JSON (set by serve())
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class LLMConfig(_Strict):
+class LLMConfig(StrictModel):
     url: str | list[str] | None = Field(None, description="vLLM endpoint(s); None: start the tiny model locally")
     model: str | None = None
     timeout_s: float = 120.0
@@ -45,7 +45,7 @@ class LLMConfig(_Strict):
     port: int = 8000                 # for the locally started service
 
 
-class Sampling(_Strict):
+class Sampling(StrictModel):
     """Sampling settings of a model call. ``regex`` constrains the reply (vLLM structured outputs).
 
     The defaults are an RL run's: greedy decoding would make every sample of a group the same.
@@ -61,7 +61,7 @@ class Sampling(_Strict):
     stop: list[str] | None = None
 
 
-class AgentConfig(_Strict):
+class AgentConfig(StrictModel):
     """Which agent turns screenshots into prompts and replies into actions (``make_agent``)."""
 
     name: str = "uitars"
@@ -72,7 +72,7 @@ class AgentConfig(_Strict):
     wait_s: float = 5.0
 
 
-class LoopConfig(_Strict):
+class LoopConfig(StrictModel):
     """Limits of one trajectory (``run_trajectory``)."""
 
     max_steps: int = 15
@@ -80,7 +80,7 @@ class LoopConfig(_Strict):
     step_timeout_s: float = 120.0    # one model call
 
 
-class ServiceConfig(_Strict):
+class ServiceConfig(StrictModel):
     """An env service to use (``agentenv serve-envs``, or one a Ray actor runs): where, with which
     bearer token, and how many desktops to have there (None: those it has)."""
 
@@ -89,7 +89,7 @@ class ServiceConfig(_Strict):
     desktops: int | None = None
 
 
-class RayConfig(_Strict):
+class RayConfig(StrictModel):
     """Desktops on a Ray cluster (``agentenv run --ray [ADDRESS]``; ``agentenv.integrations.ray``).
     Each node advertises ``resource`` (``ray start --resources '{"desktop": 8}'``): one unit, one
     desktop. The env services run as Ray actors; the scheduler talks to them over HTTP."""
@@ -115,7 +115,7 @@ class RayConfig(_Strict):
     vllm_args: list[str] = Field(default_factory=list)  # start_vllm_service.sh options: --model PATH, ...
 
 
-class TaskConfig(_Strict):
+class TaskConfig(StrictModel):
     source: str = "builtin"          # builtin | a task JSON file | a folder | .jsonl | .parquet
     ids: list[str] | None = None
     limit: int | None = None
@@ -126,7 +126,7 @@ class TaskConfig(_Strict):
     shuffle: bool = False
 
 
-class DownloadConfig(_Strict):
+class DownloadConfig(StrictModel):
     """Files OSWorld tasks fetch (``download`` steps, ``cloud_file`` gold files): a cache keyed by URL
     (``agentenv.envs.tasks.cache``). Setup steps run in the env service: ``serve()`` puts its settings'
     downloads in its environment (``AGENTENV_DOWNLOADS``, JSON), where ``from_env`` reads them; a
@@ -159,7 +159,7 @@ class DownloadConfig(_Strict):
         return str(Path(env.get("AGENTENV_HOME") or AGENTENV_HOME) / "cache" / "downloads")
 
 
-class ServiceLimits(_Strict):
+class ServiceLimits(StrictModel):
     """What one request may ask of the service; larger is refused with a 413/422 that says which
     limit (``agentenv serve-envs --help`` sets each). One request must not exhaust the memory or
     the disk of a service that hosts many desktops."""
@@ -173,7 +173,7 @@ class ServiceLimits(_Strict):
     execute_timeout_s: float = Field(120.0, description="an /execute command's longest run")
 
 
-class EnvServiceConfig(_Strict):
+class EnvServiceConfig(StrictModel):
     """Everything an env service is started with but where it listens: the one object that
     ``agentenv run`` (``env.serve``), the child process of ``EnvService``, the ``serve-envs`` flags
     (``add_flags``), the Ray actor, ``serve()`` and ``agentenv tasks check`` take whole."""
@@ -193,14 +193,14 @@ class EnvServiceConfig(_Strict):
     limits: ServiceLimits = Field(default_factory=ServiceLimits)
 
 
-class EnvConfig(_Strict):
+class EnvConfig(StrictModel):
     services: list[ServiceConfig] = Field(default_factory=list)
     local_desktops: int = 4          # when no service is given, start one with this many desktops
     local_port: int = 8100
     serve: EnvServiceConfig = Field(default_factory=EnvServiceConfig)  # every env service this run starts
 
 
-class SchedulerConfig(_Strict):
+class SchedulerConfig(StrictModel):
     """How the scheduler admits and supervises trajectories (``StreamingScheduler``)."""
 
     rollout_n: int = 2               # samples per task; owned by the buffer (TrajectoryBuffer.from_config)
@@ -213,7 +213,7 @@ class SchedulerConfig(_Strict):
     llm_wait_s: float = 2.0          # while the model service is down, probe it this often before admitting more
 
 
-class OutputConfig(_Strict):
+class OutputConfig(StrictModel):
     """Where trajectories go. Each run gets a new ``<root>/<stamp>`` and ``<root>/latest`` points at
     it; ``dir`` names an exact directory instead. Continuing a run is explicit: ``resume``
     (``agentenv run --resume [DIR]``; "latest": ``<root>/latest``)."""
@@ -227,7 +227,7 @@ class OutputConfig(_Strict):
     max_ready_groups: int | None = Field(None, ge=0)  # complete groups held for get_batch(); None: no bound
 
 
-class RunConfig(_Strict):
+class RunConfig(StrictModel):
     llm: LLMConfig = Field(default_factory=LLMConfig)
     sampling: Sampling = Field(default_factory=Sampling)
     agent: AgentConfig = Field(default_factory=AgentConfig)

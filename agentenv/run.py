@@ -33,7 +33,7 @@ from typing import Any
 from loguru import logger
 from pydantic import ValidationError
 
-from agentenv._compat import side_task
+from agentenv.compat import side_task
 from agentenv.config import RunConfig, load_config
 from agentenv.envs.client import EnvError
 from agentenv.config import ServiceConfig

@@ -41,178 +41,24 @@ import asyncio
 import collections
 import contextlib
 import os
-import secrets
-import tempfile
-import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, AsyncIterator
 
 import httpx
 import ray
 from loguru import logger
 
-from agentenv._compat import side_task
-from agentenv.config import EnvConfig, EnvServiceConfig, RayConfig, ServiceConfig
+from agentenv.compat import side_task
+from agentenv.config import EnvConfig, RayConfig, ServiceConfig
 from agentenv.envs.pool import EnvPool
-from agentenv.net import free_port
+from agentenv.integrations.ray_actors import (EnvServiceActor, LLMEndpoint, RaySetupError, Replacement,
+                                              VLLMServiceActor, named, stop_actors)
 
 # Actors are named <prefix><i> in the run's namespace: other processes of the cluster find them by name.
 ENV_PREFIX = "agentenv-envs-"
 VLLM_PREFIX = "agentenv-vllm-"
 _PENDING = ("DEPENDENCIES_UNREADY", "PENDING_CREATION", "RESTARTING")
-
-
-class RaySetupError(RuntimeError):
-    """The cluster cannot serve what was asked for (no node with the resource, actors that do not
-    start in time, no actors to attach to)."""
-
-
-@dataclass
-class LLMEndpoint:
-    """A model server that a Ray actor runs: where it is and the key it made (from the actor's reply)."""
-
-    url: str
-    api_key: str
-    model: str
-
-
-@dataclass
-class Replacement:
-    """A lost service or model server whose actor Ray restarted, and the fleet took back in."""
-
-    kind: str        # env | vllm
-    actor: str
-    old_url: str
-    new_url: str
-    node_id: str
-
-
-def _log_dir() -> Path:
-    """Where an actor's server logs: beside Ray's own logs of the session (gone with them)."""
-    node = getattr(ray._private.worker, "_global_node", None)
-    if node is not None:
-        return Path(node.get_logs_dir_path())
-    return Path(tempfile.mkdtemp(prefix="agentenv-envs-"))
-
-
-class _ServerActor:
-    """What both actors share: the server (``self.svc``, its process ``self.proc``) is watched, and if
-    it exits on its own the actor exits too (ending what is left of the server's process group), so
-    that Ray restarts both."""
-
-    svc: Any
-    proc: Any
-
-    def __init__(self) -> None:
-        self.node_id = ray.get_runtime_context().get_node_id()
-        self._stopping = False
-
-    def _serve(self, svc: Any, what: str) -> None:
-        """Take ``svc`` (started) as this actor's server and watch it."""
-        from agentenv.services import stop_group
-
-        self.svc, self.proc = svc, svc.proc
-
-        def watch() -> None:
-            self.proc.wait()
-            if not self._stopping:  # it died under us: let Ray restart the actor and a fresh server
-                logger.error("{} (pid {}) exited with {}; the actor exits for Ray to restart it", what,
-                             self.proc.pid, self.proc.returncode)
-                stop_group(self.proc, grace=5.0)  # its children (vLLM's engine process) go too
-                os._exit(1)
-
-        threading.Thread(target=watch, daemon=True, name="agentenv-supervisor").start()
-
-    def _where(self) -> dict[str, Any]:
-        """The node and the processes that run for this actor (PIDs, for tests)."""
-        from agentenv.procs import descendants
-
-        pid = self.proc.pid
-        return {"node_id": self.node_id, "actor_pid": os.getpid(), "service_pid": pid,
-                "pids": [pid, *descendants(pid)]}
-
-    def stop(self) -> None:
-        """End the server (by its process group; an env service closes its desktops first)."""
-        self._stopping = True
-        self.svc.stop()
-
-
-class EnvServiceActor(_ServerActor):
-    """One env service (``agentenv serve-envs``) on the node Ray placed this actor on, with ``settings``
-    (the run's ``env.serve``) given whole.
-
-    Not decorated: ``RayFleet`` applies ``ray.remote`` with the options of the run."""
-
-    def __init__(self, desktops: int, settings: EnvServiceConfig, host: str | None = None):
-        from agentenv.services import EnvService
-
-        super().__init__()
-        self.host = host or ray.util.get_node_ip_address()
-        # A fresh token per incarnation, handed to the driver only as this actor's reply (never in
-        # an argument Ray records, nor a log); the child gets it in its environment.
-        token = secrets.token_urlsafe(24)
-        logdir = _log_dir()
-        last: Exception | None = None
-        for _ in range(3):  # the free port may be taken between the probe and the bind
-            svc = EnvService(desktops, free_port(self.host), settings, token=token,
-                             log=logdir / f"agentenv-envs-{os.getpid()}.log", host=self.host)
-            try:
-                svc.start()
-                break
-            except RuntimeError as e:
-                last = e
-        else:
-            raise RuntimeError(f"env service on node {self.node_id[:12]} ({self.host}) did not start: {last}")
-        self._serve(svc, f"env service {svc.url}")
-
-    def info(self) -> dict[str, Any]:
-        """Where the service is and how to talk to it, plus what runs for it."""
-        return {"url": self.svc.url, "token": self.svc.token, "desktops": self.svc.num, **self._where()}
-
-
-class VLLMServiceActor(_ServerActor):
-    """A vLLM server (``start_vllm_service.sh``, tied to this actor) on the node Ray placed it on
-    (``ray.vllm_resources``: GPU nodes), on its node's address with an API key it makes itself (a
-    new one, and a new port, per incarnation)."""
-
-    def __init__(self, args: list[str], host: str | None = None, start_timeout_s: float = 900.0):
-        from agentenv.services import VLLMService
-
-        super().__init__()
-        host = host or ray.util.get_node_ip_address()
-        name = _arg(args, "--served-model-name") or Path(_arg(args, "--model") or "tiny-uitars").name
-        run_dir = _log_dir() / f"agentenv-vllm-{os.getpid()}"
-        svc = VLLMService(port=free_port(host), extra=list(args), run_dir=run_dir, host=host, model=name,
-                          api_key=secrets.token_urlsafe(24)).start(timeout=start_timeout_s)
-        self._serve(svc, f"vLLM server {svc.url}")
-
-    def info(self) -> dict[str, Any]:
-        return {"url": self.svc.url, "api_key": self.svc.api_key, "model": self.svc.model, **self._where()}
-
-
-def _arg(args: list[str], flag: str) -> str | None:
-    return args[args.index(flag) + 1] if flag in args and args.index(flag) + 1 < len(args) else None
-
-
-def _stop_actors(handles: list[Any], timeout_s: float = 60.0) -> None:
-    """Ask each actor to stop its server, then end the actors for good."""
-    stops = []
-    for h in handles:
-        with contextlib.suppress(Exception):
-            stops.append(h.stop.remote())
-    with contextlib.suppress(Exception):
-        ray.wait(stops, num_returns=len(stops), timeout=timeout_s)
-    for h in handles:
-        with contextlib.suppress(Exception):
-            ray.kill(h, no_restart=True)
-
-
-def _named(prefix: str) -> list[str]:
-    """The actors of this namespace named <prefix><i>, in the order of i (the same in every process)."""
-    names = [n for n in ray.util.list_named_actors() if n.startswith(prefix) and n[len(prefix):].isdigit()]
-    return sorted(names, key=lambda n: int(n[len(prefix):]))
 
 
 def share(items: list[Any], rank: int, world_size: int) -> list[Any]:
@@ -357,14 +203,14 @@ class RayFleet:
         They are watched like our own; ``shutdown`` leaves them running. Waits ``start_timeout_s``
         for them."""
         deadline = time.monotonic() + self.cfg.start_timeout_s
-        while not (names := _named(ENV_PREFIX)):
+        while not (names := named(ENV_PREFIX)):
             if time.monotonic() > deadline:
                 raise RaySetupError(f"no env-service actors ({ENV_PREFIX}<i>) in the Ray namespace "
                                     f"{self.cfg.namespace!r} after {self.cfg.start_timeout_s:.0f}s: start them "
                                     "first (agentenv run --ray as rank 0, or RayFleet.start)")
             time.sleep(1.0)
         new = [_Member(n, ray.get_actor(n), "env", owned=False) for n in share(names, rank, world_size)]
-        new += [_Member(n, ray.get_actor(n), "vllm", owned=False) for n in (_named(VLLM_PREFIX) if vllm else [])]
+        new += [_Member(n, ray.get_actor(n), "vllm", owned=False) for n in (named(VLLM_PREFIX) if vllm else [])]
         self.members += new
         infos = self._ready(new, "attached actors")
         for m, info in zip(new, infos):
@@ -490,7 +336,7 @@ class RayFleet:
     def shutdown(self, timeout_s: float = 60.0) -> None:
         """Stop every server this fleet started (closing its desktops), then its actors, for good;
         actors it attached to are left running."""
-        _stop_actors([m.handle for m in self.members if m.owned], timeout_s)
+        stop_actors([m.handle for m in self.members if m.owned], timeout_s)
         self.members = []
 
 
@@ -498,14 +344,14 @@ def discover(timeout_s: float = 30.0, *, rank: int = 0, world_size: int = 1) -> 
     """The env services a fleet started in this Ray namespace (scheduler ``rank``'s share of them),
     found by actor name: for another process of the cluster (a second scheduler, a verl worker) that
     should use the same desktops. ``RayFleet.attach`` does the same and follows their restarts."""
-    handles = [ray.get_actor(n) for n in share(_named(ENV_PREFIX), rank, world_size)]
+    handles = [ray.get_actor(n) for n in share(named(ENV_PREFIX), rank, world_size)]
     infos = ray.get([h.info.remote() for h in handles], timeout=timeout_s)
     return [ServiceConfig(url=i["url"], token=i["token"]) for i in infos]
 
 
 def discover_llm(timeout_s: float = 30.0) -> list[LLMEndpoint]:
     """The model servers a fleet started in this Ray namespace (``ray.vllm_actors``), by actor name."""
-    handles = [ray.get_actor(n) for n in _named(VLLM_PREFIX)]
+    handles = [ray.get_actor(n) for n in named(VLLM_PREFIX)]
     infos = ray.get([h.info.remote() for h in handles], timeout=timeout_s)
     return [LLMEndpoint(i["url"], i["api_key"], i["model"]) for i in infos]
 

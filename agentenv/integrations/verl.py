@@ -48,7 +48,7 @@ from verl.workers.rollout.llm_server import LLMServerClient
 from verl.workers.rollout.replica import TokenOutput
 from verl.workers.rollout.utils import qwen2_5_vl_dedup_image_tokens
 
-from agentenv.config import RunConfig, _Strict, load_config
+from agentenv.config import RunConfig, StrictModel, load_config
 from agentenv.envs.pool import EnvPool
 from agentenv.rollout.llm import LLMError, Sampling, TokenServerLLM
 from agentenv.rollout.loop import Rollout
@@ -63,7 +63,7 @@ AGENT_NAME = "agentenv_gui"
 # ----------------------------------------------------------------------------- settings
 
 
-class VerlOptions(_Strict):
+class VerlOptions(StrictModel):
     """The agent loop's own settings, from verl's agent-loop config file (the keys beside ``name``
     and ``_target_``). ``agentenv_config`` is an agentenv YAML (sections ``agent``, ``sampling``,
     ``loop``, ``env``, ``scheduler``; environment variables apply as for ``agentenv run``)."""

@@ -18,7 +18,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from agentenv._compat import timeout
+from agentenv.compat import timeout
 from agentenv.config import LoopConfig, RunConfig, Sampling, tiny_model_pixels
 from agentenv.envs.client import AsyncDesktopEnv, EnvRequestError
 from agentenv.rollout.agent import Agent, make_agent

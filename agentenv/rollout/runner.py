@@ -16,7 +16,7 @@ from typing import Callable
 
 from loguru import logger
 
-from agentenv._compat import timeout
+from agentenv.compat import timeout
 from agentenv.config import SchedulerConfig
 from agentenv.envs.client import AsyncDesktopEnv, EnvDeadError, EnvError
 from agentenv.envs.pool import EnvPool, EnvPoolExhausted

@@ -29,7 +29,7 @@ from typing import Any, Awaitable, Protocol, TypeVar
 
 from loguru import logger
 
-from agentenv._compat import TaskGroup
+from agentenv.compat import TaskGroup
 from agentenv.config import SchedulerConfig
 from agentenv.envs.client import AsyncDesktopEnv
 from agentenv.envs.pool import EnvPool, EnvPoolExhausted

@@ -27,7 +27,7 @@ from typing import Any, AsyncIterator
 from fastapi import Request   # at module level: the routes' annotations are resolved from here
 from loguru import logger
 
-from agentenv._compat import TaskGroup, side_task
+from agentenv.compat import TaskGroup, side_task
 from agentenv.types import Status, Trajectory
 from agentenv.view import plots
 
@@ -119,7 +119,7 @@ class LivePage:
             return self._plot[1]
         import io
 
-        plt = plots._plt()
+        plt = plots.pyplot()
         h = list(self.history)
         fig, ax = plt.subplots(figsize=(8, 2.6))
         if len(h) > 1:

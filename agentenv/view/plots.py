@@ -17,7 +17,7 @@ MAX_LANES = 64     # more desktops than this: the timeline shows the busy count 
 MAX_TASK_BARS = 40
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,12 +30,12 @@ def _plt():
 
 def _save(fig, path: Path) -> str:
     fig.savefig(path, format="png")
-    _plt().close(fig)
+    pyplot().close(fig)
     return path.name
 
 
 def statuses(counts: dict[str, int], path: Path) -> str:
-    plt = _plt()
+    plt = pyplot()
     names = list(counts)
     fig, ax = plt.subplots(figsize=(5, 0.35 * len(names) + 0.9))
     ax.barh(names, [counts[n] for n in names], color=[STATUS_COLORS.get(n, "#607d8b") for n in names])
@@ -48,7 +48,7 @@ def statuses(counts: dict[str, int], path: Path) -> str:
 
 
 def success_by_task(rows: Sequence[model.TaskRow], path: Path) -> str:
-    plt = _plt()
+    plt = pyplot()
     if len(rows) <= MAX_TASK_BARS:
         fig, ax = plt.subplots(figsize=(5, 0.22 * len(rows) + 1.0))
         ax.barh([r.task_id for r in rows], [r.success for r in rows], color="#1565c0")
@@ -68,7 +68,7 @@ def success_by_task(rows: Sequence[model.TaskRow], path: Path) -> str:
 
 
 def rewards(trajs: Sequence[Trajectory], path: Path) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.hist([t.reward for t in trajs], bins=20, color="#00838f")
     ax.set_xlabel("reward")
@@ -78,7 +78,7 @@ def rewards(trajs: Sequence[Trajectory], path: Path) -> str:
 
 
 def throughput(trajs: Sequence[Trajectory], times: dict | None, path: Path) -> str:
-    plt = _plt()
+    plt = pyplot()
     xs, ys = model.throughput(trajs, times)
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot(xs, ys, color="#283593")
@@ -91,7 +91,7 @@ def throughput(trajs: Sequence[Trajectory], times: dict | None, path: Path) -> s
 
 def timeline(trajs: Sequence[Trajectory], path: Path) -> str:
     """Per desktop, a bar per trajectory coloured by how it ended; under it, desktops busy."""
-    plt = _plt()
+    plt = pyplot()
     lanes, _ = model.lanes(trajs)
     xs, ys = model.busy_series(trajs)
     show_lanes = 0 < len(lanes) <= MAX_LANES
@@ -116,7 +116,7 @@ def timeline(trajs: Sequence[Trajectory], path: Path) -> str:
 
 
 def latencies(trajs: Sequence[Trajectory], path: Path) -> str:
-    plt = _plt()
+    plt = pyplot()
     llm = [s.llm_latency_s for t in trajs for s in t.steps if s.llm_latency_s > 0]
     env = [s.env_latency_s for t in trajs for s in t.steps if s.env_latency_s > 0]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3))

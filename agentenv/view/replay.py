@@ -28,7 +28,7 @@ from typing import AsyncIterator, Iterable
 
 from loguru import logger
 
-from agentenv._compat import TaskGroup
+from agentenv.compat import TaskGroup
 from agentenv.envs.client import AsyncDesktopEnv, AsyncEnvClient, EnvDeadError, EnvError, EnvRequestError
 from agentenv.net import free_port
 from agentenv.rollout.buffer import TrajectoryBuffer, read_trajectories

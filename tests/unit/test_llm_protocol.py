@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from agentenv._compat import side_task
+from agentenv.compat import side_task
 from agentenv.rollout.llm import LLM, ChatLLM, Completion, ServiceLLM, as_llm
 from agentenv.rollout.loop import Rollout
 
