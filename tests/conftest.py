@@ -8,19 +8,33 @@ stay together and in their order), so its start overlaps them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_PORT = int(os.environ.get("AGENTENV_TEST_VLLM_PORT", "18000"))
 ENV_PORT = int(os.environ.get("AGENTENV_TEST_ENV_PORT", "18100"))
+
+
+@contextlib.contextmanager
+def started_desktop(name: str, **spec: Any) -> Iterator[Any]:
+    """A real desktop of ``DesktopSpec(**spec)``, closed at the end (a module's shared desktop)."""
+    from agentenv.envs.desktop import make_desktop
+    from agentenv.envs.desktop_types import DesktopSpec
+
+    d = make_desktop(f"{name}-{os.getpid()}", DesktopSpec(**spec)).start()
+    try:
+        yield d
+    finally:
+        d.close()
 
 
 def wait_for(pred: Callable[[], object], timeout: float = 10.0, every: float = 0.2) -> bool:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agentenv.envs.desktop import make_desktop
-from agentenv.envs.desktop_types import DesktopSpec
+from tests.conftest import started_desktop
+
 from agentenv.types import Task
 
 pytestmark = pytest.mark.slow
@@ -25,11 +25,8 @@ TREE = ("cd {d} && find . -xdev \\( -type d -printf '%p d %m %T@\\n' \\) -o -pri
 
 @pytest.fixture(scope="module")
 def desktop():
-    d = make_desktop(f"etc-test-{os.getpid()}", DesktopSpec(width=640, height=480, sandbox=True)).start()
-    try:
+    with started_desktop("etc-test", width=640, height=480, sandbox=True) as d:
         yield d
-    finally:
-        d.close()
 
 
 def sh(d, cmd: str) -> tuple[int, str]:

@@ -14,17 +14,14 @@ from agentenv.envs.tasks.evaluate import evaluate
 from agentenv.envs.desktop import Desktop, make_desktop
 from agentenv.envs.desktop_types import DesktopSpec
 from agentenv.types import Action
-from tests.conftest import wait_for
+from tests.conftest import started_desktop, wait_for
 from tests.tasks.conftest import load_sample
 
 
 @pytest.fixture(scope="module")
 def desktop():
-    d = make_desktop(f"apps-test-{os.getpid()}", DesktopSpec(width=1024, height=768, sandbox=True)).start()
-    try:
+    with started_desktop("apps-test", width=1024, height=768, sandbox=True) as d:
         yield d
-    finally:
-        d.close()
 
 
 def getter(d: Desktop, name: str, spec: dict, tmp_path) -> str | None:

@@ -7,27 +7,21 @@ defaults. Tasks of our own in OSWorld's format; solutions typed into a terminal 
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 
 from agentenv.envs.tasks.evaluate import evaluate
 from agentenv.envs.tasks.setup import TaskSetupError, run_setup
-from agentenv.envs.desktop import make_desktop
-from agentenv.envs.desktop_types import DesktopSpec
 from agentenv.types import Action, Task
-from tests.conftest import wait_for
+from tests.conftest import started_desktop, wait_for
 
 
 @pytest.fixture(scope="module")
 def desktop():
     # OSWorld's VM's screen size: a GNOME Terminal of 132x43 cells fits
-    d = make_desktop(f"fidelity-{os.getpid()}", DesktopSpec(width=1920, height=1080, sandbox=True)).start()
-    try:
+    with started_desktop("fidelity", width=1920, height=1080, sandbox=True) as d:
         yield d
-    finally:
-        d.close()
 
 
 def os_task(tid: str, config: list, evaluator: dict | None = None) -> Task:
