@@ -13,7 +13,7 @@ import contextlib
 import io
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, TypeVar
 
 import gymnasium
 import httpx
@@ -92,6 +92,15 @@ def _env_defaults(url: str | None, token: str | None) -> tuple[str, str | None]:
     return url.rstrip("/"), token if token is not None else os.environ.get("ENV_TOKEN")
 
 
+
+_M = TypeVar("_M", bound=BaseModel)
+
+def _reply(model: type[_M], r: httpx.Response) -> _M:
+    """The service's answer as ``model``. A body that is not JSON raises json.JSONDecodeError (a
+    garbled answer: the trajectory ends as an error naming it); one of the wrong shape, pydantic's
+    ValidationError."""
+    return model.model_validate(r.json())
+
 class AsyncEnvClient:
     """Async client of one env service."""
 
@@ -125,7 +134,7 @@ class AsyncEnvClient:
         raise AssertionError("unreachable")
 
     async def health(self) -> wire.Health:
-        return wire.Health.model_validate_json((await self._req("GET", "/health", timeout=5.0)).content)
+        return _reply(wire.Health, (await self._req("GET", "/health", timeout=5.0)))
 
     async def list(self) -> list[wire.DesktopInfo]:
         r = await self._req("GET", "/envs")
@@ -134,7 +143,7 @@ class AsyncEnvClient:
     async def create(self, width: int | None = None, height: int | None = None) -> wire.Created:
         """Start a desktop; returns its id, screen size and OSWorld port."""
         r = await self._req("POST", "/envs", json=_body(wire.CreateRequest(width=width, height=height)), timeout=60.0)
-        return wire.Created.model_validate_json(r.content)
+        return _reply(wire.Created, r)
 
     async def close(self, env_id: str) -> None:
         await self._req("DELETE", f"/envs/{env_id}")
@@ -142,7 +151,7 @@ class AsyncEnvClient:
     async def alive(self, env_id: str) -> bool:
         try:
             r = await self._req("GET", f"/envs/{env_id}/alive", timeout=5.0)
-            return wire.Alive.model_validate_json(r.content).alive
+            return _reply(wire.Alive, r).alive
         except EnvError:
             return False
 
@@ -151,7 +160,7 @@ class AsyncEnvClient:
         task_d = task.to_dict() if isinstance(task, Task) else task
         r = await self._req("POST", f"/envs/{env_id}/reset",
                             json=_body(wire.ResetRequest(task=task_d, image_size=image_size)), idempotent=True)
-        d = wire.ResetReply.model_validate_json(r.content)
+        d = _reply(wire.ResetReply, r)
         return Observation(png=base64.b64decode(d.screenshot), size=d.size, screen=d.screen, info=d.info)
 
     async def step(self, env_id: str, action: Action | dict, image_size: tuple[int, int] | None = None,
@@ -159,7 +168,7 @@ class AsyncEnvClient:
         """One action; the screenshot after it (``screen``: the desktop's, which a step does not say)."""
         a = action.to_dict() if isinstance(action, Action) else action
         r = await self._req("POST", f"/envs/{env_id}/step", json=_body(wire.StepRequest(action=a, image_size=image_size)))
-        d = wire.StepReply.model_validate_json(r.content)
+        d = _reply(wire.StepReply, r)
         obs = None if d.screenshot is None else Observation(png=base64.b64decode(d.screenshot),
                                                             size=d.size or screen, screen=screen, info=d.info)
         return obs, d.info, d.terminated
@@ -168,7 +177,7 @@ class AsyncEnvClient:
         task_d = task.to_dict() if isinstance(task, Task) else task
         r = await self._req("POST", f"/envs/{env_id}/evaluate",
                             json=_body(wire.EvaluateRequest(task=task_d, last_action=last_action)), idempotent=True)
-        return wire.EvaluateReply.model_validate_json(r.content).reward
+        return _reply(wire.EvaluateReply, r).reward
 
     async def screenshot(self, env_id: str) -> bytes:
         return (await self._req("GET", f"/envs/{env_id}/screenshot")).content
@@ -223,8 +232,8 @@ class DesktopEnv(gymnasium.Env):
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
         self._owns = env_id is None
-        self.env_id = env_id or wire.Created.model_validate_json(self._call("POST", "/envs", json={}).content).id
-        info = wire.DesktopInfo.model_validate_json(self._call("GET", f"/envs/{self.env_id}").content)
+        self.env_id = env_id or _reply(wire.Created, self._call("POST", "/envs", json={})).id
+        info = _reply(wire.DesktopInfo, self._call("GET", f"/envs/{self.env_id}"))
         self.width, self.height = info.width, info.height
         self.observation_space = gymnasium.spaces.Box(0, 255, (self.height, self.width, 3), np.uint8)
         self.action_space = ActionSpace(self.width, self.height)
@@ -251,20 +260,20 @@ class DesktopEnv(gymnasium.Env):
         task = (options or {}).get("task")
         self.task = Task.from_dict(task) if isinstance(task, dict) else task
         req = wire.ResetRequest(task=self.task.to_dict() if self.task else None)
-        d = wire.ResetReply.model_validate_json(self._call("POST", f"/envs/{self.env_id}/reset", json=_body(req)).content)
+        d = _reply(wire.ResetReply, self._call("POST", f"/envs/{self.env_id}/reset", json=_body(req)))
         return self._array(d.screenshot), {"task_id": self.task.id if self.task else None, **d.info}
 
     def step(self, action: Action | dict):
         a = action if isinstance(action, Action) else Action.from_dict(action)
         r = self._call("POST", f"/envs/{self.env_id}/step", json=_body(wire.StepRequest(action=a.to_dict())))
-        d = wire.StepReply.model_validate_json(r.content)
+        d = _reply(wire.StepReply, r)
         obs = self._array(d.screenshot or "")
         terminated = d.terminated
         reward = 0.0
         if terminated and self.task is not None and self.task.evaluator:
             req = wire.EvaluateRequest(task=self.task.to_dict(), last_action=a.type)
             r = self._call("POST", f"/envs/{self.env_id}/evaluate", json=_body(req))
-            reward = wire.EvaluateReply.model_validate_json(r.content).reward
+            reward = _reply(wire.EvaluateReply, r).reward
         info = {k: v for k, v in d.info.items() if not k.endswith("_s")}  # timings vary run to run
         return obs, reward, terminated, False, info
 
