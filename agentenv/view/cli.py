@@ -115,16 +115,17 @@ def smoke_main(a: argparse.Namespace, settings: EnvServiceConfig) -> int:
     from agentenv.services import EnvService
     from agentenv.types import Task
     from agentenv.net import free_port
-    from agentenv.view.smoke import domain_of, render, results_json, smoke_tasks, summary
+    from agentenv.view.smoke import render, results_json, smoke_tasks, summary
 
     root = Path(a.dir).resolve()
     folder = root if root.is_dir() else root.parent
     settings = settings.model_copy(update={"upload_roots": [*settings.upload_roots, str(folder)]})
-    runnable = {(r.file, r.id) for r in check_tasks(a.dir, osworld_like=settings.sandbox,
-                                                    network=settings.sandbox_network) if r.status == "runs"}
+    runnable = {(r.file, r.id): r.domain for r in check_tasks(a.dir, osworld_like=settings.sandbox,
+                                                              network=settings.sandbox_network)
+                if r.status == "runs" and (not a.domain or r.domain in a.domain)}
     tasks = [t for t in load_items(a.dir) if isinstance(t, Task)
-             and (t.source, t.extra.get("original_id", t.id)) in runnable
-             and (not a.domain or domain_of(t) in a.domain)][: a.limit]
+             and (t.source, t.extra.get("original_id", t.id)) in runnable][: a.limit]
+    domains = {t.id: runnable[(t.source, t.extra.get("original_id", t.id))] for t in tasks}
     if not tasks:
         print(f"agentenv tasks smoke: no task under {a.dir} runs here (see `agentenv tasks check {a.dir}`)",
               file=sys.stderr)
@@ -143,8 +144,8 @@ def smoke_main(a: argparse.Namespace, settings: EnvServiceConfig) -> int:
         await asyncio.to_thread(svc.start)
         client = AsyncEnvClient(svc.url, svc.token)
         try:
-            return await smoke_tasks(client, tasks, a.desktops, (settings.width, settings.height), a.settle_s,
-                                     progress)
+            return await smoke_tasks(client, tasks, domains, a.desktops, (settings.width, settings.height),
+                                     a.settle_s, progress)
         finally:
             await client.aclose()
             await asyncio.to_thread(svc.stop)

@@ -46,12 +46,6 @@ class SmokeResult:
     distance_after: float | None = None  # the first screenshot against the screen ``settle_s`` later
 
 
-def domain_of(task: Task) -> str:
-    """OSWorld's domain: the folder the task file lies in (``examples/<domain>/<id>.json``)."""
-    parts = task.source.replace("\\", "/").split("/")
-    return parts[-2] if len(parts) >= 2 else "?"
-
-
 def is_blank(png: bytes, empty: np.ndarray | None) -> bool:
     """One flat colour that is not the empty desktop (a task that opens nothing shows just that)."""
     g = gray(png)
@@ -60,9 +54,9 @@ def is_blank(png: bytes, empty: np.ndarray | None) -> bool:
     return empty is None or empty.shape != g.shape or float(np.abs(g - empty).mean()) > 1.0
 
 
-async def smoke_one(task: Task, env: AsyncDesktopEnv, settle_s: float = 2.0,
+async def smoke_one(task: Task, env: AsyncDesktopEnv, domain: str, settle_s: float = 2.0,
                     empty: np.ndarray | None = None) -> SmokeResult:
-    res = SmokeResult(id=task.id, domain=domain_of(task))
+    res = SmokeResult(id=task.id, domain=domain)
     t0 = time.perf_counter()
     try:
         obs = await env.reset(task)
@@ -83,9 +77,10 @@ async def smoke_one(task: Task, env: AsyncDesktopEnv, settle_s: float = 2.0,
     return res
 
 
-async def smoke_tasks(client: AsyncEnvClient, tasks: list[Task], desktops: int, screen: tuple[int, int],
-                      settle_s: float = 2.0, progress: Any = None) -> list[SmokeResult]:
-    """Each task on one of ``desktops`` desktops of ``screen`` size, several at once."""
+async def smoke_tasks(client: AsyncEnvClient, tasks: list[Task], domains: dict[str, str], desktops: int,
+                      screen: tuple[int, int], settle_s: float = 2.0, progress: Any = None) -> list[SmokeResult]:
+    """Each task on one of ``desktops`` desktops of ``screen`` size, several at once; ``domains``: each
+    task's domain by id, as ``tasks check`` reported it."""
     done = 0
     empty: list[np.ndarray] = []  # the empty desktop, grabbed once: what "nothing open" looks like
 
@@ -93,7 +88,7 @@ async def smoke_tasks(client: AsyncEnvClient, tasks: list[Task], desktops: int, 
         nonlocal done
         if not empty:
             empty.append(gray((await env.reset(None)).png))
-        r = await smoke_one(task, env, settle_s, empty[0])
+        r = await smoke_one(task, env, domains[task.id], settle_s, empty[0])
         done += 1
         if progress is not None:
             progress(done, len(tasks), r)
