@@ -32,8 +32,7 @@ NOT_OFFERED = {
     "check_python_file_by_test_suite": "runs a task's Python code inside the env service",
     "check_python_file_by_gold_file": "runs a task's Python code inside the env service",
 }
-# What each module we do not load needs (the apps are not installed here, or its imports pull the
-# pinned stack).
+# What a loaded module needs beyond the usual, named in the refusal when its import fails here.
 MODULE_NEEDS = {
     "chrome": "beautifulsoup4, PyMuPDF, borb and imagehash (requirements/base.txt)",
 }
