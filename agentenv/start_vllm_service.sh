@@ -160,6 +160,9 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
   export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
   export VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-nobind}
+  # vLLM 0.32's AOT compile cache fails to load on CPU ('function' object has no attribute
+  # 'finalize_loading') and compiles again at every start (about 60 s here); its older cache loads.
+  export VLLM_USE_AOT_COMPILE=${VLLM_USE_AOT_COMPILE:-0}
 fi
 if [ -n "$LORA" ] || [ "$WEIGHT_UPDATES" = 1 ]; then
   export VLLM_ALLOW_RUNTIME_LORA_UPDATING=True

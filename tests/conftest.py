@@ -135,6 +135,21 @@ def tiny_pixels():
     return tiny_model_pixels()
 
 
+@pytest.fixture(scope="session")
+def in_process_engine(tiny_model_path, tiny_pixels):
+    """One ``vllm.LLM`` of the tiny model in this process, shared by every test that needs one: an
+    engine's start costs 1-3 minutes on this machine. Tests must not change its state."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")  # why: agentenv/start_vllm_service.sh
+    from vllm import LLM
+
+    engine = LLM(model=str(tiny_model_path), max_model_len=8192, limit_mm_per_prompt={"image": 5, "video": 0},
+                 mm_processor_kwargs={"min_pixels": tiny_pixels[0], "max_pixels": tiny_pixels[1]},
+                 enable_prefix_caching=True)
+    yield engine
+    shutdown_engine(engine)
+
+
 def needs_vllm(item) -> int:
     """0: no vLLM server; 1: the session's; 2: servers of its own as well (run once the
     session's is up, not beside its start)."""

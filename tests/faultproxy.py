@@ -1,7 +1,8 @@
 """A fault injector for tests: a real HTTP proxy on loopback in front of a real server (the vLLM
 server, the env service). It forwards every request unchanged, except the ones a test tells it to
 break: answer with a status (429, 503...), drop the connection without an answer, hang, or forward the
-request and rewrite the real answer (``rewrite(fn)``: fn gets the upstream body and returns what to send).
+request and rewrite the real answer (``rewrite(fn)``: fn gets the upstream body and returns what to send),
+or go away and come back on its port as a killed and restarted server does (``kill()``, ``revive()``).
 
     async with FaultProxy(upstream_url) as proxy:
         proxy.fail(429, times=1, headers={"Retry-After": "0.1"})
@@ -105,21 +106,33 @@ class FaultProxy:
                    if k.lower() not in ("content-length", "transfer-encoding", "content-encoding", "connection")}
             return web.Response(body=data, status=up.status, headers=out)
 
-    async def __aenter__(self) -> "FaultProxy":
-        self._session = ClientSession(timeout=ClientTimeout(total=600), auto_decompress=False)
+    async def _listen(self) -> None:
         app = web.Application(client_max_size=256 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://{self.host}:{port}"
-        return self
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://{self.host}:{self.port}"
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def kill(self) -> None:
+        """Go away as a killed server does: open connections closed, new ones refused."""
         self.clear()
         if self._runner is not None:
             await self._runner.cleanup()
+            self._runner = None
+
+    async def revive(self) -> None:
+        """Listen again on the same port, as a restarted server does."""
+        await self._listen()
+
+    async def __aenter__(self) -> "FaultProxy":
+        self._session = ClientSession(timeout=ClientTimeout(total=600), auto_decompress=False)
+        await self._listen()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.kill()
         if self._session is not None:
             await self._session.close()

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from tests.conftest import shutdown_engine
+from tests.faultproxy import FaultProxy
 from PIL import Image, ImageDraw
 
 from agentenv.rollout.llm import (AsyncEngineLLM, InProcessLLM, LLMError, LLMRequestError, Sampling, ServiceLLM,
@@ -123,43 +123,43 @@ async def test_sync_openai_client_and_wrapper_work(vllm_server):
     assert c.token_ids and "Action:" in c.text
 
 
-async def test_two_servers_sticky_failover_and_recovery(vllm_server, run_dir):
+async def test_two_servers_sticky_failover_and_recovery(vllm_server):
     """Turns of a trajectory stick to one endpoint; a killed server is routed around without
-    failures; a server that comes back is used again."""
-    from agentenv.services import VLLMService
+    failures; a server that comes back is used again. The two endpoints are two real HTTP proxies in
+    front of the session's vLLM server; "killed" is B's proxy closing its connections and refusing
+    new ones, as a dead server does (a real vLLM server killed and restarted, by PID, is
+    tests/faults/test_fault_suite.py's). Proxies, not a second server: a vLLM start costs 1-3 min here."""
+    upstream = vllm_server.url[:-3]
+    async with FaultProxy(upstream) as pa, FaultProxy(upstream) as pb:
+        a_url, b_url = pa.url + "/v1", pb.url + "/v1"
+        llm = ServiceLLM([a_url, b_url], vllm_server.model, down_s=1.0, max_retries=3, backoff_s=0.2)
+        try:
+            # new sessions spread over both; every turn of a session hits the same endpoint
+            first = await asyncio.gather(*[llm.chat(screenshot_messages(), GREEDY, session=f"t{i}")
+                                           for i in range(6)])
+            where = {f"t{i}": c.endpoint for i, c in enumerate(first)}
+            assert set(where.values()) == {a_url, b_url}
+            for turn in range(2):
+                again = await asyncio.gather(*[llm.chat(screenshot_messages(seed=turn + 1), GREEDY, session=s)
+                                               for s in where])
+                assert [c.endpoint for c in again] == list(where.values())
 
-    b = VLLMService(port=vllm_server.port + 1, run_dir=run_dir).start()
-    a_url, b_url = vllm_server.url, b.url
-    llm = ServiceLLM([a_url, b_url], vllm_server.model, down_s=1.0, max_retries=3, backoff_s=0.2)
-    try:
-        # new sessions spread over both; every turn of a session hits the same endpoint
-        first = await asyncio.gather(*[llm.chat(screenshot_messages(), GREEDY, session=f"t{i}") for i in range(6)])
-        where = {f"t{i}": c.endpoint for i, c in enumerate(first)}
-        assert set(where.values()) == {a_url, b_url}
-        for turn in range(2):
-            again = await asyncio.gather(*[llm.chat(screenshot_messages(seed=turn + 1), GREEDY, session=s)
-                                           for s in where])
-            assert [c.endpoint for c in again] == list(where.values())
+            await pb.kill()  # B dies mid-run
+            after = await asyncio.gather(*[llm.chat(screenshot_messages(), GREEDY, session=s) for s in where])
+            assert all(c.endpoint == a_url and c.token_ids for c in after)  # nothing failed
+            assert not llm.stats()[b_url]["up"]
 
-        b.stop()  # kill B mid-run
-        after = await asyncio.gather(*[llm.chat(screenshot_messages(), GREEDY, session=s) for s in where])
-        assert all(c.endpoint == a_url and c.token_ids for c in after)  # nothing failed
-        assert not llm.stats()[b_url]["up"]
-
-        b.start()  # B comes back
-        await asyncio.sleep(1.2)
-        back = await asyncio.gather(*[llm.chat(screenshot_messages(), GREEDY, session=f"new{i}") for i in range(6)])
-        assert b_url in {c.endpoint for c in back}
-    finally:
-        await llm.aclose()
-        b.stop()
+            await pb.revive()  # B comes back on its port
+            await asyncio.sleep(1.2)
+            back = await asyncio.gather(*[llm.chat(screenshot_messages(), GREEDY, session=f"new{i}")
+                                          for i in range(6)])
+            assert b_url in {c.endpoint for c in back}
+        finally:
+            await llm.aclose()
 
 
-async def test_greedy_same_tokens_service_and_in_process(vllm_server, tiny_model_path, tiny_pixels):
+async def test_greedy_same_tokens_service_and_in_process(vllm_server, in_process_engine):
     """The same prompt, greedy, gives the same token ids over HTTP and with vllm.LLM in-process."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm import LLM
-
     service = ServiceLLM(vllm_server.url, vllm_server.model)
     msgs = [screenshot_messages(seed=i) for i in range(3)]
     plain = Sampling(temperature=0.0, max_tokens=24)  # unconstrained greedy decoding
@@ -167,10 +167,7 @@ async def test_greedy_same_tokens_service_and_in_process(vllm_server, tiny_model
         remote = [await service.chat(m, plain) for m in msgs]
     finally:
         await service.aclose()
-    engine = LLM(model=str(tiny_model_path), max_model_len=8192, limit_mm_per_prompt={"image": 5, "video": 0},
-                 mm_processor_kwargs={"min_pixels": tiny_pixels[0], "max_pixels": tiny_pixels[1]},
-                 enable_prefix_caching=True)
-    local = as_llm(engine)
+    local = as_llm(in_process_engine)
     assert isinstance(local, InProcessLLM)
     too_many_images = [{"role": "user", "content": [c for m in msgs + msgs for c in m[0]["content"]]}]
     try:
@@ -180,7 +177,6 @@ async def test_greedy_same_tokens_service_and_in_process(vllm_server, tiny_model
                                      return_exceptions=True)
     finally:
         await local.aclose()
-        shutdown_engine(engine)
     for r, h in zip(remote, here):
         assert h.prompt_token_ids == r.prompt_token_ids
         assert h.token_ids == r.token_ids

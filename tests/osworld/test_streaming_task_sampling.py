@@ -16,7 +16,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import shutdown_engine
 
 from agentenv.envs.client import AsyncEnvClient
 from agentenv.envs.pool import EnvPool
@@ -120,18 +119,12 @@ async def test_streaming_groups_complete_with_token_ids(vllm_server, pool, tmp_p
     assert len(groups) == len(TASK_IDS) and all(len(g.trajectories) == ROLLOUT_N for g in groups)
 
 
-async def test_in_process_vllm_through_duck_typing(vllm_server, pool, tmp_path, tiny_model_path, tiny_pixels):
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm import LLM
-
-    engine = LLM(model=str(tiny_model_path), max_model_len=8192, limit_mm_per_prompt={"image": 5, "video": 0},
-                 mm_processor_kwargs={"min_pixels": tiny_pixels[0], "max_pixels": tiny_pixels[1]})
-    sched = make_scheduler(engine, pool, tmp_path, tasks()[:6], tiny_pixels)
+async def test_in_process_vllm_through_duck_typing(vllm_server, pool, tmp_path, in_process_engine, tiny_pixels):
+    sched = make_scheduler(in_process_engine, pool, tmp_path, tasks()[:6], tiny_pixels)
     try:
         summary = await sched.run()
     finally:
         await sched.llm.aclose()
-        shutdown_engine(engine)
     assert type(sched.llm).__name__ == "InProcessLLM"
     assert summary["groups"] == 6
     for t in check_complete(tmp_path, TASK_IDS[:6]):
