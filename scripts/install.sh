@@ -41,7 +41,7 @@ APT_PACKAGES=(python3 python3-venv python3-dev gcc g++ xvfb openbox xdotool x11-
   pulseaudio pulseaudio-utils at-spi2-core python3-gi gir1.2-atspi-2.0
   libatk-adaptor libgail-common ffmpeg
   gnome-terminal firefox-esr dconf-cli gnome-shell-common gnome-settings-daemon-common
-  libreoffice-impress gimp vlc thunderbird)
+  libreoffice-impress gimp vlc thunderbird nautilus)
 
 if [ "$DO_APT" = 1 ]; then
   missing=()

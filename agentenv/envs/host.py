@@ -78,6 +78,7 @@ class HostProcesses(Processes):
             "LANG": "C.UTF-8",
             "LC_ALL": "C.UTF-8",
             "NO_AT_BRIDGE": "1",
+            "GSK_RENDERER": "cairo",  # GTK4 apps: see sandbox_bwrap.sandbox_env
             "XDG_RUNTIME_DIR": str(s.root / "xdg-runtime"),
             MARK: s.id,
         }

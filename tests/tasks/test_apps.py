@@ -146,3 +146,17 @@ def test_thunderbird_profile_setting(desktop, samples, agentenv_home):
     act(desktop, Action("key", keys=["a"]))  # Display Attachments Inline, on by default: off
     assert wait_for(lambda: "mail.inline_attachments" in prefs.read_text(), timeout=20)  # saved by Thunderbird
     assert evaluate(desktop, task) == 1.0
+
+
+def test_files_rename_in_nautilus(desktop, samples):
+    """GNOME Files (nautilus, a GTK4 app drawn by the CPU: GSK_RENDERER=cairo), as OSWorld's
+    multi-app tasks launch it on a folder."""
+    task = load_sample(samples, "a1f0c2d4-files-rename")
+    desktop.reset(task)  # draft.txt in ~/Documents/Finance, nautilus on that folder
+    assert titled(desktop, "Finance")
+    assert evaluate(desktop, task) == 0.0
+    time.sleep(2.0)  # the folder's icons drawn (1024x768: the first icon's centre is at 403, 235)
+    act(desktop, Action("click", x=403, y=235), Action("key", keys=["f2"]), Action("hotkey", keys=["ctrl", "a"]),
+        Action("type", text="report-2026.txt"), Action("key", keys=["enter"]), settle=0.7)
+    assert wait_for(lambda: (desktop.home / "Documents" / "Finance" / "report-2026.txt").exists(), timeout=10)
+    assert evaluate(desktop, task) == 1.0

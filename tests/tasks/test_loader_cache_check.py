@@ -83,7 +83,7 @@ def test_download_cache_fetches_once_and_offline_names_the_url(file_server, agen
 def test_tasks_check_and_fetch_on_the_samples(samples, file_server, agentenv_home, capsys, monkeypatch):
     assert cli(["tasks", "check", str(samples), "--quiet"]) == 0
     before = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert before["tasks"] == 12 and before["runs"] == 4 and before["needs_fetch"] == 7 and before["missing"] == 1
+    assert before["tasks"] == 13 and before["runs"] == 5 and before["needs_fetch"] == 7 and before["missing"] == 1
     reports = {r.id: r for r in check_tasks(samples)}
     assert [m for m in reports["e5f2c8d3-font-size"].missing if m.startswith("app: ")] == ["app: code"]
     assert reports["a7c4d1e9-title-case"].status == "needs_fetch"  # LibreOffice Writer is installed
@@ -97,7 +97,7 @@ def test_tasks_check_and_fetch_on_the_samples(samples, file_server, agentenv_hom
     assert fetched["urls"] == 11 and fetched["fetched"] == 11 and not fetched["failed"]
     assert cli(["tasks", "check", str(samples), "--quiet", "--offline"]) == 0
     after = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert after["runs"] == 11 and after["needs_fetch"] == 0 and after["missing"] == 1
+    assert after["runs"] == 12 and after["needs_fetch"] == 0 and after["missing"] == 1
 
 
 def test_tasks_check_never_crashes_on_odd_task_files(tmp_path, agentenv_home):
@@ -182,6 +182,6 @@ def test_a_run_names_the_tasks_that_miss_something_before_it_starts(samples, age
         items = preflight(TaskConfig(source=str(samples)))
     finally:
         logger.remove(sink)
-    assert len(items) == 12
+    assert len(items) == 13
     warning = next(m for m in seen if "miss something" in m)
-    assert "1 of 12 tasks" in warning and "e5f2c8d3-font-size: app: code" in warning and "lowriter" not in warning
+    assert "1 of 13 tasks" in warning and "e5f2c8d3-font-size: app: code" in warning and "lowriter" not in warning
