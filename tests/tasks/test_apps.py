@@ -160,3 +160,16 @@ def test_files_rename_in_nautilus(desktop, samples):
         Action("type", text="report-2026.txt"), Action("key", keys=["enter"]), settle=0.7)
     assert wait_for(lambda: (desktop.home / "Documents" / "Finance" / "report-2026.txt").exists(), timeout=10)
     assert evaluate(desktop, task) == 1.0
+
+
+def test_vm_wallpaper_getter_reads_the_image_gnomes_setting_names(desktop, tmp_path):
+    from PIL import Image
+
+    desktop.reset(None)
+    img = desktop.home / "Pictures" / "w.png"
+    img.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 16), (200, 30, 90)).save(img)
+    r = desktop.run(["gsettings", "set", "org.gnome.desktop.background", "picture-uri", "file:///home/user/Pictures/w.png"])
+    assert r.returncode == 0, r.stderr
+    got = getter(desktop, "vm_wallpaper", {"dest": "../background.png"}, tmp_path)  # desktop-env's own getter
+    assert open(got, "rb").read() == img.read_bytes() and os.path.dirname(got) == str(tmp_path)

@@ -11,7 +11,7 @@ import pytest
 
 from agentenv.envs.tasks import commands, metrics
 from agentenv.envs.tasks.evaluate import EvaluatorError, evaluate, validate_evaluator
-from agentenv.envs.tasks.getters import read_sheet_cells
+from agentenv.envs.tasks.getters import EvalContext, read_sheet_cells
 from agentenv.types import Task
 
 
@@ -188,6 +188,21 @@ def test_refused_metrics_and_getters_name_what_is_missing():
         validate_evaluator({**os_ev, "func": "no_such_metric"}, "osworld")
     with pytest.raises(EvaluatorError, match="no 'func'"):
         validate_evaluator({"func": "", "result": {}}, "osworld")
+
+
+def test_relative_dates_are_osworlds_and_leave_the_task_unchanged():
+    from datetime import datetime, timedelta
+
+    from agentenv.envs.tasks.app_getters import APP_GETTERS
+
+    ctx = EvalContext(desktop=_NoDesktop(), task=Task(id="r", instruction="-"), tmp=Path("."))
+    spec = {"type": "rule_relativeTime", "rules": {"relativeTime": {"from": "tomorrow"},
+                                                   "expected": {"start": "NYC", "time": "{Year}-{Month0D}-{Day0D}"}}}
+    before = json.dumps(spec)
+    rules = APP_GETTERS["rule_relativeTime"](ctx, spec)  # desktop-env's getters/misc.py
+    tomorrow = (datetime.now() + timedelta(days=1)).strftime("%Y-%m-%d")
+    assert rules["expected"] == {"start": "NYC", "time": tomorrow} and json.dumps(spec) == before
+    assert APP_GETTERS["time_diff_range"](ctx, {"diff_range_in_minutes": "60"}) == "60"
 
 
 class _NoDesktop:

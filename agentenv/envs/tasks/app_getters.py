@@ -9,6 +9,7 @@ inside the desktop's network namespace (no one outside it can reach it), so it i
 from __future__ import annotations
 
 import contextlib
+import copy
 import shlex
 import sys
 from collections import Counter
@@ -32,6 +33,15 @@ class _Controller:
 
     def get_file(self, file_path: str) -> bytes | None:
         return read_desktop_file(self.desktop, file_path)
+
+    def get_vm_wallpaper(self) -> bytes:
+        """The wallpaper's image: the file GNOME's setting names, as OSWorld's server reads it."""
+        r = self.desktop.run(["gsettings", "get", "org.gnome.desktop.background", "picture-uri"], timeout=10)
+        path = r.stdout.strip().strip("'").removeprefix("file://")
+        data = read_desktop_file(self.desktop, path) if r.returncode == 0 and path else None
+        if data is None:
+            raise EvaluatorError(f"vm_wallpaper: no wallpaper image (picture-uri {r.stdout.strip()!r})")
+        return data
 
     def execute_python_command(self, command: str) -> dict[str, Any]:
         r = self.desktop.run(["python3", "-c", command], timeout=30)
@@ -66,7 +76,9 @@ def _theirs(module: str, func: str) -> Callable[[EvalContext, dict], Any]:
         except ImportError as e:
             raise EvaluatorError(f"desktop-env's getters/{module}.py does not load here: {e}") from e
         with contextlib.redirect_stdout(sys.stderr):  # theirs print (the gimp one, its platform)
-            return fn(OSWorldEnvView(ctx), _safe_dest(spec))
+            # a deep copy: some write into their config (rule_relativeTime puts the date it computed
+            # into the rules), which would change the task's evaluator for the next evaluation
+            return fn(OSWorldEnvView(ctx), _safe_dest(copy.deepcopy(spec)))
 
     getter.__name__ = f"os_{func}"
     return getter
@@ -116,6 +128,9 @@ APP_GETTERS: dict[str, Callable[[EvalContext, dict], Any]] = {
     "vlc_config": _theirs("vlc", "get_vlc_config"),
     "audio_in_slide": _theirs("impress", "get_audio_in_slide"),
     "background_image_in_slide": _theirs("impress", "get_background_image_in_slide"),
+    "vm_wallpaper": _theirs("info", "get_vm_wallpaper"),
+    "rule_relativeTime": _theirs("misc", "get_rule_relativeTime"),  # dates relative to today
+    "time_diff_range": _theirs("misc", "get_time_diff_range"),
     "vlc_playing_info": os_vlc_playing_info,
     "vm_window_size": os_vm_window_size,
     "default_video_player": os_default_video_player,

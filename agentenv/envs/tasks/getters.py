@@ -249,9 +249,6 @@ OSWORLD_GETTERS: dict[str, Callable[[EvalContext, dict], Any]] = {
 OSWORLD_LIKE_NEEDS: dict[str, str] = {"accessibility_tree": "an AT-SPI accessibility tree (sandboxed desktops)"}
 # OSWorld getters this machine cannot run: name -> what is missing. (The apps' getters: app_getters.py.)
 GETTER_NEEDS: dict[str, str] = {
-    "vm_wallpaper": "a GNOME desktop",
-    "rule_relativeTime": "relative dates of OSWorld's calendar rules",
-    "time_diff_range": "relative dates of OSWorld's calendar rules",
     "googledrive_file": "network and a Google Drive account",
     "info_from_website": "network", "page_info": "network", "pdf_from_url": "network",
     "number_of_search_results": "network", "gotoRecreationPage_and_get_html_content": "network",
