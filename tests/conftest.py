@@ -4,6 +4,11 @@ Both are started once per test session on loopback ports of their own, and stopp
 The vLLM server takes a minute or more to start: when a collected test needs it, it starts in the background
 as the first test starts, and the modules that need no vLLM server run first (each module's tests
 stay together and in their order), so its start overlaps them.
+
+Side by side (scripts/test.sh runs ``pytest -n 2 --dist loadgroup``): each module goes whole to
+whichever worker is free (the Ray modules together: one Ray cluster at a time); each worker has
+ports of its own and, when a collected test uses it, a vLLM server of its own, started as its first
+test starts, so a test that kills its worker's server disturbs no other worker.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ from typing import Any, Callable, Iterator
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-VLLM_PORT = int(os.environ.get("AGENTENV_TEST_VLLM_PORT", "18000"))
-ENV_PORT = int(os.environ.get("AGENTENV_TEST_ENV_PORT", "18100"))
+# a pytest-xdist worker ("gw1") takes the ports 50 above the previous one's
+WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+VLLM_PORT = int(os.environ.get("AGENTENV_TEST_VLLM_PORT", "18000")) + 50 * WORKER
+ENV_PORT = int(os.environ.get("AGENTENV_TEST_ENV_PORT", "18100")) + 50 * WORKER
 
 
 @contextlib.contextmanager
@@ -168,6 +175,10 @@ def pytest_collection_modifyitems(config, items):
     rank = {path: max(needs_vllm(i) for i in its) for path, its in modules.items()}
     items[:] = [i for path in sorted(modules, key=rank.__getitem__) for i in modules[path]]  # stable
     config.stash[VLLM_USERS] = any("vllm_server" in i.fixturenames for i in items)
+    for path, its in modules.items():  # pytest-xdist's groups (--dist loadgroup)
+        group = "ray" if path.parent.name == "ray" else str(path.relative_to(ROOT))
+        for i in its:
+            i.add_marker(pytest.mark.xdist_group(group))
 
 
 def shutdown_engine(engine) -> None:
