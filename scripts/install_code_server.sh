@@ -81,11 +81,10 @@ ln -sfn node_modules node_modules.asar
 ln -sf code-linux.sh bin/remote-cli/code-server
 ln -sf browser-linux.sh bin/helpers/browser.sh
 (cd extensions && "${NPM_INSTALL[@]}" >&2 && "$NODE" postinstall.mjs >/dev/null)
-# Window titles end in "Visual Studio Code", as on OSWorld's VM (tasks find the window by that name)
-"$NODE" -e '
-const fs = require("fs"), f = "product.json", p = JSON.parse(fs.readFileSync(f));
-p.nameLong = "Visual Studio Code";
-fs.writeFileSync(f, JSON.stringify(p, null, "\t"));'
+# Window titles end in "Visual Studio Code", as on OSWorld's VM (tasks find the window by that name):
+# the product's long name, built into the bundles
+grep -rlF 'nameLong:"code-server"' out | xargs sed -i 's/nameLong:"code-server"/nameLong:"Visual Studio Code"/'
+grep -qF 'nameLong:"Visual Studio Code"' out/vs/code/browser/workbench/workbench.js
 
 cd "$STAGE"
 for m in @vscode/spdlog native-watchdog node-pty @vscode/deviceid @parcel/watcher; do
