@@ -85,6 +85,13 @@ ln -sf browser-linux.sh bin/helpers/browser.sh
 # the product's long name, built into the bundles
 grep -rlF 'nameLong:"code-server"' out | xargs sed -i 's/nameLong:"code-server"/nameLong:"Visual Studio Code"/'
 grep -qF 'nameLong:"Visual Studio Code"' out/vs/code/browser/workbench/workbench.js
+# Files are not saved by themselves, as in the desktop VS Code (its web build defaults files.autoSave
+# to afterDelay): a task's file changes when the agent saves it
+"$NODE" -e '
+const fs = require("fs"), f = "out/vs/code/browser/workbench/workbench.js", js = fs.readFileSync(f, "utf8");
+const rx = /("files\.autoSave":\{type:"string",enum:\[([\w$]+)\.OFF,[^\]]*\],markdownEnumDescriptions:\[[^\]]*\],default:)[\w$]+\?[\w$]+\.AFTER_DELAY:[\w$]+\.OFF/;
+if (!rx.test(js)) { console.error("files.autoSave default not found in " + f); process.exit(1); }
+fs.writeFileSync(f, js.replace(rx, "$1$2.OFF"));'
 
 cd "$STAGE"
 for m in @vscode/spdlog native-watchdog node-pty @vscode/deviceid @parcel/watcher; do
