@@ -33,6 +33,7 @@ NODE, ENTRY = f"{ROOT}/bin/node", f"{ROOT}/app/out/node/entry.js"
 PORT = 48020                              # on the desktop's own loopback
 STATE = "/tmp/.agentenv-code"             # the server's log and lock, the window's profile (wiped at reset)
 START_SECONDS = 60
+REUSE_SECONDS = 30
 # code-server's own commands: they run once and print, no server and no window
 CLI_ONLY = {"--install-extension", "--uninstall-extension", "--list-extensions", "--show-versions",
             "--version", "-v", "--help", "-h"}
@@ -90,6 +91,14 @@ def server_argv(home: str) -> list[str]:
             "--disable-workspace-trust", "--disable-proxy", "--disable-getting-started-override"]
 
 
+def write_config() -> str:
+    """code-server's config file (else it writes one into ~/.config/code-server, which the VM lacks)."""
+    os.makedirs(STATE, mode=0o700, exist_ok=True)
+    with open(f"{STATE}/config.yaml", "w") as f:
+        f.write("auth: none\ncert: false\n")
+    return f"{STATE}/config.yaml"
+
+
 def ensure_server(home: str) -> bool:
     """Start this desktop's code-server unless it runs; True when it was running already."""
     os.makedirs(STATE, mode=0o700, exist_ok=True)
@@ -99,8 +108,7 @@ def ensure_server(home: str) -> bool:
             return True
         for d in dirs(home):
             os.makedirs(d, exist_ok=True)
-        with open(f"{STATE}/config.yaml", "w") as f:
-            f.write("auth: none\ncert: false\n")  # else code-server writes one into ~/.config/code-server
+        write_config()
         log = open(f"{STATE}/server.log", "ab")
         subprocess.Popen(server_argv(home), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                          start_new_session=True, cwd=home)
@@ -125,12 +133,20 @@ def window_open() -> bool:
 
 
 def open_in_window(paths: list[str], home: str) -> bool:
-    """Open ``paths`` in the VS Code window already there (code-server's session socket)."""
+    """Open ``paths`` in the VS Code window already there, through code-server's session socket; a
+    window still loading registers its session once its extensions start: it is waited for."""
     data, ext = dirs(home)
-    r = subprocess.run([NODE, ENTRY, "--reuse-window", "--user-data-dir", data, "--extensions-dir", ext,
-                        "--config", f"{STATE}/config.yaml", *paths], stdin=subprocess.DEVNULL,
-                       capture_output=True, timeout=30)
-    return r.returncode == 0
+    deadline = time.monotonic() + REUSE_SECONDS
+    while window_open():
+        r = subprocess.run([NODE, ENTRY, "--reuse-window", "--user-data-dir", data, "--extensions-dir", ext,
+                            "--config", f"{STATE}/config.yaml", *paths], stdin=subprocess.DEVNULL,
+                           capture_output=True, timeout=30)
+        if r.returncode == 0:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return False
 
 
 def main(argv: list[str]) -> int:
@@ -139,14 +155,15 @@ def main(argv: list[str]) -> int:
         sys.exit(f"code: VS Code (code-server) is not installed at {ROOT}: scripts/install.sh installs it")
     if any(a.split("=", 1)[0] in CLI_ONLY for a in argv):
         data, ext = dirs(home)
-        os.execv(NODE, [NODE, ENTRY, "--user-data-dir", data, "--extensions-dir", ext, *argv])
+        os.execv(NODE, [NODE, ENTRY, "--config", write_config(), "--user-data-dir", data, "--extensions-dir", ext,
+                        *argv])
     with open("/proc/net/dev") as f:
         if not private_network(f.read()):
             sys.exit("code: this desktop shares the host's network (env.sandbox_network): VS Code's server "
                      "would be open to the host, so it does not start here")
     paths = [a for a in argv if not a.startswith("-")]
     was_running = ensure_server(home)
-    if was_running and paths and window_open() and open_in_window(paths, home):
+    if was_running and paths and open_in_window(paths, home):
         return 0
     cwd = os.getcwd()
     full = [os.path.normpath(os.path.join(cwd, p)) for p in paths]
