@@ -94,7 +94,7 @@ def test_tasks_check_and_fetch_on_the_samples(samples, file_server, agentenv_hom
     assert before["tasks"] == 13 and before["runs"] == 4 and before["needs_fetch"] == 7 and before["missing"] == 2
     reports = {r.id: r for r in check_tasks(samples)}
     assert [m for m in reports["e5f2c8d3-font-size"].missing if m.startswith("app: ")] == ["app: code"]
-    assert "app: code (vscode_config runs a VS Code command)" in reports["c3d9a1f4-greeting-edit"].missing
+    assert reports["c3d9a1f4-greeting-edit"].missing == ["app: code"]  # launched and read by vscode_config: one line
     assert reports["a7c4d1e9-title-case"].status == "needs_fetch"  # LibreOffice Writer is installed
 
     monkeypatch.setenv("AGENTENV_OFFLINE", "1")
