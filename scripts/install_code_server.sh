@@ -18,6 +18,7 @@ DEST=$1
 PY=$2
 STAGE=$DEST.new
 log() { echo "[install] code-server: $*" >&2; }
+trap 'log "failed: $BASH_COMMAND (line $LINENO)"' ERR
 quiet() { "$@" >/dev/null 2>"$STAGE/build.log" || { cat "$STAGE/build.log" >&2; return 1; }; }
 
 [ -f "$DEST/.stamp-$VERSION" ] && exit 0
@@ -45,11 +46,14 @@ else
 fi
 export PATH="$(dirname "$NODE"):$PATH"
 export npm_config_nodedir=$NODEDIR
+# the system's CA bundle (Debian's; a TLS-inspecting proxy's CA is added there), also for the wheel's
+# npm, which does not read the system npm's config
+[ -f /etc/ssl/certs/ca-certificates.crt ] && export npm_config_cafile=/etc/ssl/certs/ca-certificates.crt
 GYP=("$NODE" "$NPM_ROOT/node_modules/node-gyp/bin/node-gyp.js" rebuild "--nodedir=$NODEDIR" -j 2)
 NPM_INSTALL=("${NPM[@]}" install --omit=dev --ignore-scripts --no-audit --no-fund --loglevel=error)
 
 cd "$STAGE"
-"${NPM[@]}" pack --silent "code-server@$VERSION" >/dev/null
+"${NPM[@]}" pack --loglevel=error "code-server@$VERSION" >/dev/null
 tar xzf "code-server-$VERSION.tgz"
 rm "code-server-$VERSION.tgz"
 mv package app
