@@ -41,7 +41,8 @@ APT_PACKAGES=(python3 python3-venv python3-dev gcc g++ xvfb openbox xdotool x11-
   pulseaudio pulseaudio-utils at-spi2-core python3-gi gir1.2-atspi-2.0
   libatk-adaptor libgail-common ffmpeg
   gnome-terminal firefox-esr dconf-cli gnome-shell-common gnome-settings-daemon-common
-  libreoffice-impress gimp vlc thunderbird make ripgrep)
+  libreoffice-impress gimp vlc thunderbird)
+APT_PACKAGES+=(make ripgrep)  # VS Code: its native modules are compiled, its search is Debian's ripgrep
 
 if [ "$DO_APT" = 1 ]; then
   missing=()
