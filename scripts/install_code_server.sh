@@ -102,7 +102,7 @@ for m in @vscode/spdlog native-watchdog node-pty @vscode/deviceid @parcel/watche
   "$NODE" -e "require('$STAGE/app/lib/vscode/node_modules/$m')"
 done
 "$NODE" -e "require('$STAGE/app/node_modules/argon2')"
-"$STAGE/bin/node" app/out/node/entry.js --version >/dev/null
+"$STAGE/bin/node" app/out/node/entry.js --config /dev/null --version >/dev/null  # no config file written
 rm -f build.log
 chmod -R a+rX "$STAGE"
 touch "$STAGE/.stamp-$VERSION"
