@@ -91,3 +91,10 @@ def test_vscode_server_answers_inside_its_desktop_only(desktop, samples, agenten
         assert r.returncode != 0 and '"status"' not in r.stdout
     finally:
         other.close()
+
+
+def test_code_refuses_to_serve_on_the_hosts_network(agentenv_home):
+    with started_desktop("vscode-test-net", width=640, height=480, sandbox=True, network=True) as d:
+        r = d.run(["code", "/home/user"], timeout=60)
+        assert r.returncode != 0 and "shares the host's network" in r.stderr
+        assert d.run(["pgrep", "-f", "code-server/app/out/node/entry.js"]).returncode != 0  # no server
