@@ -3,7 +3,7 @@
 desktop, and how many desktops run side by side before step latency doubles.
 
     python scripts/bench_envs.py [--steps 40] [--think 1.0] [--max-desktops 16] [--kinds host,sandbox]
-    python scripts/bench_envs.py --app gimp|vlc|thunderbird|impress [--resets 5]
+    python scripts/bench_envs.py --app gimp|vlc|thunderbird|impress|code [--resets 5]
 
 Both kinds of desktop are measured side by side in one run: the plain one (apps on the host as the
 desktop user) and the sandboxed one (bubblewrap, agentenv/envs/sandbox.py), in alternating rounds,
@@ -76,6 +76,7 @@ APP_LAUNCH = {
     "vlc": (["vlc"], "VLC media player"),
     "thunderbird": (["/usr/bin/thunderbird"], "user@example.invalid - Mozilla Thunderbird"),
     "impress": (["libreoffice", "--impress", "--norestore", "/home/user/deck.pptx"], "deck.pptx"),
+    "code": (["code"], " - Visual Studio Code"),  # VS Code (code-server) on its Welcome page
 }
 
 

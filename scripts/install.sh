@@ -42,6 +42,7 @@ APT_PACKAGES=(python3 python3-venv python3-dev gcc g++ xvfb openbox xdotool x11-
   libatk-adaptor libgail-common ffmpeg
   gnome-terminal firefox-esr dconf-cli gnome-shell-common gnome-settings-daemon-common
   libreoffice-impress gimp vlc thunderbird nautilus)
+APT_PACKAGES+=(make ripgrep)  # VS Code: its native modules are compiled, its search is Debian's ripgrep
 
 if [ "$DO_APT" = 1 ]; then
   missing=()
@@ -173,6 +174,16 @@ if command -v gimp >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && id agentenv-desk >/d
     fi
     rm -rf "$SEED_HOME"
   fi
+fi
+
+# VS Code for the sandboxed desktops (OSWorld's vs_code tasks): code-server, built once into
+# $AGENTENV_CODE_SERVER (scripts/install_code_server.sh). A failure does not fail the install: those
+# tasks stay "missing app: code" in `agentenv tasks check` and in a run's preflight warning.
+CODE_SERVER=${AGENTENV_CODE_SERVER:-/opt/agentenv/code-server}
+if mkdir -p "$(dirname "$CODE_SERVER")" 2>/dev/null \
+    && ! "$ROOT/scripts/install_code_server.sh" "$CODE_SERVER" "$PY"; then
+  rm -rf "$CODE_SERVER.new"
+  log "WARNING: VS Code (code-server) did not install (see above); vs_code tasks will be reported missing"
 fi
 
 if [ "$DO_MODEL" = 1 ]; then

@@ -147,6 +147,8 @@ def bwrap_argv(seat: Seat, homes: Path, ctl: Path, x11: Path, sys: Path) -> list
     argv += hide_left_out(sys, seat.user)
     if (SANDBOX_SITE / "pyautogui").is_dir():
         argv += ["--ro-bind", str(SANDBOX_SITE), f"{INNER}/site"]
+    if sandbox_vm.code_server_installed():
+        argv += ["--ro-bind", str(sandbox_vm.CODE_SERVER), f"{INNER}/code-server"]
     argv += ["--uid", str(UID), "--gid", str(UID), "--chdir", OSWORLD_HOME, "--clearenv"]
     for k, v in sandbox_env(seat.display).items():
         argv += ["--setenv", k, v]

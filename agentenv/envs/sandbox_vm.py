@@ -151,14 +151,27 @@ exec chromium --user-data-dir="$HOME/.config/google-chrome" --disable-gpu --no-f
 """
 
 
+# VS Code (code-server, scripts/install_code_server.sh), bound read-only at INNER/code-server; `code`
+# (sandbox_code.py) runs it on the desktop's own loopback and shows it in a Chromium app window.
+CODE_SERVER = Path(os.environ.get("AGENTENV_CODE_SERVER", "/opt/agentenv/code-server"))
+
+
+def code_server_installed() -> bool:
+    """Whether scripts/install.sh installed code-server (its stamp is written last)."""
+    return any(CODE_SERVER.glob(".stamp-*"))
+
+
 def write_files(sys_dir: Path) -> None:
-    """sudo, python, the terminal, google-chrome, firefox.desktop, the VM's volume and dconf database,
-    in ``sys_dir`` (the sandbox's /opt/agentenv)."""
+    """sudo, python, the terminal, google-chrome, code, firefox.desktop, the VM's volume and dconf
+    database, in ``sys_dir`` (the sandbox's /opt/agentenv)."""
     bin_dir = sys_dir / "bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in (("sudo", SUDO), ("terminal", TERMINAL), ("google-chrome", GOOGLE_CHROME)):
+    code = "#!/usr/bin/python3 -I\n" + (Path(__file__).parent / "sandbox_code.py").read_text()
+    for name, text in (("sudo", SUDO), ("terminal", TERMINAL), ("google-chrome", GOOGLE_CHROME),
+                       *((("code", code),) if code_server_installed() else ())):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
+    (sys_dir / "code-server").mkdir(exist_ok=True)  # where CODE_SERVER is bound (sandbox_bwrap.py)
     (bin_dir / "python").symlink_to("/usr/bin/python3")
     (bin_dir / "google-chrome-stable").symlink_to("google-chrome")
     if not os.path.exists(GNOME_TERMINAL):

@@ -80,12 +80,21 @@ def test_download_cache_fetches_once_and_offline_names_the_url(file_server, agen
         small.get(f"{file_server.base}/sales_gold.xlsx")
 
 
-def test_tasks_check_and_fetch_on_the_samples(samples, file_server, agentenv_home, capsys, monkeypatch):
+def test_tasks_check_and_fetch_on_the_samples(samples, file_server, agentenv_home, capsys, monkeypatch, tmp_path):
+    from agentenv.envs import sandbox_vm
+
+    if sandbox_vm.code_server_installed():  # installed here (scripts/install.sh): sandboxed desktops only
+        with_code = {r.id: r for r in check_tasks(samples, osworld_like=True)}
+        assert with_code["e5f2c8d3-font-size"].status == "runs" and with_code["c3d9a1f4-greeting-edit"].status == "runs"
+        plain = {r.id: r for r in check_tasks(samples, osworld_like=False)}
+        assert "app: code" in {m.split(" (")[0] for m in plain["c3d9a1f4-greeting-edit"].missing}
+    monkeypatch.setattr(sandbox_vm, "CODE_SERVER", tmp_path / "no-code-server")  # a machine without VS Code
     assert cli(["tasks", "check", str(samples), "--quiet"]) == 0
     before = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert before["tasks"] == 13 and before["runs"] == 5 and before["needs_fetch"] == 7 and before["missing"] == 1
+    assert before["tasks"] == 14 and before["runs"] == 5 and before["needs_fetch"] == 7 and before["missing"] == 2
     reports = {r.id: r for r in check_tasks(samples)}
     assert [m for m in reports["e5f2c8d3-font-size"].missing if m.startswith("app: ")] == ["app: code"]
+    assert reports["c3d9a1f4-greeting-edit"].missing == ["app: code"]  # launched and read by vscode_config: one line
     assert reports["a7c4d1e9-title-case"].status == "needs_fetch"  # LibreOffice Writer is installed
 
     monkeypatch.setenv("AGENTENV_OFFLINE", "1")
@@ -97,7 +106,7 @@ def test_tasks_check_and_fetch_on_the_samples(samples, file_server, agentenv_hom
     assert fetched["urls"] == 11 and fetched["fetched"] == 11 and not fetched["failed"]
     assert cli(["tasks", "check", str(samples), "--quiet", "--offline"]) == 0
     after = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert after["runs"] == 12 and after["needs_fetch"] == 0 and after["missing"] == 1
+    assert after["runs"] == 12 and after["needs_fetch"] == 0 and after["missing"] == 2
 
 
 def test_tasks_check_never_crashes_on_odd_task_files(tmp_path, agentenv_home):
@@ -170,8 +179,12 @@ def test_what_only_an_osworld_like_desktop_has_is_missing_on_a_plain_one(tmp_pat
         assert sum(m.startswith(("systemd", "installing packages")) for m in kind["apt"].missing) == 2
 
 
-def test_a_run_names_the_tasks_that_miss_something_before_it_starts(samples, agentenv_home):
+def test_a_run_names_the_tasks_that_miss_something_before_it_starts(samples, agentenv_home, monkeypatch, tmp_path):
     from loguru import logger
+
+    from agentenv.envs import sandbox_vm
+
+    monkeypatch.setattr(sandbox_vm, "CODE_SERVER", tmp_path / "no-code-server")  # a machine without VS Code
 
     from agentenv.config import TaskConfig
     from agentenv.preflight import check_tasks as preflight
@@ -182,6 +195,6 @@ def test_a_run_names_the_tasks_that_miss_something_before_it_starts(samples, age
         items = preflight(TaskConfig(source=str(samples)))
     finally:
         logger.remove(sink)
-    assert len(items) == 13
+    assert len(items) == 14
     warning = next(m for m in seen if "miss something" in m)
-    assert "1 of 13 tasks" in warning and "e5f2c8d3-font-size: app: code" in warning and "lowriter" not in warning
+    assert "2 of 14 tasks" in warning and "e5f2c8d3-font-size: app: code" in warning and "lowriter" not in warning

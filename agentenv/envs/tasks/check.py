@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from agentenv.envs import sandbox_vm
 from agentenv.envs.tasks import NotATask, TaskLoadError, commands, load_task_file
 from agentenv.envs.tasks.cache import DownloadCache
 from agentenv.envs.tasks.network import needs_network
@@ -69,8 +70,10 @@ class TaskReport:
     note: str = ""
 
 
-def _installed(program: str) -> bool:
+def _installed(program: str, osworld_like: bool = True) -> bool:
     program = PROGRAM_ALIASES.get(program, program)
+    if program == "code":  # VS Code: code-server, run by `code` inside sandboxed desktops only
+        return osworld_like and sandbox_vm.code_server_installed()
     if "/" in program:
         return os.access(program, os.X_OK)
     return shutil.which(program, path=DESKTOP_PATH) is not None
@@ -81,7 +84,7 @@ _SHELL_WORDS = {"cd", "export", "source", ".", "set", "unset", "alias", "eval", 
                 "true", "false", "test", "[", "echo", "printf", "read", "ulimit", "umask", "{", "("}
 
 
-def _program_need(argv: list[str]) -> str | None:
+def _program_need(argv: list[str], osworld_like: bool = True) -> str | None:
     if not argv or argv[0] in _SHELL_WORDS or (argv[0].startswith(".") and "/" in argv[0]) \
             or argv[0].endswith(".sh"):
         return None
@@ -90,7 +93,7 @@ def _program_need(argv: list[str]) -> str | None:
         for a in argv[1:]:
             if a in OFFICE_PROGRAMS and not _installed(OFFICE_PROGRAMS[a]):
                 return f"app: {OFFICE_PROGRAMS[a]} (LibreOffice {a[2:]})"
-    if prog and not _installed(prog):
+    if prog and not _installed(prog, osworld_like):
         return f"app: {prog}"
     return None
 
@@ -136,11 +139,11 @@ def _steps_needs(steps: Any, where: str, urls: list[str], osworld_like: bool = F
                 shell = commands.shell_flag(p.get("shell"), cmd)
                 if shell and isinstance(cmd, str):
                     prog = commands.program(cmd, True)
-                    need = _program_need([prog]) if prog else None
+                    need = _program_need([prog], osworld_like) if prog else None
                 else:
                     argv = commands.adapt_argv([str(c) for c in cmd] if isinstance(cmd, list) else
                                                shlex.split(cmd), commands.OSWORLD_HOME)
-                    need = _program_need(argv)
+                    need = _program_need(argv, osworld_like)
                 if need:
                     out.append(need)
             elif kind == "open":
@@ -182,7 +185,7 @@ def _evaluator_needs(task: Task, urls: list[str], osworld_like: bool = False) ->
             try:
                 if not (dia == "agentenv" and role == "expected" and r.get("type") in ("rule", "literal")):
                     getter_for(r.get("type"), dia, role)
-                if r.get("type") == "vscode_config" and not _installed("code"):
+                if r.get("type") == "vscode_config" and not _installed("code", osworld_like):
                     out.append("app: code (vscode_config runs a VS Code command)")
             except EvaluatorError as e:
                 out.append(f"evaluator: {e}")
@@ -267,7 +270,7 @@ def check_task(t: Task, f: Path, root: Path, cache: DownloadCache, osworld_like:
             missing += [f"{NETWORK}{why}" for why in needs_network(t)]
         for app in t.related_apps:
             prog = APP_PROGRAMS.get(str(app))
-            if prog and not _installed(prog):
+            if prog and not _installed(prog, osworld_like):
                 missing.append(f"app: {prog} ({app})")
     except Exception as e:  # a quirk nobody foresaw: reported, never a crash of the whole check
         missing = [f"check failed: {type(e).__name__}: {e}"]

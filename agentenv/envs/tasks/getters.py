@@ -219,9 +219,10 @@ def os_content_from_vm_file(ctx: EvalContext, spec: dict) -> Any:
 
 def os_vscode_config(ctx: EvalContext, spec: dict) -> Any:
     """OSWorld runs a VS Code command (command palette) and then reads the file it wrote."""
-    if shutil.which("code") is None:
-        raise EvaluatorError("vscode_config needs Visual Studio Code (`code`), which is not installed here")
     d = ctx.desktop
+    if d.run(["sh", "-c", "command -v code"], timeout=10).returncode != 0:  # the desktop's own PATH
+        raise EvaluatorError("vscode_config needs Visual Studio Code (`code`), which this desktop lacks "
+                             "(a sandboxed desktop has it once scripts/install.sh installed code-server)")
     for a in (Action("hotkey", keys=["ctrl", "shift", "p"]), Action("type", text=spec["vscode_extension_command"]),
               Action("key", keys=["enter"])):
         d.execute(a)

@@ -50,6 +50,11 @@ GUI_PROGRAMS = {"editor", "terminal", "calculator", "files", "spreadsheet", "bro
                 "chromium", "google-chrome", "gedit", "code", "gimp", "vlc", "thunderbird", "nautilus",
                 "gnome-terminal"}
 
+# Windows whose first title does not say the app is ready: VS Code's (a Chromium app window,
+# sandbox_code.py) is "Visual Studio Code" while its page loads, "<editor> - Visual Studio Code" once
+# the workbench shows an editor (a file, or the Welcome page).
+LAUNCH_WINDOWS = {"code": " - Visual Studio Code"}
+
 
 def _step_name(where: str, i: int, step: dict[str, Any]) -> str:
     return f"{where}[{i}] ({step.get('type', '?')})"
@@ -143,7 +148,8 @@ def _launch(desktop: Any, task: Task, p: dict[str, Any]) -> None:
     desktop.launch([desktop.resolve_path(a) if a.startswith("~/") else a for a in map(str, argv)])
     # Wait for the app's window so the first action lands on it, not on an empty screen.
     wait = p.get("wait", prog in GUI_PROGRAMS)
-    if wait and not desktop.wait_for_window(p.get("window"), _bounded(p.get("timeout", 45), 120), before=before):
+    window = p.get("window", LAUNCH_WINDOWS.get(prog))
+    if wait and not desktop.wait_for_window(window, _bounded(p.get("timeout", 45), 120), before=before):
         raise TaskSetupError(f"no window appeared for {argv[0]!r}")
     time.sleep(_bounded(p.get("settle", 0.3 if wait else 0.0), 10))
 
