@@ -42,6 +42,7 @@ APT_PACKAGES=(python3 python3-venv python3-dev gcc g++ xvfb openbox xdotool x11-
   libatk-adaptor libgail-common ffmpeg
   gnome-terminal firefox-esr dconf-cli gnome-shell-common gnome-settings-daemon-common
   libreoffice-impress gimp vlc thunderbird nautilus)
+APT_PACKAGES+=(wmctrl)  # OSWorld tasks call it (a window by name)
 APT_PACKAGES+=(make ripgrep)  # VS Code: its native modules are compiled, its search is Debian's ripgrep
 
 if [ "$DO_APT" = 1 ]; then

@@ -9,4 +9,4 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=$("$ROOT/scripts/install.sh" | tail -n 1)
 cd "$ROOT"
 PYTHONPATH="$ROOT" exec "$PY" -m pytest -p no:cacheprovider -ra --durations=30 \
-  -n "${AGENTENV_TEST_WORKERS:-2}" --dist loadgroup "$@"
+  -n "${AGENTENV_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"

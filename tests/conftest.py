@@ -5,8 +5,8 @@ The vLLM server takes a minute or more to start: when a collected test needs it,
 as the first test starts, and the modules that need no vLLM server run first (each module's tests
 stay together and in their order), so its start overlaps them.
 
-Side by side (scripts/test.sh runs ``pytest -n 2 --dist loadgroup``): each module goes whole to
-whichever worker is free (the Ray modules together: one Ray cluster at a time); each worker has
+Side by side (scripts/test.sh runs ``pytest -n 2``): each module goes whole to whichever worker is
+free (the Ray modules together: one Ray cluster at a time; ``pytest_xdist_make_scheduler``); each worker has
 ports of its own and, when a collected test uses it, a vLLM server of its own, started as its first
 test starts, so a test that kills its worker's server disturbs no other worker.
 """
@@ -157,12 +157,33 @@ def in_process_engine(tiny_model_path, tiny_pixels):
     shutdown_engine(engine)
 
 
+# Seconds the longest modules took (2026-12-07): side by side, a worker that takes one of them last
+# would run it alone at the end, so they are handed out first. Only the order depends on it.
+LONGEST = {"tests/faults/test_fault_suite.py": 455, "tests/ray": 370, "tests/osworld/test_streaming_task_sampling.py": 214,
+           "tests/osworld/test_weight_updates.py": 209, "tests/faults/test_rollout_faults.py": 167,
+           "tests/osworld/test_llm.py": 115}
+
+
 def needs_vllm(item) -> int:
     """0: no vLLM server; 1: the session's; 2: servers of its own as well (run once the
     session's is up, not beside its start)."""
     if item.get_closest_marker("starts_vllm"):
         return 2
     return int("vllm_server" in item.fixturenames)
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Side by side (pytest-xdist): each module whole on one worker (its module fixtures started
+    once), the Ray modules together on one (one Ray cluster at a time)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "tests/ray" if path.startswith("tests/ray/") else path
+
+    return ByModule(config, log)
 
 
 @pytest.hookimpl(trylast=True)  # after -k/-m have deselected
@@ -173,12 +194,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         modules.setdefault(item.path, []).append(item)
     rank = {path: max(needs_vllm(i) for i in its) for path, its in modules.items()}
-    items[:] = [i for path in sorted(modules, key=rank.__getitem__) for i in modules[path]]  # stable
+    def side_by_side(path: Path) -> tuple:  # the modules with no vLLM server first, then the longest
+        name = "tests/ray" if path.parent.name == "ray" else str(path.relative_to(ROOT))
+        return rank[path] > 0, -LONGEST.get(name, 0)
+
+    order = side_by_side if hasattr(config, "workerinput") else rank.__getitem__
+    items[:] = [i for path in sorted(modules, key=order) for i in modules[path]]  # stable
     config.stash[VLLM_USERS] = any("vllm_server" in i.fixturenames for i in items)
-    for path, its in modules.items():  # pytest-xdist's groups (--dist loadgroup)
-        group = "ray" if path.parent.name == "ray" else str(path.relative_to(ROOT))
-        for i in its:
-            i.add_marker(pytest.mark.xdist_group(group))
 
 
 def shutdown_engine(engine) -> None:
