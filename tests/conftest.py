@@ -5,8 +5,8 @@ The vLLM server takes a minute or more to start: when a collected test needs it,
 as the first test starts, and the modules that need no vLLM server run first (each module's tests
 stay together and in their order), so its start overlaps them.
 
-Side by side (scripts/test.sh runs ``pytest -n 2``): each module goes whole to whichever worker is
-free (the Ray modules together: one Ray cluster at a time; ``pytest_xdist_make_scheduler``); each worker has
+Side by side (``AGENTENV_TEST_WORKERS=2 scripts/test.sh``: pytest-xdist): each module goes whole to
+whichever worker is free (the Ray modules together: one Ray cluster at a time; ``pytest_xdist_make_scheduler``); each worker has
 ports of its own and, when a collected test uses it, a vLLM server of its own, started as its first
 test starts, so a test that kills its worker's server disturbs no other worker.
 """
