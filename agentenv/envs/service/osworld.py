@@ -24,6 +24,7 @@ from agentenv.envs.service import recording
 from agentenv.envs.service.deps import Desktop, Limits, authorized
 from agentenv.envs.service.inside import (LIST_DIRECTORY, argv_of, execute, read_in_home, read_inside,
                                           sandboxed_only, write_in_home)
+from agentenv.envs.tasks.getters import wallpaper_path
 from agentenv.envs.tasks.setup import TaskSetupError
 from agentenv.envs.wire import (AccessibilityTree, CloseWindowRequest, DesktopPath, ExecuteReply, ExecuteRequest,
                                 LaunchRequest, PathRequest, RunBashRequest, RunPythonReply, RunPythonRequest,
@@ -224,9 +225,8 @@ def os_change_wallpaper(d: Desktop, req: PathRequest) -> Status:
 def os_wallpaper(d: Desktop, limits: Limits) -> Response:
     """The wallpaper's image, as OSWorld's server reads it: the file GNOME's setting names."""
     with d.locked():
-        r = d.run(["gsettings", "get", "org.gnome.desktop.background", "picture-uri"], timeout=10)
-        path = r.stdout.strip().strip("'").removeprefix("file://")
-        if r.returncode != 0 or not path:
+        path = wallpaper_path(d)
+        if not path:
             raise HTTPException(404, "no wallpaper is set")
         if d.sandboxed:  # read as the desktop's user inside its sandbox: what its commands can read
             data = read_inside(d, path, limits.max_file_bytes)

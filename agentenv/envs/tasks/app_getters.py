@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from agentenv.envs.tasks import commands
-from agentenv.envs.tasks.getters import EvalContext, EvaluatorError, read_desktop_file
+from agentenv.envs.tasks.getters import EvalContext, EvaluatorError, read_desktop_file, wallpaper_path
 
 # What OSWorld's VM gives VLC (its vlcrc, our app_defaults.py): the HTTP interface on this port,
 # this password; desktop-env's vlc getter reads it as ``env.vlc_port`` with that password.
@@ -36,11 +36,10 @@ class _Controller:
 
     def get_vm_wallpaper(self) -> bytes:
         """The wallpaper's image: the file GNOME's setting names, as OSWorld's server reads it."""
-        r = self.desktop.run(["gsettings", "get", "org.gnome.desktop.background", "picture-uri"], timeout=10)
-        path = r.stdout.strip().strip("'").removeprefix("file://")
-        data = read_desktop_file(self.desktop, path) if r.returncode == 0 and path else None
+        path = wallpaper_path(self.desktop)
+        data = read_desktop_file(self.desktop, path) if path else None
         if data is None:
-            raise EvaluatorError(f"vm_wallpaper: no wallpaper image (picture-uri {r.stdout.strip()!r})")
+            raise EvaluatorError(f"vm_wallpaper: no wallpaper image (picture-uri {path!r})")
         return data
 
     def execute_python_command(self, command: str) -> dict[str, Any]:

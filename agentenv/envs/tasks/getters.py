@@ -45,6 +45,12 @@ class EvalContext:
 
 # ----------------------------------------------------------------------------- reading the desktop
 
+def wallpaper_path(desktop: Any) -> str:
+    """The file GNOME's wallpaper setting names, as OSWorld's server reads it ('' when none)."""
+    r = desktop.run(["gsettings", "get", "org.gnome.desktop.background", "picture-uri"], timeout=10)
+    return r.stdout.strip().strip("'").removeprefix("file://") if r.returncode == 0 else ""
+
+
 def read_desktop_file(desktop: Any, path: str) -> bytes | None:
     """A file of the desktop (a task file's path), or None if it is not there or not a regular file.
     The desktop reads it without following a link (``Desktop.read_file``)."""
