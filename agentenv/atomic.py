@@ -16,9 +16,13 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _tmp(target: Path) -> Path:
+    return target.with_name(f".{target.name}.tmp")
+
+
 def write_atomic(target: Path, data: bytes | Callable[[Path], None]) -> None:
     """Write ``data`` (bytes, or a function that writes the file it is given) to ``target``."""
-    tmp = target.with_name(f".{target.name}.tmp")
+    tmp = _tmp(target)
     try:
         if callable(data):
             data(tmp)
@@ -31,3 +35,13 @@ def write_atomic(target: Path, data: bytes | Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(target.parent)
+
+
+def remove_leftovers(directory: Path, pattern: str = "*") -> list[Path]:
+    """Delete the temp files that a writer killed mid-``write_atomic`` (SIGKILL, power loss) left for
+    targets matching ``pattern`` in ``directory``; their targets were never written. Call it only
+    where this process is the directory's one writer (a buffer it opened). Returns what it removed."""
+    gone = [p for p in directory.glob(_tmp(directory / pattern).name) if p.is_file()]
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone

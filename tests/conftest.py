@@ -142,12 +142,19 @@ def tiny_pixels():
     return tiny_model_pixels()
 
 
+def cpu_engine_env() -> None:
+    """The settings agentenv/start_vllm_service.sh gives a CPU server (why: there), for an engine
+    made in this process: no AOT cache, one worker inside the engine, a small KV cache."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
 @pytest.fixture(scope="session")
 def in_process_engine(tiny_model_path, tiny_pixels):
     """One ``vllm.LLM`` of the tiny model in this process, shared by every test that needs one: an
     engine's start costs 1-3 minutes on this machine. Tests must not change its state."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")  # why: agentenv/start_vllm_service.sh
+    cpu_engine_env()
     from vllm import LLM
 
     engine = LLM(model=str(tiny_model_path), max_model_len=8192, limit_mm_per_prompt={"image": 5, "video": 0},

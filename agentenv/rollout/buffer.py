@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from loguru import logger
 
-from agentenv.atomic import fsync_dir, write_atomic
+from agentenv.atomic import fsync_dir, remove_leftovers, write_atomic
 from agentenv.config import RunConfig
 from agentenv.rollout.rows import SCHEMA, from_row, to_row
 from agentenv.types import Group, Trajectory
@@ -87,6 +87,9 @@ class TrajectoryBuffer:
         self.statuses: dict[str, int] = {}
         if self.dir is not None:
             (self.dir / "parts").mkdir(parents=True, exist_ok=True)
+            left = remove_leftovers(self.dir / "parts", "*.parquet") + remove_leftovers(self.dir, "*.parquet")
+            if left:
+                logger.info("buffer: removed {} half-written file(s) a killed run left in {}", len(left), self.dir)
             rerun = 0
             for t in read_trajectories(self.dir):
                 if t.status.infrastructure:

@@ -18,6 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from tests.conftest import ENV_PORT
 from tests.fuzz import harness as h
 
+# The suite's share of each campaign, enough to catch a regression on every path; the 100,000-input
+# campaigns are scripts/bench_faults.py's (docs/reliability.md).
 FAST = settings(deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.filter_too_much, HealthCheck.large_base_example])
@@ -30,41 +32,41 @@ def _assert_clean(tally: h.Tally) -> None:
 def test_the_allowlist_runs_nothing_outside_it():
     tally = h.Tally()
 
-    @settings(FAST, max_examples=2000)
+    @settings(FAST, max_examples=1000)
     @given(h.pyautogui_code)
     def run(code):
         h.check_allowlist(code, tally)
 
     run()
     _assert_clean(tally)
-    assert tally.counts["ok"] > 30 and tally.counts["refused"] > 600, tally.counts  # both paths exercised
+    assert tally.counts["ok"] > 15 and tally.counts["refused"] > 300, tally.counts  # both paths exercised
 
 
 def test_a_uitars_reply_becomes_an_action_on_screen_or_a_reason():
     tally = h.Tally()
 
-    @settings(FAST, max_examples=2000)
+    @settings(FAST, max_examples=1000)
     @given(h.uitars_reply, h.screens)
     def run(text, screen):
         h.check_reply(text, screen, tally)
 
     run()
     _assert_clean(tally)
-    assert tally.counts["ok"] > 30 and tally.counts["refused"] > 300, tally.counts
+    assert tally.counts["ok"] > 15 and tally.counts["refused"] > 150, tally.counts
 
 
 def test_the_task_loader_returns_tasks_or_a_reason_naming_the_file(tmp_path):
     tally = h.Tally()
     path = tmp_path / "task.json"
 
-    @settings(FAST, max_examples=1000)
+    @settings(FAST, max_examples=500)
     @given(h.task_file_bytes)
     def run(data):
         h.check_task_file(path, data, tally)
 
     run()
     _assert_clean(tally)
-    assert tally.counts["ok"] > 20 and tally.counts["refused"] > 150, tally.counts
+    assert tally.counts["ok"] > 10 and tally.counts["refused"] > 75, tally.counts
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +90,7 @@ def test_the_env_service_refuses_hostile_requests_with_reasons(fuzz_service):
     tally = h.Tally()
     sent: list[h.Req] = []
 
-    @settings(FAST, max_examples=2500)
+    @settings(FAST, max_examples=1000)
     @given(h.requests(did, outside))
     def run(req):
         sent.append(req)
@@ -109,10 +111,10 @@ def test_the_env_service_refuses_hostile_requests_with_reasons(fuzz_service):
             together.add(outcome, mine.examples)
 
     with ThreadPoolExecutor(8) as ex:
-        list(ex.map(one, sent[:1000]))
+        list(ex.map(one, sent[:400]))
     _assert_clean(together)
     assert http.get(f"/envs/{did}/alive").json()["alive"], "the fuzz killed the desktop"
-    assert tally.counts["ok"] > 100 and tally.counts["refused"] > 500, tally.counts
+    assert tally.counts["ok"] > 40 and tally.counts["refused"] > 200, tally.counts
 
 
 def test_oversized_bodies_and_endless_output_are_refused(fuzz_service):

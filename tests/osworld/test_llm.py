@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+from tests.conftest import cpu_engine_env
 from tests.faultproxy import FaultProxy
 from PIL import Image, ImageDraw
 
@@ -187,7 +188,7 @@ async def test_greedy_same_tokens_service_and_in_process(vllm_server, in_process
 
 async def test_async_engine_adapter_matches_the_service(vllm_server, tiny_model_path, tiny_pixels):
     """vLLM's async engine in this event loop, through as_llm: the same greedy tokens as over HTTP."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    cpu_engine_env()
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 

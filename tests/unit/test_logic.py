@@ -253,6 +253,20 @@ def test_buffer_fsyncs_files_and_their_directory(tmp_path, monkeypatch):
     assert str(parts) in synced  # the unlinked parts
 
 
+def test_a_resumed_buffer_removes_what_a_killed_writer_left_half_written(tmp_path):
+    b = TrajectoryBuffer(tmp_path, rollout_n=2)
+    b.add(_traj("a", 0))
+    # SIGKILL inside write_atomic leaves its temp file; the part it was writing never appeared
+    half = tmp_path / "parts" / ".a-1-0123abcd.parquet.tmp"
+    half.write_bytes(b"PAR1 cut short")
+    other = tmp_path / "parts" / "notes.tmp"  # not one of ours: left alone
+    other.write_text("x")
+    b2 = TrajectoryBuffer(tmp_path, rollout_n=2)
+    assert not half.exists() and other.exists()
+    assert b2.done_keys() == {("a", 0)}
+    assert b2.add(_traj("a", 1)) is not None
+
+
 def _turns(prompts_and_replies, image_steps, reward=1.0):
     t = Trajectory(task_id="g", sample=1, status=Status.FINISHED, reward=reward)
     prev = None
