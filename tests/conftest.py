@@ -6,14 +6,17 @@ as the first test starts, and the modules that need no vLLM server run first (ea
 stay together and in their order), so its start overlaps them.
 
 Side by side (``AGENTENV_TEST_WORKERS=2 scripts/test.sh``: pytest-xdist): each module goes whole to
-whichever worker is free (the Ray modules together: one Ray cluster at a time; ``pytest_xdist_make_scheduler``); each worker has
-ports of its own and, when a collected test uses it, a vLLM server of its own, started as its first
-test starts, so a test that kills its worker's server disturbs no other worker.
+one worker (``pytest_xdist_make_scheduler``). Worker gw0 takes the modules that use the session's
+vLLM server (the Ray modules among them: one Ray cluster at a time) and starts that server as its
+first test starts; the other worker takes the modules that need none, and stops when they are
+done. So one vLLM server serves the whole run, as in one process, and no other test's model calls
+share it or see it killed. Each worker has ports of its own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -28,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # a pytest-xdist worker ("gw1") takes the ports 50 above the previous one's
 WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
 VLLM_PORT = int(os.environ.get("AGENTENV_TEST_VLLM_PORT", "18000")) + 50 * WORKER
+# Side by side: where the workers tell the scheduler which modules use the session's vLLM server
+PLAN = "AGENTENV_TEST_PLAN"
 ENV_PORT = int(os.environ.get("AGENTENV_TEST_ENV_PORT", "18100")) + 50 * WORKER
 
 
@@ -97,7 +102,7 @@ def early_vllm(request, run_dir):
     collected test uses ``vllm_server``."""
     from agentenv.services import VLLMService
 
-    if not request.config.stash.get(VLLM_USERS, False):
+    if not request.config.stash.get(VLLM_USERS, False) or WORKER != 0:  # side by side: gw0's only
         yield None
         return
     early = EarlyStart(VLLMService(port=VLLM_PORT, run_dir=run_dir, extra=["--tokens-api"]))
@@ -179,16 +184,61 @@ def needs_vllm(item) -> int:
     return int("vllm_server" in item.fixturenames)
 
 
+def _scope(nodeid: str) -> str:
+    """The unit one worker runs whole: a module, or all of tests/ray (one Ray cluster at a time)."""
+    path = nodeid.split("::", 1)[0]
+    return "tests/ray" if path.startswith("tests/ray/") else path
+
+
+def pytest_configure(config):
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        import tempfile
+
+        os.environ[PLAN] = tempfile.mkdtemp(prefix="agentenv-test-plan-")
+
+
+def pytest_unconfigure(config):
+    if not hasattr(config, "workerinput") and os.environ.get(PLAN):
+        shutil.rmtree(os.environ.pop(PLAN), ignore_errors=True)
+
+
 @pytest.hookimpl(optionalhook=True, tryfirst=True)
 def pytest_xdist_make_scheduler(config, log):
-    """Side by side (pytest-xdist): each module whole on one worker (its module fixtures started
-    once), the Ray modules together on one (one Ray cluster at a time)."""
+    """Side by side: each scope whole on one worker; gw0 takes the scopes that use the session's
+    vLLM server, the others those that need none and stop when none is left (the plan: written by
+    the workers as they collect, read when scheduling starts)."""
+    import json
+
     from xdist.scheduler import LoadScopeScheduling
 
     class ByModule(LoadScopeScheduling):
+        plan: dict[str, int] | None = None
+
         def _split_scope(self, nodeid: str) -> str:
-            path = nodeid.split("::", 1)[0]
-            return "tests/ray" if path.startswith("tests/ray/") else path
+            return _scope(nodeid)
+
+        def _pick(self, node) -> str | None:
+            if self.plan is None:
+                self.plan = {}  # every worker collected the same: any one's plan will do
+                for f in Path(os.environ.get(PLAN, "/nonexistent")).glob("plan-*.json"):
+                    self.plan.update(json.loads(f.read_text()))
+            # gw0: the session server's users, then servers of their own, then the rest;
+            # the others: no server, then servers of their own, then they stop
+            wants = (1, 2, 0) if node.gateway.id == "gw0" else (0, 2)
+            for rank in wants:
+                for scope in self.workqueue:
+                    if self.plan.get(scope, 1) == rank:
+                        return scope
+            return None
+
+        def _assign_work_unit(self, node) -> None:
+            scope = self._pick(node)
+            if scope is None:  # nothing left for this worker: it ends once its tests are done
+                if not node.shutting_down:
+                    node.shutdown()
+                return
+            self.workqueue.move_to_end(scope, last=False)
+            super()._assign_work_unit(node)
 
     return ByModule(config, log)
 
@@ -208,6 +258,15 @@ def pytest_collection_modifyitems(config, items):
     order = side_by_side if hasattr(config, "workerinput") else rank.__getitem__
     items[:] = [i for path in sorted(modules, key=order) for i in modules[path]]  # stable
     config.stash[VLLM_USERS] = any("vllm_server" in i.fixturenames for i in items)
+    if hasattr(config, "workerinput") and os.environ.get(PLAN):  # for the scheduler: see above
+        from agentenv.atomic import write_atomic
+
+        plan: dict[str, int] = {}  # 1: uses the session's server; 2: servers of its own only; 0: none
+        for i in items:
+            rank = 1 if "vllm_server" in i.fixturenames else 2 * (needs_vllm(i) > 0)
+            k = _scope(i.nodeid)
+            plan[k] = max(plan.get(k, 0), rank, key=(0, 2, 1).index)  # a scope is its strongest need
+        write_atomic(Path(os.environ[PLAN]) / f"plan-{os.environ['PYTEST_XDIST_WORKER']}.json", json.dumps(plan).encode())
 
 
 def shutdown_engine(engine) -> None:
