@@ -201,6 +201,13 @@ class SandboxProcesses(Processes):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.01)
+            except ConnectionRefusedError:
+                # The socket file appears at bind(), before listen(): a runner just started (a loaded
+                # machine can pause it between the two) refuses; one that died takes bwrap with it.
+                s.close()
+                if not self.server_running() or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
             except OSError:
                 s.close()
                 raise
