@@ -134,7 +134,10 @@ class XInput:
             time.sleep(0.02)
 
     def clear_state(self) -> None:
-        """Release anything a previous task left pressed."""
+        """What a previous task left in the input, undone (called once its apps are closed): buttons
+        held; a window manager's menu (a right click on the desktop opens one; it is no app's
+        window, so it outlived the apps and took the next task's clicks and keys); the pointer, put
+        back where a new X server has it (hover effects must not carry over)."""
         from Xlib import X
         from Xlib.ext import xtest
 
@@ -142,6 +145,10 @@ class XInput:
             for b in list(self._held_buttons):
                 xtest.fake_input(self._d, X.ButtonRelease, b)
             self._held_buttons.clear()
+            esc = self._keycode("Escape")  # closes an open menu; with no window open it does nothing else
+            xtest.fake_input(self._d, X.KeyPress, esc)
+            xtest.fake_input(self._d, X.KeyRelease, esc)
+            self._move(self.width // 2, self.height // 2)
             self._d.sync()
 
     # ---------------------------------------------------------------- input

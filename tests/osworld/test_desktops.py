@@ -79,6 +79,34 @@ async def test_state_does_not_leak_between_tasks(env_service):
         await client.aclose()
 
 
+async def test_a_window_manager_menu_does_not_outlive_its_task(env_service):
+    """A right click on the empty desktop opens the window manager's menu, which is no app's window:
+    the next reset must close it (it took the next task's first clicks and keys) and put the
+    pointer back where a new X server has it."""
+    client = AsyncEnvClient(env_service.url, env_service.token)
+    try:
+        env_id = (await client.list())[0].id
+        empty = Task(id="empty", instruction="-")
+
+        async def colours() -> int:
+            img = Image.open(io.BytesIO(await client.screenshot(env_id))).convert("RGB")
+            return len(img.getcolors(1 << 16) or [])
+
+        await client.reset(env_id, empty)
+        assert await colours() == 1  # nothing open: one colour
+        await client.step(env_id, Action("right_click", x=200, y=200))
+        assert await colours() > 1, "the right click should have opened the window manager's menu"
+        await client.reset(env_id, empty)
+        assert await colours() == 1, "the menu outlived the reset"
+        pointed = Task(id="p", instruction="-", evaluator={
+            "func": "exact_match", "result": {"type": "vm_command_line",
+                                              "command": "xdotool getmouselocation --shell | head -2 | tr '\\n' ' '"},
+            "expected": {"type": "literal", "value": "X=960 Y=540 "}})
+        assert await client.evaluate(env_id, pointed) == 1.0
+    finally:
+        await client.aclose()
+
+
 def _ocr(png: bytes) -> str:
     img = Image.open(io.BytesIO(png)).convert("L").crop((0, 40, 1200, 200))
     img = img.resize((img.width * 2, img.height * 2))
