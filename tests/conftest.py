@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # a pytest-xdist worker ("gw1") takes the ports 50 above the previous one's
 WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
 VLLM_PORT = int(os.environ.get("AGENTENV_TEST_VLLM_PORT", "18000")) + 50 * WORKER
-# Side by side: where the workers tell the scheduler which modules use the session's vLLM server
-PLAN = "AGENTENV_TEST_PLAN"
 ENV_PORT = int(os.environ.get("AGENTENV_TEST_ENV_PORT", "18100")) + 50 * WORKER
+# Side by side: the folder where the workers tell the scheduler which modules use the session's vLLM server
+PLAN = "AGENTENV_TEST_PLAN"
 
 
 @contextlib.contextmanager
@@ -207,8 +207,6 @@ def pytest_xdist_make_scheduler(config, log):
     """Side by side: each scope whole on one worker; gw0 takes the scopes that use the session's
     vLLM server, the others those that need none and stop when none is left (the plan: written by
     the workers as they collect, read when scheduling starts)."""
-    import json
-
     from xdist.scheduler import LoadScopeScheduling
 
     class ByModule(LoadScopeScheduling):
